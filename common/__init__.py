@@ -1,0 +1,1 @@
+"""What every OPD process shares: the toy world, the velocity network, checkpoints, the wire codec."""

@@ -1,0 +1,82 @@
+"""The ``opd`` command: a thin dispatcher that imports only the module of the command it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_settings import BaseSettings
+
+from common.settings import add_settings_arguments, settings_from_args
+
+
+class UsageError(Exception):
+    """A mistake of the caller's: printed as ``opd: error: ...`` with exit status 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``opd`` sub-command: its settings class (flags + ``OPD_*`` env) and what it runs."""
+
+    help: str
+    settings: type[BaseSettings]
+    run: Callable[[Any], int | None]
+
+
+#: command words -> (one-line help, "module:attribute" of its :class:`Command`)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("pretrain",): ("train the base student and teachers a, b (SPEC §2)", "student.commands:PRETRAIN"),
+    ("train",): ("run OPD: roll out the student, query teachers, update", "student.commands:TRAIN"),
+    ("eval",): ("evaluate any checkpoint against teachers' target", "student.commands:EVAL"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: opd COMMAND [flags]   (opd COMMAND --help for its flags)", "", "commands:"]
+    for words, (help_text, _) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<16} {help_text}")
+    return "\n".join(lines)
+
+
+def _find(argv: Sequence[str]) -> tuple[tuple[str, ...], str] | None:
+    for n in (2, 1):
+        words = tuple(argv[:n])
+        if words in COMMANDS:
+            return words, COMMANDS[words][1]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    found = _find(argv)
+    if found is None:
+        stream = sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr
+        if argv and argv[0] not in ("-h", "--help"):
+            stream.write(f"opd: unknown command {' '.join(argv[:2])!r}\n")
+        stream.write(_usage() + "\n")
+        return 0 if stream is sys.stdout else 2
+    words, target = found
+    module, attr = target.split(":")
+    command: Command = getattr(importlib.import_module(module), attr)
+    parser = argparse.ArgumentParser(prog="opd " + " ".join(words), description=command.help)
+    add_settings_arguments(parser, command.settings)
+    settings = settings_from_args(command.settings, parser.parse_args(argv[len(words):]))
+    from common.checkpoint import CheckpointError
+    from common.routing import RoutingError
+
+    try:
+        return int(command.run(settings) or 0)
+    except (UsageError, CheckpointError, RoutingError) as exc:
+        sys.stderr.write(f"opd {' '.join(words)}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("opd: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

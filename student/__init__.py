@@ -1,0 +1,1 @@
+"""The student side of OPD: rollout, methods, teacher clients, trainer, evaluation, pretraining."""

@@ -1,0 +1,140 @@
+"""How the trainer talks to teachers: a small client interface and its in-process implementation.
+
+The trainer calls :meth:`TeacherClient.submit` for each queried rollout state as soon as it
+exists and :meth:`TeacherClient.collect` once before the loss. A remote client sends on submit
+(streaming) and waits in collect; the in-process client answers all of one step's states in
+collect with one batched forward per teacher.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from common import routing
+from common.checkpoint import CheckpointMeta
+from common.nets import VelocityNet
+
+
+@dataclass
+class TeacherInfo:
+    """A teacher as the trainer sees it: name, digest, served version and its mode centers."""
+
+    name: str
+    digest: str
+    version: str = "1"
+    modes: list[int] = field(default_factory=list)
+    centers: torch.Tensor | None = None  # [M, D]
+
+    @classmethod
+    def from_meta(cls, meta: CheckpointMeta, name: str | None = None, version: str = "1"):
+        centers = torch.tensor(meta.mode_centers, dtype=torch.float32) if meta.mode_centers else None
+        return cls(name or meta.name, meta.digest, version, list(meta.modes), centers)
+
+
+@dataclass
+class Answer:
+    """Teachers' answer for one submitted batch of states.
+
+    ``v [B, D]`` supervised target; ``teacher [B]`` index of the teacher that answered each row
+    (``-1`` = mean of all); ``v_anchor [B, D]`` the anchor's velocity when one is configured.
+    """
+
+    v: torch.Tensor
+    teacher: torch.Tensor
+    v_anchor: torch.Tensor | None = None
+
+
+@dataclass
+class QueryCost:
+    """What the answers of one :meth:`TeacherClient.collect` cost. Zero where it does not apply."""
+
+    states: int = 0
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    latency_s: float = 0.0  # sum over requests of submit → answer
+    server_queue_s: float = 0.0  # as the servers report it
+    server_compute_s: float = 0.0  # teacher forward time (in-process: the forward itself)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+class TeacherClient(ABC):
+    """The trainer's only view of the teachers."""
+
+    teachers: list[TeacherInfo]
+    anchor: TeacherInfo | None
+
+    @abstractmethod
+    def submit(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Queue states ``x [B, D]`` at times ``t [B]`` for supervision (may send right away)."""
+
+    @abstractmethod
+    def collect(self) -> tuple[list[Answer], QueryCost]:
+        """Block until every submitted batch is answered; answers come in submit order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, threads, pools."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalTeacherClient(TeacherClient):
+    """In-process teachers: no network, the correctness and speed reference.
+
+    All states submitted for one step are routed together and each teacher runs one batched
+    forward over its own rows.
+    """
+
+    def __init__(
+        self,
+        teachers: list[tuple[VelocityNet, TeacherInfo]],
+        policy: str = "nearest",
+        anchor: tuple[VelocityNet, TeacherInfo] | None = None,
+    ) -> None:
+        if policy not in routing.POLICIES:
+            raise routing.RoutingError(f"unknown policy {policy!r}")
+        self._nets = [net for net, _ in teachers]
+        self.teachers = [info for _, info in teachers]
+        self._anchor_net = anchor[0] if anchor else None
+        self.anchor = anchor[1] if anchor else None
+        self.policy = policy
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def submit(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self._pending.append((x, t))
+
+    @torch.no_grad()
+    def collect(self) -> tuple[list[Answer], QueryCost]:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return [], QueryCost()
+        sizes = [x.shape[0] for x, _ in pending]
+        x = torch.cat([p[0] for p in pending])
+        t = torch.cat([p[1] for p in pending])
+        start = time.perf_counter()
+        assignment = routing.assign(self.policy, x, [i.centers for i in self.teachers])
+        rows = routing.rows_by_teacher(assignment, len(self._nets))
+        outs = [net(x[idx], t[idx]) if idx.numel() else x[:0] for net, idx in zip(self._nets, rows, strict=True)]
+        v = routing.merge_answers(assignment, rows, outs, x.shape[1])
+        v_anchor = self._anchor_net(x, t) if self._anchor_net is not None else None
+        elapsed = time.perf_counter() - start
+        answers = [
+            Answer(v_k, a_k.to(torch.int32), None if v_anchor is None else va_k)
+            for v_k, a_k, va_k in zip(
+                v.split(sizes), assignment.split(sizes),
+                v_anchor.split(sizes) if v_anchor is not None else [None] * len(sizes),
+                strict=True,
+            )
+        ]
+        infos = self.teachers + ([self.anchor] if self.anchor else [])
+        cost = QueryCost(states=x.shape[0], latency_s=elapsed, server_compute_s=elapsed,
+                         versions={i.name: i.version for i in infos})
+        return answers, cost

@@ -1,0 +1,119 @@
+"""``opd pretrain``, ``opd train`` and ``opd eval``: settings and what each runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.checkpoint import read_model
+from common.cli import Command, UsageError
+from student.clients import LocalTeacherClient, TeacherClient, TeacherInfo
+from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
+from student.models import BASE_NAME, load_named, parse_names
+from student.pretrain import pretrain_all
+from student.report import RunTotals, build_report, plot_samples, write_json
+from student.trainer import TrainConfig, train
+
+
+class PretrainSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_PRETRAIN_")
+    out: Path = Field(Path("models"), description="directory for base/teacher-a/teacher-b checkpoints")
+    seed: int = Field(0, description="seed of the base model (teachers use seed+1, seed+2)")
+    force: bool = Field(False, description="retrain and overwrite existing checkpoints")
+    steps: int | None = Field(None, ge=1, description="override every model's step count (tests only)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+
+
+def run_pretrain(s: PretrainSettings) -> int:
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    pretrain_all(s.out, seed=s.seed, force=s.force, steps=s.steps)
+    return 0
+
+
+class TrainSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_TRAIN_")
+    method: Literal["diffusionopd", "flowopd", "danceopd"] = Field(description="OPD method")
+    teachers: str = Field("a,b", description="comma-separated teacher names, e.g. a,b")
+    supervise: Literal["router", "average"] = Field("router", description="routed teacher or mean of all")
+    steps: int = Field(1500, ge=1, description="optimizer steps")
+    seed: int = Field(123, description="run seed (rollout noise, DanceOPD indices)")
+    backend: Literal["local"] = Field("local", description="where teachers run")
+    models: Path = Field(Path("models"), description="directory of pretrained checkpoints")
+    out: Path = Field(description="run directory (report.json, student.safetensors, samples.png)")
+    batch: int = Field(128, ge=1, description="rollout batch")
+    rollout_steps: int = Field(12, ge=2, description="Euler steps per rollout (N)")
+    lr: float = Field(8e-4, gt=0, description="Adam learning rate")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+def local_client(models: Path, teachers: list[str], supervise: str, anchor: bool) -> TeacherClient:
+    """In-process teachers from ``models``; ``anchor`` adds the frozen base as anchor."""
+    loaded = []
+    for name in teachers:
+        net, meta = load_named(models, name)
+        loaded.append((net, TeacherInfo.from_meta(meta, name=name)))
+    anchor_pair = None
+    if anchor:
+        net, meta = load_named(models, BASE_NAME)
+        anchor_pair = (net, TeacherInfo.from_meta(meta, name=BASE_NAME))
+    return LocalTeacherClient(loaded, policy="nearest" if supervise == "router" else "average",
+                              anchor=anchor_pair)
+
+
+def run_train(s: TrainSettings) -> int:
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    try:
+        teachers = parse_names(s.teachers)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    cfg = TrainConfig(method=s.method, teachers=teachers, supervise=s.supervise, backend=s.backend,
+                      steps=s.steps, seed=s.seed, batch=s.batch, rollout_steps=s.rollout_steps, lr=s.lr)
+    student, base_meta = load_named(s.models, BASE_NAME)
+    with local_client(s.models, teachers, s.supervise, anchor=s.method == "flowopd") as client:
+        report = train(cfg, student, client, s.out, base_meta=base_meta, progress=s.progress)
+    print(json.dumps({"out": str(s.out), **report["metrics"], "wall_s": report["timings_s"]["wall"]}))
+    return 0
+
+
+class EvalSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_EVAL_")
+    checkpoint: Path = Field(description="any VelocityNet checkpoint (base, teacher or student)")
+    teachers: str = Field("a,b", description="teachers whose modes define the target")
+    models: Path = Field(Path("models"), description="directory of the teachers' checkpoints")
+    out: Path = Field(description="directory for report.json and samples.png")
+    samples: int = Field(EVAL_SAMPLES, ge=1, description="samples to draw")
+    eval_steps: int = Field(EVAL_STEPS, ge=1, description="Euler steps per sample")
+    seed: int = Field(EVAL_SEED, description="sampling seed")
+
+
+def run_eval(s: EvalSettings) -> int:
+    try:
+        names = parse_names(s.teachers)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    net, meta = read_model(s.checkpoint)
+    modes = [load_named(s.models, n)[1].modes for n in names]
+    metrics, samples = evaluate(net, modes, s.samples, s.eval_steps, s.seed)
+    report = build_report(method="eval", teachers=names, supervise="none", backend="none",
+                          steps=0, seed=s.seed, metrics=metrics, totals=RunTotals(),
+                          extra={"checkpoint": str(s.checkpoint), "checkpoint_digest": meta.digest,
+                                 "checkpoint_role": meta.role})
+    s.out.mkdir(parents=True, exist_ok=True)
+    write_json(s.out / "report.json", report)
+    plot_samples(s.out / "samples.png", samples, sorted({m for ms in modes for m in ms}),
+                 f"{s.checkpoint.name} vs target {'+'.join(names)}")
+    print(json.dumps({"out": str(s.out), **metrics}))
+    return 0
+
+
+PRETRAIN = Command("train the base student and teachers a, b", PretrainSettings, run_pretrain)
+TRAIN = Command("run OPD against teachers", TrainSettings, run_train)
+EVAL = Command("evaluate a checkpoint against the teachers' target", EvalSettings, run_eval)
