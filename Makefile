@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PIP     := $(BIN)/pip install -c constraints.txt
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned (constraints.txt): an unpinned torch pulls GBs of CUDA wheels
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[dev]'
+	touch $(STAMP)
+
+models/base.safetensors: | $(STAMP)
+	$(BIN)/opd pretrain --out models
+
+demo: $(STAMP) models/base.safetensors
+	$(BIN)/opd train --method diffusionopd --teachers a,b --out runs/demo-diffusionopd
+	$(BIN)/opd train --method danceopd --teachers a,b --out runs/demo-danceopd
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+bench: $(STAMP) models/base.safetensors
+	$(BIN)/python -m student.bench_local
+
+lint: $(STAMP)
+	$(BIN)/ruff check common services student tests
+	$(BIN)/ruff format --check common services student tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

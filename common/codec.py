@@ -1,0 +1,227 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton HTTP) tensors: JSON and the binary extension.
+
+A binary-extension body is a JSON header followed by the raw tensor bytes, in the order the header
+lists the tensors; the ``Inference-Header-Content-Length`` HTTP header gives the JSON's length and
+each binary tensor carries ``parameters.binary_data_size``. Decoding never allocates from what a
+header declares alone: every size is checked against the bytes actually received first, and
+binary tensors are views of the body (no copy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+
+DATATYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
+    "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "UINT8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NAMES = {dt: name for name, dt in DATATYPES.items()}
+
+
+class CodecError(ValueError):
+    """A malformed request or response; the message names the field and what to fix."""
+
+
+@dataclass
+class InferMessage:
+    """A decoded infer request or response.
+
+    ``tensors``: name → array (binary ones are read-only views of the body).
+    ``outputs``: for requests, the requested outputs as name → wants binary (empty = all, default).
+    """
+
+    tensors: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    outputs: dict[str, bool] = field(default_factory=dict)
+    binary_output: bool = False  # request-level parameters.binary_data_output
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    """The v2 datatype name of ``arr``'s dtype."""
+    try:
+        return _NAMES[arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype]
+    except KeyError:
+        raise CodecError(f"dtype {arr.dtype} has no v2 datatype") from None
+
+
+def _tensor_entries(tensors: dict[str, np.ndarray], binary: bool | set[str]) -> tuple[list, list]:
+    entries, chunks = [], []
+    for name, arr in tensors.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape)}
+        if binary is True or (isinstance(binary, set) and name in binary):
+            buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+            entry["parameters"] = {"binary_data_size": int(buf.nbytes)}
+            chunks.append(buf)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        entries.append(entry)
+    return entries, chunks
+
+
+def _pack(doc: dict[str, Any], chunks: list) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return header, {"Content-Type": JSON_CONTENT_TYPE}
+    body = b"".join([header, *(memoryview(c) for c in chunks)])
+    return body, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
+
+
+def encode_request(inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+                   binary: bool = True, parameters: dict[str, Any] | None = None,
+                   request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+    """Body and HTTP headers of an infer request; binary outputs are asked for when ``binary``."""
+    entries, chunks = _tensor_entries(inputs, binary)
+    doc: dict[str, Any] = {"inputs": entries}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    if outputs is not None:
+        doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
+    elif binary:
+        doc.setdefault("parameters", {})["binary_data_output"] = True
+    return _pack(doc, chunks)
+
+
+def encode_response(outputs: dict[str, np.ndarray], model_name: str, model_version: str,
+                    binary: bool | set[str] = False, request_id: str | None = None,
+                    parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """Body and HTTP headers of an infer response."""
+    entries, chunks = _tensor_entries(outputs, binary)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    return _pack(doc, chunks)
+
+
+def _header_length(value: str | None, body_len: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise CodecError(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+    if not 0 < n <= body_len:
+        raise CodecError(f"{HEADER_LENGTH} is {n} but the body has {body_len} bytes")
+    return n
+
+
+def _shape(entry: dict[str, Any], name: str) -> tuple[int, ...]:
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CodecError(f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+def decode(body: bytes, header_length: str | None, kind: str = "inputs") -> InferMessage:
+    """Decode an infer request (``kind="inputs"``) or response (``kind="outputs"``) body.
+
+    Raises:
+        CodecError: malformed JSON, missing fields, unknown datatype, or sizes that do not match
+            the bytes received.
+    """
+    n = _header_length(header_length, len(body))
+    head = body if n is None else body[:n]
+    try:
+        doc = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodecError(f"body is not valid JSON ({exc}); send an OIP v2 infer document") from None
+    if not isinstance(doc, dict):
+        raise CodecError("the infer document must be a JSON object")
+    entries = doc.get(kind)
+    if not isinstance(entries, list):
+        raise CodecError(f"the infer document needs an '{kind}' list")
+    offset = 0 if n is None else n
+    tensors: dict[str, np.ndarray] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise CodecError(f"every entry of '{kind}' needs a string 'name'")
+        name = entry["name"]
+        if name in tensors:
+            raise CodecError(f"tensor {name!r} appears twice")
+        dtype = DATATYPES.get(entry.get("datatype"))
+        if dtype is None:
+            raise CodecError(f"tensor {name!r}: unknown datatype {entry.get('datatype')!r}; "
+                             f"use one of {', '.join(DATATYPES)}")
+        shape = _shape(entry, name)
+        count = math.prod(shape)
+        params = entry.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if n is None:
+                raise CodecError(f"tensor {name!r} has binary_data_size but the request has no "
+                                 f"{HEADER_LENGTH} header")
+            if not isinstance(size, int) or size < 0 or size != count * dtype.itemsize:
+                raise CodecError(f"tensor {name!r}: binary_data_size {size!r} does not match shape "
+                                 f"{list(shape)} of {entry['datatype']} ({count * dtype.itemsize} bytes)")
+            if offset + size > len(body):
+                raise CodecError(f"tensor {name!r}: needs {size} bytes at offset {offset}, "
+                                 f"but the body has only {len(body) - offset} left")
+            tensors[name] = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+            offset += size
+        else:
+            data = entry.get("data")
+            if data is None:
+                raise CodecError(f"tensor {name!r} has neither 'data' nor binary_data_size")
+            arr = _json_array(data, dtype, name)
+            if arr.size != count:
+                raise CodecError(f"tensor {name!r}: {arr.size} values for shape {list(shape)} "
+                                 f"({count} expected)")
+            tensors[name] = arr.reshape(shape)
+    if n is not None and offset != len(body):
+        raise CodecError(f"body has {len(body) - offset} bytes after the last binary tensor")
+    outputs, binary_output = {}, False
+    params = doc.get("parameters") or {}
+    if isinstance(params, dict):
+        binary_output = bool(params.get("binary_data_output", False))
+    for out in doc.get("outputs") or [] if kind == "inputs" else []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise CodecError("every entry of 'outputs' needs a string 'name'")
+        p = out.get("parameters") or {}
+        outputs[out["name"]] = bool(p.get("binary_data", binary_output)) if isinstance(p, dict) else binary_output
+    return InferMessage(tensors=tensors, parameters=params if isinstance(params, dict) else {},
+                        id=doc.get("id"), model_name=doc.get("model_name"),
+                        model_version=doc.get("model_version"), outputs=outputs,
+                        binary_output=binary_output)
+
+
+def _json_array(data: Any, dtype: np.dtype, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError):
+        raise CodecError(f"tensor {name!r}: 'data' is not a regular array") from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise CodecError(f"tensor {name!r}: 'data' must hold numbers")
+    if dtype.kind in "iu" and arr.dtype.kind == "f":
+        raise CodecError(f"tensor {name!r}: integer datatype but 'data' holds floats")
+    return arr.astype(dtype, copy=False).reshape(-1)
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferMessage:
+    """Decode an infer request body (see :func:`decode`)."""
+    return decode(body, header_length, "inputs")
+
+
+def decode_response(body: bytes, header_length: str | None) -> InferMessage:
+    """Decode an infer response body (see :func:`decode`)."""
+    return decode(body, header_length, "outputs")
+
+
+def wants_binary(msg: InferMessage, name: str) -> bool:
+    """Whether a request asked for output ``name`` in binary."""
+    return msg.outputs.get(name, msg.binary_output)

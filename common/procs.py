@@ -1,0 +1,95 @@
+"""Starting services as child processes and learning their URL (port 0 friendly).
+
+A service prints one line ``OPD_URL=<base url>`` on stdout once it is ready to serve; launchers
+(tests, ``opd cluster``) read up to that line, then keep draining the output in a thread so the
+child never blocks on a full pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+URL_PREFIX = "OPD_URL="
+
+
+def announce_url(url: str) -> None:
+    """Tell a launcher that this service is ready at ``url`` (one flushed stdout line)."""
+    sys.stdout.write(f"{URL_PREFIX}{url}\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Service:
+    """A running child service: its process, announced URL and the tail of its output."""
+
+    proc: subprocess.Popen
+    url: str
+    tail: deque = field(default_factory=lambda: deque(maxlen=200))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return "".join(self.tail)
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``grace_s`` for a clean exit, then SIGKILL. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL now (fault-injection tests)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def start_service(cmd: list[str], timeout_s: float = 60.0, env: dict[str, str] | None = None,
+                  cwd: str | None = None) -> Service:
+    """Start ``cmd`` and wait for its ``OPD_URL=`` line.
+
+    Raises:
+        RuntimeError: the process exited or stayed silent past ``timeout_s``; the message holds
+            the tail of its output.
+    """
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env, cwd=cwd, bufsize=1)
+    tail: deque = deque(maxlen=200)
+    found: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line)
+            if not found and line.startswith(URL_PREFIX):
+                found.append(line[len(URL_PREFIX):].strip())
+                ready.set()
+        ready.set()  # EOF: the process ended
+
+    threading.Thread(target=pump, daemon=True, name=f"pump-{proc.pid}").start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(0.1):
+        if time.monotonic() > deadline:
+            break
+    if not found:
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError(f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
+                           f"(exit {proc.returncode}); output:\n{''.join(tail)}")
+    return Service(proc, found[0], tail)
