@@ -32,6 +32,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("pretrain",): ("train the base student and teachers a, b (SPEC §2)", "student.commands:PRETRAIN"),
     ("train",): ("run OPD: roll out the student, query teachers, update", "student.commands:TRAIN"),
     ("eval",): ("evaluate any checkpoint against teachers' target", "student.commands:EVAL"),
+    ("serve", "teacher"): ("serve one teacher checkpoint over OIP v2 (uvicorn)", "services.teacher.command:TEACHER"),
+    ("serve", "ray"): ("deploy teachers (and router) on Ray Serve from a config", "services.teacher.ray_command:RAY"),
 }
 
 

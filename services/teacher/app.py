@@ -1,0 +1,240 @@
+"""The OIP v2 HTTP API of a teacher, as a FastAPI app.
+
+:func:`build_api` holds the routes over a :class:`TeacherCore` (repository + how to run a forward
++ metrics), so the uvicorn process (:func:`create_app`) and the Ray Serve deployment serve the
+very same API; only the forward runner differs (own batcher here, ``@serve.batch`` there).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.teacher.batcher import Batcher, ForwardResult
+from services.teacher.metrics import TeacherMetrics
+from services.teacher.protocol import (
+    HEADER_LENGTH,
+    ProtocolError,
+    encode_infer,
+    parse_infer,
+    read_body,
+)
+from services.teacher.repository import LoadedModel, ModelRepository, RepositoryError
+from services.teacher.settings import TeacherSettings, admin_token_from_env
+
+SERVER_NAME = "opd-teacher"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+ADMIN_BODY_LIMIT = 64 * 1024
+
+#: runs a forward: (model snapshot, x [B, D], t [B]) -> result with v [B, D]
+Runner = Callable[[LoadedModel, np.ndarray, np.ndarray], Awaitable[ForwardResult]]
+
+
+@dataclass
+class TeacherCore:
+    """What the routes need: the repository, a forward runner, metrics, limits, the admin token."""
+
+    repository: ModelRepository
+    run: Runner
+    metrics: TeacherMetrics
+    max_body_bytes: int
+    admin_token: str | None
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
+    """The FastAPI app serving ``core`` over OIP v2 (+ repository extension, ``/metrics``)."""
+    repo, metrics = core.repository, core.metrics
+    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.core = core
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            metrics.error("not_found")
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(_: Request, exc: ProtocolError) -> JSONResponse:
+        metrics.error(exc.kind)
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(RepositoryError)
+    async def _repository_error(_: Request, exc: RepositoryError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    def served(name: str) -> LoadedModel:
+        """The current snapshot of model ``name``; 404 unknown, 503 unloaded."""
+        if name != repo.name:
+            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves "
+                                f"{repo.name!r} (see POST /v2/repository/index)")
+        model = repo.current
+        if model is None:
+            raise ProtocolError(503, "unavailable", f"model {name!r} is unloaded; load it with "
+                                f"POST /v2/repository/models/{name}/load")
+        return model
+
+    def check_version(model: LoadedModel, version: str | None) -> None:
+        if version is not None and version != str(model.version):
+            raise ProtocolError(404, "not_found", f"version {version!r} of {repo.name!r} is not "
+                                f"served; the current version is {model.version}")
+
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        ok = repo.current is not None
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict:
+        model = served(name)
+        check_version(model, version)
+        d = model.data_dim
+        return {"name": name, "versions": [str(model.version)], "platform": "pytorch",
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, d]},
+                           {"name": "t", "datatype": "FP32", "shape": [-1]}],
+                "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, d]}],
+                "parameters": model.parameters()}
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> JSONResponse:
+        if name != repo.name:
+            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}")
+        model = repo.current
+        ok = model is not None and (version is None or version == str(model.version))
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        model = served(name)  # the snapshot this request runs on, whatever loads meanwhile
+        check_version(model, version)
+        body = await read_body(request, core.max_body_bytes)
+        req = parse_infer(body, request.headers.get(HEADER_LENGTH), model.data_dim)
+        try:
+            res = await core.run(model, req.x, req.t)
+        except Exception as exc:
+            metrics.error("internal")
+            return _error(500, f"forward failed: {type(exc).__name__}: {exc}")
+        content, headers = encode_infer(req, res, name)
+        metrics.answered(req.protocol, len(req.x))
+        return Response(content, headers=headers)
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> list:
+        return repo.index()
+
+    def check_admin(request: Request) -> None:
+        if core.admin_token is None:
+            raise StarletteHTTPException(403, "admin calls are disabled: start the server with "
+                                              "OPD_ADMIN_TOKEN set to enable load/unload")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise StarletteHTTPException(401, "admin call needs 'Authorization: Bearer <token>'",
+                                         headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), core.admin_token.encode()):
+            raise StarletteHTTPException(403, "wrong admin token")
+
+    async def admin_json(request: Request) -> dict:
+        body = await read_body(request, ADMIN_BODY_LIMIT)
+        if not body.strip():
+            return {}
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(400, "decode", f"body is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ProtocolError(400, "decode", "body must be a JSON object")
+        return doc
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(name: str, request: Request) -> JSONResponse:
+        check_admin(request)
+        if name != repo.name:
+            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}")
+        params = (await admin_json(request)).get("parameters") or {}
+        checkpoint = params.get("checkpoint") if isinstance(params, dict) else None
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise ProtocolError(400, "input", "parameters.checkpoint must be a file name string")
+        try:
+            model = await repo.load(checkpoint)
+        except RepositoryError as exc:
+            metrics.loads.labels(repo.name, "failed").inc()
+            current = repo.current
+            kept = f"; still serving version {current.version}" if current else ""
+            return _error(exc.status, f"load failed: {exc}{kept}")
+        metrics.loads.labels(repo.name, "ok").inc()
+        metrics.version.labels(repo.name).set(model.version)
+        return JSONResponse({"name": name, "version": str(model.version),
+                             "digest": model.meta.digest, "checkpoint": model.checkpoint.name})
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str, request: Request) -> JSONResponse:
+        check_admin(request)
+        if name != repo.name:
+            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}")
+        repo.unload()
+        metrics.version.labels(repo.name).set(0)
+        return JSONResponse({"name": name, "state": "UNAVAILABLE"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+def create_app(settings: TeacherSettings, admin_token: str | None = None) -> FastAPI:
+    """The uvicorn teacher app: loads ``settings.checkpoint`` now (errors surface before binding).
+
+    ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
+    """
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    name = settings.served_name()
+    repo = ModelRepository(name, settings.root(), settings.device)
+    repo.load_now(settings.checkpoint)
+    metrics = TeacherMetrics(name)
+    metrics.version.labels(name).set(1)
+    batcher = Batcher(settings.max_batch_states, settings.max_delay_ms / 1e3, metrics.observe_batch)
+    core = TeacherCore(repo, batcher.submit, metrics, settings.max_body_bytes,
+                       admin_token if admin_token is not None else admin_token_from_env(),
+                       on_close=[batcher.close])
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        for close in core.on_close:
+            await close()
+
+    return build_api(core, lifespan=lifespan)

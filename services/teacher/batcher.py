@@ -1,0 +1,153 @@
+"""Dynamic batching by states: concurrent requests share one forward pass.
+
+Requests queue on the event loop; one collector task takes what is queued (waiting at most
+``max_delay`` for more) up to ``max_states`` states, runs the forward on a single worker thread
+so the event loop keeps reading and writing sockets meanwhile, and splits the output back. While
+one forward runs, the next batch forms in the queue, so under load batches grow by themselves
+even with ``max_delay = 0`` (Triton's dynamic-batcher semantics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.teacher.repository import LoadedModel
+
+
+@dataclass
+class ForwardResult:
+    """One request's answer: ``v [B, D]`` and how it was computed."""
+
+    v: np.ndarray
+    version: int
+    queue_s: float  # accepted → its forward started
+    compute_s: float  # duration of the forward it ran in
+    batch_states: int  # states in that forward
+    batch_requests: int  # requests in that forward
+
+
+@dataclass
+class _Item:
+    model: LoadedModel
+    x: np.ndarray  # [B, D] float32
+    t: np.ndarray  # [B] float32
+    future: asyncio.Future
+    enqueued: float
+
+    @property
+    def states(self) -> int:
+        return len(self.x)
+
+
+#: called once per forward: (batch states, batch requests, compute seconds, [queue seconds])
+BatchObserver = Callable[[int, int, float, list[float]], None]
+
+
+def _run_group(model: LoadedModel, items: list[_Item]) -> tuple[np.ndarray, float, float]:
+    """Forward of one model's items as one batch (worker thread). Returns ``v``, start, seconds."""
+    start = time.perf_counter()
+    if len(items) == 1:
+        x, t = items[0].x, items[0].t  # no copy: the decoded views go straight to torch
+    else:
+        x = np.concatenate([i.x for i in items])
+        t = np.concatenate([i.t for i in items])
+    v = model.forward(x, t)
+    return v, start, time.perf_counter() - start
+
+
+class Batcher:
+    """Merges concurrent requests into forwards of at most ``max_states`` states.
+
+    A single request larger than ``max_states`` runs alone (it is never split or refused).
+    """
+
+    def __init__(self, max_states: int, max_delay_s: float, observer: BatchObserver | None = None):
+        self.max_states = max_states
+        self.max_delay_s = max_delay_s
+        self.observer = observer
+        # One thread: forwards run one at a time (torch parallelises inside), in arrival order.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task | None = None
+        self._carry: _Item | None = None
+
+    async def submit(self, model: LoadedModel, x: np.ndarray, t: np.ndarray) -> ForwardResult:
+        """Queue ``x [B, D]``, ``t [B]`` for ``model`` and wait for its ``v [B, D]``."""
+        if self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
+        assert self._queue is not None
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(model, x, t, fut, time.perf_counter()))
+        return await fut
+
+    async def close(self) -> None:
+        """Stop the collector and the worker thread."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _next_batch(self) -> list[_Item]:
+        assert self._queue is not None
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, states = [first], first.states
+        deadline = time.perf_counter() + self.max_delay_s
+        while states < self.max_states:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if states + item.states > self.max_states:
+                self._carry = item  # first in line for the next batch
+                break
+            batch.append(item)
+            states += item.states
+        return batch
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [i for i in await self._next_batch() if not i.future.done()]  # drop cancelled
+            # Normally one group; two only when a swap happened while these were queued.
+            groups: dict[int, list[_Item]] = {}
+            for item in batch:
+                groups.setdefault(id(item.model), []).append(item)
+            for items in groups.values():
+                await self._execute(loop, items)
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        model = items[0].model
+        try:
+            v, start, compute_s = await loop.run_in_executor(self._executor, _run_group, model, items)
+        except Exception as exc:  # a failed forward fails its requests, not the service
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        states = sum(i.states for i in items)
+        queue_s, offset = [], 0
+        for item in items:
+            q = max(0.0, start - item.enqueued)
+            queue_s.append(q)
+            if not item.future.done():
+                item.future.set_result(ForwardResult(v[offset:offset + item.states], model.version,
+                                                     q, compute_s, states, len(items)))
+            offset += item.states
+        if self.observer is not None:
+            self.observer(states, len(items), compute_s, queue_s)

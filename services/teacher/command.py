@@ -1,0 +1,64 @@
+"""``opd serve teacher``: one teacher as a uvicorn process on a socket it binds itself.
+
+Binding the socket here (not in uvicorn) makes ``--port 0`` work: the kernel picks the port, we
+read it back, and announce the URL (``OPD_URL=...``) once uvicorn has started serving on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvicorn
+
+from common.cli import Command, UsageError
+from common.procs import announce_url
+from services.teacher.app import create_app
+from services.teacher.repository import RepositoryError
+from services.teacher.settings import TeacherSettings
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port`` 0 = a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot bind {host}:{port}: {exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(settings: TeacherSettings) -> None:
+    """Load the checkpoint, bind, serve until SIGINT/SIGTERM (uvicorn handles both cleanly)."""
+    try:
+        app = create_app(settings)
+    except RepositoryError as exc:
+        raise UsageError(str(exc)) from None
+    sock = bind_socket(settings.host, settings.port)
+    config = uvicorn.Config(app, log_level=settings.log_level, access_log=False,
+                            timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        announce_url(url_of(sock))
+    await task
+
+
+def run_teacher(settings: TeacherSettings) -> int:
+    asyncio.run(serve(settings))
+    return 0
+
+
+TEACHER = Command("serve one teacher checkpoint over OIP v2 (uvicorn)", TeacherSettings, run_teacher)

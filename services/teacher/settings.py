@@ -1,0 +1,54 @@
+"""Settings of ``opd serve teacher``: flags and ``OPD_TEACHER_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Environment variable holding the bearer token for admin calls (load / unload). Kept out of
+#: the flags on purpose: a token on the command line is visible to every user in ``ps``.
+ADMIN_TOKEN_ENV = "OPD_ADMIN_TOKEN"
+
+
+class TeacherSettings(BaseSettings):
+    """One teacher process: which checkpoint it serves, where, and how it batches."""
+
+    model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_")
+
+    checkpoint: Path = Field(description="VelocityNet checkpoint to serve (safetensors)")
+    name: str | None = Field(None, description="served model name (default: the checkpoint's file "
+                                               "stem, e.g. teacher-a, base)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind; 0 picks a free one")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the forward pass runs")
+    max_batch_states: int = Field(16384, ge=1, description="most states merged into one forward")
+    max_delay_ms: float = Field(0.0, ge=0, description="longest a request waits for others to "
+                                                       "join its batch (0: only those already queued)")
+    max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body (MiB)")
+    model_root: Path | None = Field(None, description="directory that load calls may read "
+                                                      "checkpoints from (default: the checkpoint's)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for the forward pass")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "warning", description="uvicorn log level")
+
+    def served_name(self) -> str:
+        """The model name clients use in URLs."""
+        return self.name or self.checkpoint.stem
+
+    def root(self) -> Path:
+        """The directory load calls are confined to."""
+        return (self.model_root or self.checkpoint.parent).resolve()
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def admin_token_from_env() -> str | None:
+    """The configured admin token, or ``None`` (then admin calls are refused with 403)."""
+    token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    return token or None
