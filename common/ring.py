@@ -13,6 +13,10 @@ import torch
 NUM_MODES = 8
 RADIUS = 4.0
 MODE_STD = 0.35
+#: Density floor of the target log-density: ``log(p(x) + 1e-12)``. SPEC §5's base rows are only
+#: reproducible with it (samples on far modes have p ≈ e^-130, and without a floor one stray
+#: sample dominates the mean); it does not move samples that land near a target mode.
+DENSITY_FLOOR = 1e-12
 
 #: Which ring modes each named toy teacher knows (SPEC §2); ``base`` knows all of them.
 TEACHER_MODES: dict[str, tuple[int, ...]] = {
@@ -59,10 +63,12 @@ def mixture_logp(x: torch.Tensor, centers: torch.Tensor, std: float = MODE_STD) 
     return torch.logsumexp(comp, dim=1) - math.log(centers.shape[0])
 
 
-def target_logp(x: torch.Tensor, teacher_modes: Sequence[Sequence[int]]) -> torch.Tensor:
+def target_logp(x: torch.Tensor, teacher_modes: Sequence[Sequence[int]],
+                floor: float = DENSITY_FLOOR) -> torch.Tensor:
     """Log-density under the target: the uniform mixture of the routed teachers' distributions.
 
-    It is the log of the mean of the teachers' densities (not the mean of their log-densities).
+    It is the log of the mean of the teachers' densities (not the mean of their log-densities),
+    floored as ``log(p + floor)`` (see :data:`DENSITY_FLOOR`; ``floor=0`` gives the plain value).
 
     Args:
         x: points, ``[B, 2]``.
@@ -71,7 +77,8 @@ def target_logp(x: torch.Tensor, teacher_modes: Sequence[Sequence[int]]) -> torc
         ``[B]`` log-densities (float64).
     """
     per_teacher = torch.stack([mixture_logp(x, centers_of(m)) for m in teacher_modes], dim=1)
-    return torch.logsumexp(per_teacher, dim=1) - math.log(len(teacher_modes))
+    logp = torch.logsumexp(per_teacher, dim=1) - math.log(len(teacher_modes))
+    return torch.logaddexp(logp, torch.tensor(math.log(floor), dtype=logp.dtype)) if floor > 0 else logp
 
 
 def nearest_mode(x: torch.Tensor) -> torch.Tensor:

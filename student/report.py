@@ -81,7 +81,7 @@ def plot_samples(path: str | Path, samples: torch.Tensor, target_modes: list[int
         ax.annotate(str(k), (cx * 1.18, cy * 1.18), ha="center", va="center", fontsize=8, color="gray")
     lim = ring.RADIUS + 2.0
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title)
-    ax.legend(loc="lower left", fontsize=7, markerscale=2)
+    ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

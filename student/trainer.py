@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
             wanted = set(plan)
 
             # 2. rollout without grad, streaming each queried state to the teachers right away
-            def on_state(i: int, x_i: torch.Tensor, t_i: float) -> None:
+            def on_state(i: int, x_i: torch.Tensor, t_i: float, wanted: set[int] = wanted) -> None:
                 if i in wanted:
                     client.submit(x_i, torch.full((b,), t_i))
 
@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
             loss.backward()
             opt.step()
             t3 = time.perf_counter()
+            loss_value = float(loss.detach())
 
             # 5. account
             timings = {"rollout": t1 - t0, "query_exposed": t2 - t1, "update": t3 - t2,
@@ -110,14 +111,14 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
             for name, version in cost.versions.items():
                 versions_seen.setdefault(name, set()).add(version)
             steps_log.write(json.dumps({
-                "step": step, "loss": float(loss), "query_index": plan if len(plan) == 1 else None,
+                "step": step, "loss": loss_value, "query_index": plan if len(plan) == 1 else None,
                 **counts, "server_queue_s": round(cost.server_queue_s, 6),
                 **{f"{k}_s": round(v, 6) for k, v in timings.items()},
                 "versions": cost.versions,
             }) + "\n")
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 elapsed = time.perf_counter() - wall0
-                bar.set_postfix(loss=f"{float(loss):.4f}",
+                bar.set_postfix(loss=f"{loss_value:.4f}",
                                 states_s=f"{totals.counts['teacher_queries'] / elapsed:,.0f}",
                                 wait=f"{totals.timings_s['query_exposed'] / elapsed:.0%}")
     finally:

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+
+from common.checkpoint import read_model
+from student.commands import local_client
+from student.models import BASE_NAME, load_named
+from student.report import COUNT_KEYS, METRIC_KEYS, TIMING_KEYS
+from student.trainer import TrainConfig, train
+
+
+def run(models, out, method, steps, supervise="router", teachers=("a", "b"), **kw):
+    cfg = TrainConfig(method=method, teachers=list(teachers), supervise=supervise, steps=steps, **kw)
+    student, base_meta = load_named(models, BASE_NAME)
+    with local_client(models, list(teachers), supervise, anchor=method == "flowopd") as client:
+        return train(cfg, student, client, out, base_meta=base_meta, progress=False)
+
+
+@pytest.mark.parametrize(("method", "per_step"), [("diffusionopd", 1536), ("flowopd", 1536), ("danceopd", 128)])
+def test_counts_and_report_files(tiny_models, tmp_path, method, per_step):
+    rep = run(tiny_models, tmp_path, method, steps=3, eval_samples=200)
+    assert rep["counts"]["teacher_queries"] == 3 * per_step
+    assert rep["counts"]["rollouts"] == 3 * 128
+    disk = json.loads((tmp_path / "report.json").read_text())
+    for key in ("method", "teachers", "supervise", "backend", "steps", "seed"):
+        assert key in disk
+    assert set(disk["metrics"]) == set(METRIC_KEYS)
+    assert set(disk["counts"]) == set(COUNT_KEYS) and set(disk["timings_s"]) == set(TIMING_KEYS)
+    assert disk["timings_s"]["update"] > 0 and disk["counts"]["requests"] == 0
+    lines = (tmp_path / "steps.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["teacher_queries"] == per_step
+    assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    _, meta = read_model(tmp_path / "student.safetensors")
+    names = [r.name for r in meta.teachers]
+    assert names == (["a", "b", "base"] if method == "flowopd" else ["a", "b"])
+    _, a_meta = read_model(tiny_models / "teacher-a.safetensors")
+    assert meta.teachers[0].digest == a_meta.digest and meta.training["method"] == method
+
+
+def test_same_seed_same_student(tiny_models, tmp_path):
+    a = run(tiny_models, tmp_path / "a", "danceopd", steps=5, eval_samples=100)
+    b = run(tiny_models, tmp_path / "b", "danceopd", steps=5, eval_samples=100)
+    c = run(tiny_models, tmp_path / "c", "danceopd", steps=5, eval_samples=100, seed=7)
+    assert a["student_digest"] == b["student_digest"] != c["student_digest"]
+
+
+@pytest.mark.slow
+def test_short_training_reaches_teacher_modes(models, tmp_path):
+    steps = 300
+    dense = run(models, tmp_path / "dense", "diffusionopd", steps)
+    dance = run(models, tmp_path / "dance", "danceopd", steps)
+    avg = run(models, tmp_path / "avg", "diffusionopd", steps, supervise="average")
+    base, _ = load_named(models, BASE_NAME)
+    for rep in (dense, dance):
+        assert rep["metrics"]["teacher_mode_mass"] >= 0.95, rep["metrics"]
+        assert 3.3 <= rep["metrics"]["effective_modes"] <= 4.3, rep["metrics"]
+        assert rep["param_change_l2"] > 0
+    student, _ = read_model(tmp_path / "dense" / "student.safetensors")
+    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), base.parameters(), strict=True))
+    # averaging teachers pulls the modes toward their midpoints: far worse target density
+    assert avg["metrics"]["avg_target_logp"] <= dense["metrics"]["avg_target_logp"] - 3.0, (avg["metrics"], dense["metrics"])
