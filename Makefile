@@ -11,7 +11,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned (constraints.txt): an unpinned torch pulls GBs of CUDA wheels
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[dev]'
