@@ -61,8 +61,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
     """The FastAPI app serving ``core`` over OIP v2 (+ repository extension, ``/metrics``)."""
     repo, metrics = core.repository, core.metrics
-    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title=SERVER_NAME,
+        version=SERVER_VERSION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.core = core
 
     @app.exception_handler(StarletteHTTPException)
@@ -87,18 +93,29 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
     def served(name: str) -> LoadedModel:
         """The current snapshot of model ``name``; 404 unknown, 503 unloaded."""
         if name != repo.name:
-            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves "
-                                f"{repo.name!r} (see POST /v2/repository/index)")
+            raise ProtocolError(
+                404,
+                "not_found",
+                f"unknown model {name!r}; this server serves "
+                f"{repo.name!r} (see POST /v2/repository/index)",
+            )
         model = repo.current
         if model is None:
-            raise ProtocolError(503, "unavailable", f"model {name!r} is unloaded; load it with "
-                                f"POST /v2/repository/models/{name}/load")
+            raise ProtocolError(
+                503,
+                "unavailable",
+                f"model {name!r} is unloaded; load it with POST /v2/repository/models/{name}/load",
+            )
         return model
 
     def check_version(model: LoadedModel, version: str | None) -> None:
         if version is not None and version != str(model.version):
-            raise ProtocolError(404, "not_found", f"version {version!r} of {repo.name!r} is not "
-                                f"served; the current version is {model.version}")
+            raise ProtocolError(
+                404,
+                "not_found",
+                f"version {version!r} of {repo.name!r} is not "
+                f"served; the current version is {model.version}",
+            )
 
     @app.get("/v2/health/live")
     async def live() -> dict:
@@ -119,17 +136,25 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
         model = served(name)
         check_version(model, version)
         d = model.data_dim
-        return {"name": name, "versions": [str(model.version)], "platform": "pytorch",
-                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, d]},
-                           {"name": "t", "datatype": "FP32", "shape": [-1]}],
-                "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, d]}],
-                "parameters": model.parameters()}
+        return {
+            "name": name,
+            "versions": [str(model.version)],
+            "platform": "pytorch",
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [-1, d]},
+                {"name": "t", "datatype": "FP32", "shape": [-1]},
+            ],
+            "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, d]}],
+            "parameters": model.parameters(),
+        }
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> JSONResponse:
         if name != repo.name:
-            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}")
+            raise ProtocolError(
+                404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}"
+            )
         model = repo.current
         ok = model is not None and (version is None or version == str(model.version))
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
@@ -156,12 +181,18 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
 
     def check_admin(request: Request) -> None:
         if core.admin_token is None:
-            raise StarletteHTTPException(403, "admin calls are disabled: start the server with "
-                                              "OPD_ADMIN_TOKEN set to enable load/unload")
+            raise StarletteHTTPException(
+                403,
+                "admin calls are disabled: start the server with "
+                "OPD_ADMIN_TOKEN set to enable load/unload",
+            )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            raise StarletteHTTPException(401, "admin call needs 'Authorization: Bearer <token>'",
-                                         headers={"WWW-Authenticate": "Bearer"})
+            raise StarletteHTTPException(
+                401,
+                "admin call needs 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(given.strip().encode(), core.admin_token.encode()):
             raise StarletteHTTPException(403, "wrong admin token")
 
@@ -181,7 +212,9 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
     async def load(name: str, request: Request) -> JSONResponse:
         check_admin(request)
         if name != repo.name:
-            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}")
+            raise ProtocolError(
+                404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}"
+            )
         params = (await admin_json(request)).get("parameters") or {}
         checkpoint = params.get("checkpoint") if isinstance(params, dict) else None
         if checkpoint is not None and not isinstance(checkpoint, str):
@@ -195,14 +228,22 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
             return _error(exc.status, f"load failed: {exc}{kept}")
         metrics.loads.labels(repo.name, "ok").inc()
         metrics.version.labels(repo.name).set(model.version)
-        return JSONResponse({"name": name, "version": str(model.version),
-                             "digest": model.meta.digest, "checkpoint": model.checkpoint.name})
+        return JSONResponse(
+            {
+                "name": name,
+                "version": str(model.version),
+                "digest": model.meta.digest,
+                "checkpoint": model.checkpoint.name,
+            }
+        )
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str, request: Request) -> JSONResponse:
         check_admin(request)
         if name != repo.name:
-            raise ProtocolError(404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}")
+            raise ProtocolError(
+                404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}"
+            )
         repo.unload()
         metrics.version.labels(repo.name).set(0)
         return JSONResponse({"name": name, "state": "UNAVAILABLE"})
@@ -227,9 +268,14 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Fas
     metrics = TeacherMetrics(name)
     metrics.version.labels(name).set(1)
     batcher = Batcher(settings.max_batch_states, settings.max_delay_ms / 1e3, metrics.observe_batch)
-    core = TeacherCore(repo, batcher.submit, metrics, settings.max_body_bytes,
-                       admin_token if admin_token is not None else admin_token_from_env(),
-                       on_close=[batcher.close])
+    core = TeacherCore(
+        repo,
+        batcher.submit,
+        metrics,
+        settings.max_body_bytes,
+        admin_token if admin_token is not None else admin_token_from_env(),
+        on_close=[batcher.close],
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

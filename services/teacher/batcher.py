@@ -134,7 +134,9 @@ class Batcher:
     async def _execute(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         model = items[0].model
         try:
-            v, start, compute_s = await loop.run_in_executor(self._executor, _run_group, model, items)
+            v, start, compute_s = await loop.run_in_executor(
+                self._executor, _run_group, model, items
+            )
         except Exception as exc:  # a failed forward fails its requests, not the service
             for item in items:
                 if not item.future.done():
@@ -146,8 +148,16 @@ class Batcher:
             q = max(0.0, start - item.enqueued)
             queue_s.append(q)
             if not item.future.done():
-                item.future.set_result(ForwardResult(v[offset:offset + item.states], model.version,
-                                                     q, compute_s, states, len(items)))
+                item.future.set_result(
+                    ForwardResult(
+                        v[offset : offset + item.states],
+                        model.version,
+                        q,
+                        compute_s,
+                        states,
+                        len(items),
+                    )
+                )
             offset += item.states
         if self.observer is not None:
             self.observer(states, len(items), compute_s, queue_s)

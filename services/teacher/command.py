@@ -7,7 +7,9 @@ read it back, and announce the URL (``OPD_URL=...``) once uvicorn has started se
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+from types import FrameType
 
 import uvicorn
 
@@ -16,6 +18,19 @@ from common.procs import announce_url
 from services.teacher.app import create_app
 from services.teacher.repository import RepositoryError
 from services.teacher.settings import TeacherSettings
+
+
+class GracefulServer(uvicorn.Server):
+    """A uvicorn server whose SIGTERM/SIGINT end in a clean exit (status 0).
+
+    Plain uvicorn re-raises the captured signal after its graceful shutdown, so the process
+    would die "killed by SIGTERM" (-15) even though it drained and stopped properly.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C skips the graceful wait
+        self.should_exit = True
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -45,9 +60,10 @@ async def serve(settings: TeacherSettings) -> None:
     except RepositoryError as exc:
         raise UsageError(str(exc)) from None
     sock = bind_socket(settings.host, settings.port)
-    config = uvicorn.Config(app, log_level=settings.log_level, access_log=False,
-                            timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        app, log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=10
+    )
+    server = GracefulServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
@@ -61,4 +77,6 @@ def run_teacher(settings: TeacherSettings) -> int:
     return 0
 
 
-TEACHER = Command("serve one teacher checkpoint over OIP v2 (uvicorn)", TeacherSettings, run_teacher)
+TEACHER = Command(
+    "serve one teacher checkpoint over OIP v2 (uvicorn)", TeacherSettings, run_teacher
+)

@@ -13,7 +13,22 @@ from prometheus_client import (
 
 _STATE_BUCKETS = (1, 16, 64, 128, 256, 512, 1024, 1536, 2048, 4096, 8192, 16384, 65536)
 _REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
-_TIME_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0)
+_TIME_BUCKETS = (
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    5.0,
+)
 
 
 class TeacherMetrics:
@@ -24,26 +39,61 @@ class TeacherMetrics:
     def __init__(self, model: str) -> None:
         self.registry = CollectorRegistry()
         r, m = self.registry, model
-        self.requests = Counter("opd_teacher_requests", "infer requests answered",
-                                ["model", "protocol"], registry=r)
+        self.requests = Counter(
+            "opd_teacher_requests", "infer requests answered", ["model", "protocol"], registry=r
+        )
         self.states = Counter("opd_teacher_states", "states answered", ["model"], registry=r)
-        self.errors = Counter("opd_teacher_errors", "refused or failed requests by kind",
-                              ["model", "kind"], registry=r)
-        self.batch_states = Histogram("opd_teacher_batch_states", "states per forward pass",
-                                      ["model"], buckets=_STATE_BUCKETS, registry=r)
-        self.batch_requests = Histogram("opd_teacher_batch_requests", "requests per forward pass",
-                                        ["model"], buckets=_REQUEST_BUCKETS, registry=r)
-        self.queue_seconds = Histogram("opd_teacher_queue_seconds", "accepted → forward start",
-                                       ["model"], buckets=_TIME_BUCKETS, registry=r)
-        self.compute_seconds = Histogram("opd_teacher_compute_seconds", "forward pass duration",
-                                         ["model"], buckets=_TIME_BUCKETS, registry=r)
-        self.version = Gauge("opd_teacher_model_version", "served model version (0 = unloaded)",
-                             ["model"], registry=r)
-        self.loads = Counter("opd_teacher_loads", "repository load calls by outcome",
-                             ["model", "outcome"], registry=r)
+        self.errors = Counter(
+            "opd_teacher_errors",
+            "refused or failed requests by kind",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.batch_states = Histogram(
+            "opd_teacher_batch_states",
+            "states per forward pass",
+            ["model"],
+            buckets=_STATE_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "opd_teacher_batch_requests",
+            "requests per forward pass",
+            ["model"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "opd_teacher_queue_seconds",
+            "accepted → forward start",
+            ["model"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "opd_teacher_compute_seconds",
+            "forward pass duration",
+            ["model"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.version = Gauge(
+            "opd_teacher_model_version",
+            "served model version (0 = unloaded)",
+            ["model"],
+            registry=r,
+        )
+        self.loads = Counter(
+            "opd_teacher_loads",
+            "repository load calls by outcome",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.model = m
 
-    def observe_batch(self, states: int, requests: int, compute_s: float, queue_s: list[float]) -> None:
+    def observe_batch(
+        self, states: int, requests: int, compute_s: float, queue_s: list[float]
+    ) -> None:
         """One forward pass (the batcher's observer)."""
         self.batch_states.labels(self.model).observe(states)
         self.batch_requests.labels(self.model).observe(requests)

@@ -52,16 +52,26 @@ async def read_body(request: Request, limit: int) -> bytearray:
         try:
             size = int(declared)
         except ValueError:
-            raise ProtocolError(400, "decode", f"Content-Length {declared!r} is not an integer") from None
+            raise ProtocolError(
+                400, "decode", f"Content-Length {declared!r} is not an integer"
+            ) from None
         if size > limit:
-            raise ProtocolError(413, "too_large", f"body of {size} bytes exceeds the limit of "
-                                f"{limit} bytes; send fewer states per request or raise --max-body-mb")
+            raise ProtocolError(
+                413,
+                "too_large",
+                f"body of {size} bytes exceeds the limit of "
+                f"{limit} bytes; send fewer states per request or raise --max-body-mb",
+            )
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:  # chunked uploads (no Content-Length) are bounded here
-            raise ProtocolError(413, "too_large", f"body exceeds the limit of {limit} bytes; send "
-                                "fewer states per request or raise --max-body-mb")
+            raise ProtocolError(
+                413,
+                "too_large",
+                f"body exceeds the limit of {limit} bytes; send "
+                "fewer states per request or raise --max-body-mb",
+            )
         chunks.append(chunk)
     return bytearray().join(chunks)
 
@@ -69,8 +79,11 @@ async def read_body(request: Request, limit: int) -> bytearray:
 def parse_infer(body: bytearray, header_length: str | None, data_dim: int) -> InferRequest:
     """Decode and validate an infer body for a model with state dimension ``data_dim``."""
     if not body:
-        raise ProtocolError(400, "decode", "empty body; send an OIP v2 infer document with "
-                            "inputs x [B, D] and t [B] (FP32)")
+        raise ProtocolError(
+            400,
+            "decode",
+            "empty body; send an OIP v2 infer document with inputs x [B, D] and t [B] (FP32)",
+        )
     try:
         msg = decode_request(body, header_length)
     except CodecError as exc:
@@ -78,33 +91,50 @@ def parse_infer(body: bytearray, header_length: str | None, data_dim: int) -> In
     names = set(msg.tensors)
     unknown = sorted(names - set(INPUTS) - set(OPTIONAL_INPUTS))
     if unknown:
-        raise ProtocolError(400, "input", f"unknown input(s) {unknown}; this model takes "
-                            f"x [B, {data_dim}] and t [B] (FP32), optionally c [B, ...]")
+        raise ProtocolError(
+            400,
+            "input",
+            f"unknown input(s) {unknown}; this model takes "
+            f"x [B, {data_dim}] and t [B] (FP32), optionally c [B, ...]",
+        )
     for name in INPUTS:
         if name not in names:
-            raise ProtocolError(400, "input", f"missing input {name!r}; this model takes "
-                                f"x [B, {data_dim}] and t [B] (FP32)")
+            raise ProtocolError(
+                400,
+                "input",
+                f"missing input {name!r}; this model takes x [B, {data_dim}] and t [B] (FP32)",
+            )
     bad_out = sorted(set(msg.outputs) - {OUTPUT})
     if bad_out:
         raise ProtocolError(400, "input", f"unknown output(s) {bad_out}; this model returns 'v'")
     x, t = msg.tensors["x"], msg.tensors["t"]
     for name, arr in (("x", x), ("t", t)):
         if arr.dtype != np.float32:
-            raise ProtocolError(400, "input", f"input {name!r} must be FP32, got "
-                                f"{_datatype(arr)}; convert it before sending")
+            raise ProtocolError(
+                400,
+                "input",
+                f"input {name!r} must be FP32, got {_datatype(arr)}; convert it before sending",
+            )
     if x.ndim != 2 or x.shape[1] != data_dim:
-        raise ProtocolError(400, "input", f"input 'x' must have shape [B, {data_dim}], got "
-                            f"{list(x.shape)}")
+        raise ProtocolError(
+            400, "input", f"input 'x' must have shape [B, {data_dim}], got {list(x.shape)}"
+        )
     if not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
-        raise ProtocolError(400, "input", f"input 't' must have shape [B] (or [B, 1]), got {list(t.shape)}")
+        raise ProtocolError(
+            400, "input", f"input 't' must have shape [B] (or [B, 1]), got {list(t.shape)}"
+        )
     t = t.reshape(-1)
     if len(t) != len(x):
-        raise ProtocolError(400, "input", f"x has {len(x)} rows but t has {len(t)}; send one time per state")
+        raise ProtocolError(
+            400, "input", f"x has {len(x)} rows but t has {len(t)}; send one time per state"
+        )
     if len(x) == 0:
         raise ProtocolError(400, "input", "empty batch: x has 0 rows")
     c = msg.tensors.get("c")
     if c is not None and (c.ndim == 0 or len(c) != len(x)):
-        raise ProtocolError(400, "input", f"input 'c' must have {len(x)} rows, got shape {list(c.shape)}")
+        raise ProtocolError(
+            400, "input", f"input 'c' must have {len(x)} rows, got shape {list(c.shape)}"
+        )
     if not np.isfinite(x).all() or not np.isfinite(t).all():
         raise ProtocolError(400, "input", "x or t holds NaN or Inf; send finite values")
     return InferRequest(x, t, wants_binary(msg, OUTPUT), msg.id)
@@ -121,15 +151,34 @@ def _datatype(arr: np.ndarray) -> str:
 
 def timing_parameters(res: ForwardResult) -> dict[str, float | int | str]:
     """Response ``parameters``: server-side queue and compute time (ms), batch it ran in."""
-    return {"queue_ms": round(res.queue_s * 1e3, 4), "compute_ms": round(res.compute_s * 1e3, 4),
-            "batch_size": res.batch_states, "batch_requests": res.batch_requests,
-            "version": str(res.version)}
+    return {
+        "queue_ms": round(res.queue_s * 1e3, 4),
+        "compute_ms": round(res.compute_s * 1e3, 4),
+        "batch_size": res.batch_states,
+        "batch_requests": res.batch_requests,
+        "version": str(res.version),
+    }
 
 
-def encode_infer(req: InferRequest, res: ForwardResult, model_name: str) -> tuple[bytes, dict[str, str]]:
+def encode_infer(
+    req: InferRequest, res: ForwardResult, model_name: str
+) -> tuple[bytes, dict[str, str]]:
     """Body and headers answering ``req`` with ``res`` (binary ``v`` when the request asked)."""
-    return encode_response({OUTPUT: res.v}, model_name, str(res.version), binary=req.binary_output,
-                           request_id=req.id, parameters=timing_parameters(res))
+    return encode_response(
+        {OUTPUT: res.v},
+        model_name,
+        str(res.version),
+        binary=req.binary_output,
+        request_id=req.id,
+        parameters=timing_parameters(res),
+    )
 
 
-__all__ = ["HEADER_LENGTH", "InferRequest", "ProtocolError", "encode_infer", "parse_infer", "read_body"]
+__all__ = [
+    "HEADER_LENGTH",
+    "InferRequest",
+    "ProtocolError",
+    "encode_infer",
+    "parse_infer",
+    "read_body",
+]

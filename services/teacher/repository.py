@@ -47,17 +47,25 @@ class LoadedModel:
             xt = torch.from_numpy(x)
             tt = torch.from_numpy(t)
             if self.device != "cpu":
-                xt, tt = xt.to(self.device, non_blocking=True), tt.to(self.device, non_blocking=True)
+                xt, tt = (
+                    xt.to(self.device, non_blocking=True),
+                    tt.to(self.device, non_blocking=True),
+                )
             v = self.net(xt, tt)
             return v.cpu().numpy() if self.device != "cpu" else v.numpy()
 
     def parameters(self) -> dict[str, Any]:
         """Model-metadata ``parameters``: what routers and trainers need to know about it."""
-        return {"version": str(self.version), "digest": self.meta.digest,
-                "checkpoint": self.checkpoint.name, "teacher": self.meta.name,
-                "role": self.meta.role, "modes": list(self.meta.modes),
-                "mode_centers": [list(c) for c in self.meta.mode_centers],
-                "data_dim": self.data_dim}
+        return {
+            "version": str(self.version),
+            "digest": self.meta.digest,
+            "checkpoint": self.checkpoint.name,
+            "teacher": self.meta.name,
+            "role": self.meta.role,
+            "modes": list(self.meta.modes),
+            "mode_centers": [list(c) for c in self.meta.mode_centers],
+            "data_dim": self.data_dim,
+        }
 
 
 def resolve_under(root: Path, name: str | Path) -> Path:
@@ -69,8 +77,11 @@ def resolve_under(root: Path, name: str | Path) -> Path:
     root = root.resolve()
     path = (root / name).resolve()  # an absolute ``name`` replaces root, then gets checked
     if not path.is_relative_to(root):
-        raise RepositoryError(f"checkpoint {str(name)!r} is outside the model root {root}; "
-                              f"give a file name relative to the model root", 400)
+        raise RepositoryError(
+            f"checkpoint {str(name)!r} is outside the model root {root}; "
+            f"give a file name relative to the model root",
+            400,
+        )
     return path
 
 
@@ -96,8 +107,11 @@ class ModelRepository:
             raise RepositoryError(str(exc), 400) from exc
         if self.current is not None and meta.arch.data_dim != self.current.data_dim:
             # Clients are built for one state dimension; a silent change would break them.
-            raise RepositoryError(f"{path.name} has state dimension {meta.arch.data_dim}, the "
-                                  f"served model has {self.current.data_dim}; refusing to swap", 400)
+            raise RepositoryError(
+                f"{path.name} has state dimension {meta.arch.data_dim}, the "
+                f"served model has {self.current.data_dim}; refusing to swap",
+                400,
+            )
         self._version += 1
         model = LoadedModel(net, meta, self._version, Path(path), self.device)
         self.current = model  # the swap: one reference assignment, atomic for readers
@@ -110,13 +124,18 @@ class ModelRepository:
         serving model, off the event loop, then swap. A failure leaves the old model serving."""
         if checkpoint is None:
             if self.last_checkpoint is None:
-                raise RepositoryError("no checkpoint given and none loaded before; send "
-                                      '{"parameters": {"checkpoint": "FILE"}}', 400)
+                raise RepositoryError(
+                    "no checkpoint given and none loaded before; send "
+                    '{"parameters": {"checkpoint": "FILE"}}',
+                    400,
+                )
             path = self.last_checkpoint
         else:
             path = resolve_under(self.root, checkpoint)
         if not path.is_file():
-            raise RepositoryError(f"checkpoint {str(checkpoint)!r} not found under {self.root}", 400)
+            raise RepositoryError(
+                f"checkpoint {str(checkpoint)!r} not found under {self.root}", 400
+            )
         async with self._lock:
             try:
                 return await asyncio.to_thread(self.load_now, path)
@@ -131,8 +150,11 @@ class ModelRepository:
     def index(self) -> list[dict[str, Any]]:
         """``POST /v2/repository/index`` entries."""
         m = self.current
-        entry: dict[str, Any] = {"name": self.name, "version": str(m.version) if m else "",
-                                 "state": "READY" if m else "UNAVAILABLE"}
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "version": str(m.version) if m else "",
+            "state": "READY" if m else "UNAVAILABLE",
+        }
         if m is None:
             entry["reason"] = self.last_error or "unloaded"
         return [entry]

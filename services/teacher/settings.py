@@ -20,20 +20,30 @@ class TeacherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_")
 
     checkpoint: Path = Field(description="VelocityNet checkpoint to serve (safetensors)")
-    name: str | None = Field(None, description="served model name (default: the checkpoint's file "
-                                               "stem, e.g. teacher-a, base)")
+    name: str | None = Field(
+        None,
+        description="served model name (default: the checkpoint's file stem, e.g. teacher-a, base)",
+    )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind; 0 picks a free one")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the forward pass runs")
     max_batch_states: int = Field(16384, ge=1, description="most states merged into one forward")
-    max_delay_ms: float = Field(0.0, ge=0, description="longest a request waits for others to "
-                                                       "join its batch (0: only those already queued)")
+    max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="longest a request waits for others to "
+        "join its batch (0: only those already queued)",
+    )
     max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body (MiB)")
-    model_root: Path | None = Field(None, description="directory that load calls may read "
-                                                      "checkpoints from (default: the checkpoint's)")
+    model_root: Path | None = Field(
+        None,
+        description="directory that load calls may read "
+        "checkpoints from (default: the checkpoint's)",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads for the forward pass")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "warning", description="uvicorn log level")
+        "warning", description="uvicorn log level"
+    )
 
     def served_name(self) -> str:
         """The model name clients use in URLs."""
