@@ -33,6 +33,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("run OPD: roll out the student, query teachers, update", "student.commands:TRAIN"),
     ("eval",): ("evaluate any checkpoint against teachers' target", "student.commands:EVAL"),
     ("serve", "teacher"): ("serve one teacher checkpoint over OIP v2 (uvicorn)", "services.teacher.command:TEACHER"),
+    ("serve", "router"): ("route states to teachers: registry, policies, fan-out (uvicorn)", "services.router.command:ROUTER"),
     ("serve", "ray"): ("deploy teachers (and router) on Ray Serve from a config", "services.teacher.ray_command:RAY"),
 }
 

@@ -1,0 +1,1 @@
+"""The router service: teacher registry, routing policies and the concurrent HTTP fan-out."""

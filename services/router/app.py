@@ -1,0 +1,388 @@
+"""The router's HTTP API (FastAPI): OIP v2 health/metadata, the ``opd-router`` virtual model,
+passthrough infer to registered teachers, the registry API ``/v1/teachers`` and ``/metrics``.
+
+:func:`build_api` takes a :class:`RouterCore` whose ``call`` reaches teachers; :func:`create_app`
+wires it to the HTTP :class:`~services.router.pool.Pool`. The Ray Serve deployment reuses
+:func:`build_api` with a ``call`` over deployment handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common.codec import HEADER_LENGTH, CodecError, decode_request, encode_response, wants_binary
+from services.router import fanout
+from services.router.fanout import InputError, TeacherAnswer, TeacherFault
+from services.router.metrics import RouterMetrics
+from services.router.pool import Pool, TeacherRejected, TeacherUnavailable, infer
+from services.router.registry import (
+    Registry,
+    RegistryError,
+    Teacher,
+    TeacherSpec,
+    build_registry,
+    build_teacher,
+    merge_specs,
+    parse_flag,
+    read_registry_file,
+    spec_from_doc,
+)
+from services.router.settings import ADMIN_TOKEN_ENV, RouterSettings
+
+SERVER_NAME = "opd-router"
+SERVER_VERSION = "0.1.0"
+ADMIN_BODY_LIMIT = 64 * 1024
+RETRY_AFTER_S = "1"
+
+#: (teacher, inputs, deadline) -> answer; HTTP pool or Ray handles
+TeacherCall = fanout.TeacherCall
+#: passthrough: (teacher, raw body, headers, deadline) -> (status, body, headers)
+Passthrough = Callable[[Teacher, bytes, dict[str, str], float], Awaitable[tuple[int, bytes, dict[str, str]]]]
+#: discovery for the registry API: spec -> teacher
+Discover = Callable[[TeacherSpec], Awaitable[Teacher]]
+
+
+@dataclass
+class RouterCore:
+    """What the routes need: the current registry snapshot and how to reach teachers."""
+
+    registry: Registry
+    call: TeacherCall
+    passthrough: Passthrough | None
+    discover: Discover
+    settings: RouterSettings
+    admin_token: str | None
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    pending: int = 0
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _inflight: asyncio.Semaphore | None = None
+    _admin: asyncio.Lock | None = None
+
+    def set_registry(self, reg: Registry) -> None:
+        self.registry = reg  # one reference assignment: requests already holding the old one keep it
+        for t in reg.all():
+            self.metrics.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise StarletteHTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise StarletteHTTPException(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def router_metadata(reg: Registry) -> dict[str, Any]:
+    """``GET /v2/models/opd-router``: the virtual model's contract and current registry."""
+    return {"name": fanout.MODEL_NAME, "versions": [fanout.MODEL_VERSION], "platform": "opd-router",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]},
+                       {"name": "t", "datatype": "FP32", "shape": [-1]},
+                       {"name": "route", "datatype": "INT32", "shape": [-1], "optional": True}],
+            "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, -1]},
+                        {"name": "teacher", "datatype": "INT32", "shape": [-1]},
+                        {"name": "v_anchor", "datatype": "FP32", "shape": [-1, -1]}],
+            "parameters": {"policy": reg.policy, "teachers": ",".join(reg.names),
+                           "anchors": ",".join(a.name for a in reg.anchors)}}
+
+
+def build_api(core: RouterCore) -> FastAPI:
+    """The FastAPI app over ``core`` (same routes for the uvicorn and the Ray Serve router)."""
+    m, s = core.metrics, core.settings
+    max_body = int(s.max_body_mb * 1024 * 1024)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        core._inflight = asyncio.Semaphore(s.max_inflight)
+        core._admin = asyncio.Lock()
+        for start in core.on_start:
+            await start()
+        core.set_registry(core.registry)
+        yield
+        for close in core.on_close:
+            with suppress(Exception):
+                await close()
+
+    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.core = core
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        down = [t.name for t in core.registry.all() if not any(r.live for r in t.replicas)]
+        ok = bool(core.registry.teachers) and not down
+        body: dict[str, Any] = {"ready": ok}
+        if down:
+            body["down"] = down
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+
+    def teacher_or_404(name: str) -> Teacher:
+        teacher = core.registry.get(name)
+        if teacher is None:
+            known = ", ".join([fanout.MODEL_NAME, *(t.name for t in core.registry.all())])
+            raise StarletteHTTPException(404, f"unknown model {name!r}; this router serves {known}")
+        return teacher
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> dict:
+        if name == fanout.MODEL_NAME:
+            return router_metadata(core.registry)
+        t = teacher_or_404(name)
+        return {"name": name, "versions": [t.version] if t.version else [], "platform": "opd-teacher",
+                "parameters": {"version": t.version, "digest": t.digest, "modes": t.modes,
+                               "mode_centers": None if t.centers is None else t.centers.tolist(),
+                               "role": t.role, "replicas": len(t.replicas)}}
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> JSONResponse:
+        if name == fanout.MODEL_NAME:
+            return await ready()
+        ok = any(r.live for r in teacher_or_404(name).replicas)
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> list:
+        entries = [{"name": fanout.MODEL_NAME, "version": fanout.MODEL_VERSION, "state": "READY"}]
+        for t in core.registry.all():
+            up = any(r.live for r in t.replicas)
+            entries.append({"name": t.name, "version": t.version or "",
+                            "state": "READY" if up else "UNAVAILABLE"})
+        return entries
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_route(name: str, request: Request, version: str | None = None) -> Response:
+        received = time.perf_counter()
+        reg = core.registry  # the snapshot this request is served from, whatever changes meanwhile
+        if name != fanout.MODEL_NAME:
+            teacher_or_404(name)
+        if core.pending >= s.max_inflight + s.max_queue:
+            m.queue_full.inc()
+            m.requests.labels(name, "503").inc()
+            return _error(503, f"router queue is full ({core.pending} requests admitted); retry later",
+                          {"Retry-After": RETRY_AFTER_S})
+        core.pending += 1
+        m.pending.set(core.pending)
+        status = 500
+        try:
+            assert core._inflight is not None
+            async with core._inflight:
+                deadline = time.monotonic() + s.deadline_s
+                body = await read_body(request, max_body)
+                if name == fanout.MODEL_NAME:
+                    resp = await _virtual(reg, body, request.headers.get(HEADER_LENGTH), deadline, received)
+                else:
+                    resp = await _passthrough(reg, name, body, request.headers, deadline)
+            status = resp.status_code
+            return resp
+        except StarletteHTTPException as exc:
+            status = exc.status_code
+            raise
+        except (CodecError, InputError) as exc:
+            status = 400
+            return _error(400, str(exc))
+        except TeacherRejected as exc:
+            status = exc.status
+            return _error(exc.status, str(exc))
+        except TeacherUnavailable as exc:
+            status = 503
+            return _error(503, str(exc), {"Retry-After": RETRY_AFTER_S})
+        except RegistryError as exc:
+            status = 503
+            return _error(503, str(exc), {"Retry-After": RETRY_AFTER_S})
+        except TeacherFault as exc:
+            status = 502
+            return _error(502, str(exc))
+        finally:
+            core.pending -= 1
+            m.pending.set(core.pending)
+            m.requests.labels(name, str(status)).inc()
+            m.seconds.labels(name).observe(time.perf_counter() - received)
+
+    async def _virtual(reg: Registry, body: bytes, header_length: str | None, deadline: float,
+                       received: float) -> Response:
+        if not body:
+            raise InputError("empty body; send an OIP v2 infer document with inputs x [B, D] and t [B]")
+        msg = decode_request(body, header_length)
+        result = await fanout.route_and_call(msg, reg, core.call, deadline, received)
+        params = result.parameters
+        params["server_ms"] = round((time.perf_counter() - received) * 1e3, 4)
+        binary = {k for k in result.outputs if wants_binary(msg, k)}
+        content, headers = encode_response(result.outputs, fanout.MODEL_NAME, fanout.MODEL_VERSION,
+                                           binary=binary, request_id=msg.id, parameters=params)
+        m.states.inc(len(result.outputs.get("teacher", result.outputs.get("v", ()))))
+        return Response(content, headers=headers)
+
+    async def _passthrough(reg: Registry, name: str, body: bytes, req_headers: Any,
+                           deadline: float) -> Response:
+        if core.passthrough is None:
+            raise StarletteHTTPException(501, "passthrough is not available in this deployment")
+        teacher = reg.get(name)
+        if teacher is None:  # deleted between the check and now
+            raise StarletteHTTPException(404, f"unknown model {name!r}")
+        headers = {"Content-Type": req_headers.get("content-type", "application/json")}
+        if HEADER_LENGTH in req_headers:
+            headers[HEADER_LENGTH] = req_headers[HEADER_LENGTH]
+        status, content, out_headers = await core.passthrough(teacher, body, headers, deadline)
+        return Response(content, status_code=status, headers=out_headers)
+
+    # ---------------------------------------------------------------- registry API
+
+    def check_admin(request: Request) -> None:
+        if core.admin_token is None:
+            raise StarletteHTTPException(403, "registry changes are disabled: start the router with "
+                                              f"{ADMIN_TOKEN_ENV} set to enable them")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise StarletteHTTPException(401, "registry changes need 'Authorization: Bearer <token>'",
+                                         headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), core.admin_token.encode()):
+            raise StarletteHTTPException(403, "wrong admin token")
+
+    @app.get("/v1/teachers")
+    async def list_teachers() -> dict:
+        return core.registry.describe()
+
+    @app.get("/v1/teachers/{name}")
+    async def get_teacher(name: str) -> dict:
+        return teacher_or_404(name).describe()
+
+    @app.put("/v1/teachers/{name}")
+    async def put_teacher(name: str, request: Request) -> JSONResponse:
+        check_admin(request)
+        raw = await read_body(request, ADMIN_BODY_LIMIT)
+        try:
+            doc = json.loads(raw or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error(400, f"body is not valid JSON ({exc}); send "
+                               '{"endpoints": ["http://host:port[#MODEL]", ...], "modes": [...]}')
+        current = core.registry.get(name)
+        try:
+            spec = spec_from_doc(name, doc, current.role if current else "teacher")
+            # Discover outside the lock: a slow endpoint must not block other registry reads.
+            teacher = await core.discover(spec)
+            assert core._admin is not None
+            async with core._admin:
+                core.set_registry(core.registry.with_teacher(teacher))
+        except RegistryError as exc:
+            return _error(422, f"registry unchanged: {exc}")
+        m.registry_changes.labels("put").inc()
+        reg = core.registry
+        index = reg.names.index(name) if name in reg.names else None
+        return JSONResponse({"index": index, **teacher.describe()}, status_code=200 if current else 201)
+
+    @app.delete("/v1/teachers/{name}")
+    async def delete_teacher(name: str, request: Request) -> JSONResponse:
+        check_admin(request)
+        assert core._admin is not None
+        async with core._admin:
+            try:
+                core.set_registry(core.registry.without(name))
+            except KeyError:
+                raise StarletteHTTPException(404, f"no teacher named {name!r}") from None
+        m.registry_changes.labels("delete").inc()
+        return JSONResponse({"deleted": name, "teachers": core.registry.names})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        for t in core.registry.all():
+            m.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
+        return Response(m.render(), media_type=m.content_type)
+
+    return app
+
+
+# -------------------------------------------------------------------- uvicorn router
+
+
+def specs_from_settings(s: RouterSettings) -> tuple[list[TeacherSpec], str]:
+    """Teacher specs from the registry file, then flags/env (which override by name); policy."""
+    file_specs, file_policy = read_registry_file(s.registry) if s.registry else ([], None)
+    flag_specs = [parse_flag(f, "teacher") for f in s.teacher] + [parse_flag(f, "anchor") for f in s.anchor]
+    specs = merge_specs(file_specs, flag_specs)
+    if not any(sp.role == "teacher" for sp in specs):
+        raise RegistryError("no teachers given: use --teacher NAME=URL (repeatable), "
+                            "OPD_ROUTER_TEACHER or a --registry file")
+    return specs, s.policy or file_policy or "nearest"
+
+
+def create_app(settings: RouterSettings, registry: Registry | None = None,
+               admin_token: str | None = None) -> FastAPI:
+    """The uvicorn router: HTTP pool to teachers, background health checks.
+
+    Without ``registry`` the teachers in ``settings`` are discovered at start-up (the app's
+    lifespan); ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
+    """
+    m = RouterMetrics()
+    pool = Pool(settings.connect_timeout_s, settings.attempt_timeout_s, settings.max_connections,
+                on_retry=lambda t, _: m.retries.labels(t).inc(),
+                on_eject=lambda t, r: m.ejections.labels(t, r).inc())
+
+    async def call(teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float) -> TeacherAnswer:
+        ans = await infer(pool, teacher, inputs, deadline)
+        m.teacher_seconds.labels(teacher.name).observe(ans.latency_ms / 1e3)
+        m.teacher_rows.labels(teacher.name).inc(len(ans.v))
+        return ans
+
+    async def passthrough(teacher: Teacher, body: bytes, headers: dict[str, str], deadline: float):
+        reply = await pool.post(teacher, body, headers, deadline)
+        out = {k: v for k, v in reply.response.headers.items()
+               if k.lower() in ("content-type", HEADER_LENGTH.lower())}
+        return reply.response.status_code, reply.response.content, out
+
+    async def discover(spec: TeacherSpec) -> Teacher:
+        return await build_teacher(pool.client, spec, settings.attempt_timeout_s)
+
+    token = admin_token if admin_token is not None else (os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None)
+    core = RouterCore(registry or Registry(), call, passthrough, discover, settings, token, m)
+    health: list[asyncio.Task] = []
+
+    async def start() -> None:
+        if registry is None:
+            specs, policy = specs_from_settings(settings)
+            core.registry = await build_registry(pool.client, specs, policy, settings.attempt_timeout_s)
+        health.append(asyncio.create_task(pool.health_loop(lambda: core.registry, settings.health_interval_s)))
+
+    async def close() -> None:
+        for task in health:
+            task.cancel()
+        await pool.aclose()
+
+    core.on_start.append(start)
+    core.on_close.append(close)
+    return build_api(core)

@@ -1,0 +1,218 @@
+"""Calls to teacher replicas: keep-alive pool, replica choice, retries, ejection, health checks.
+
+One ``httpx.AsyncClient`` holds keep-alive connections to every replica (httpx pools per origin),
+so a registry swap needs no new client and connections to old endpoints simply age out.
+A call goes to the live replica with the fewest requests in flight; a refused connection, a 5xx
+or a timeout ejects that replica and the call moves to another one of the same teacher, all
+within the request's deadline (teacher inference is idempotent, so a retry is always safe).
+Ejected replicas are probed in the background and admitted again once they answer ready with
+the teacher's checkpoint digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
+from services.router.fanout import TeacherAnswer, TeacherFault
+from services.router.registry import Registry, Replica, Teacher, _error_text
+
+log = logging.getLogger("opd.router")
+
+
+class TeacherUnavailable(Exception):
+    """No replica of a teacher answered within the deadline (HTTP 503)."""
+
+    def __init__(self, teacher: str, causes: list[str]) -> None:
+        self.teacher = teacher
+        self.causes = causes
+        cause = "; ".join(causes) or "no replica registered"
+        super().__init__(f"teacher {teacher!r} has no live replica: {cause}")
+
+
+class TeacherRejected(Exception):
+    """A replica refused the request as the caller's mistake (4xx); passed on with its status."""
+
+    def __init__(self, teacher: str, status: int, detail: str) -> None:
+        self.teacher = teacher
+        self.status = status
+        super().__init__(f"teacher {teacher!r} rejected the request ({status}): {detail}")
+
+
+@dataclass
+class Reply:
+    """A teacher's HTTP answer and how it was obtained."""
+
+    response: httpx.Response
+    replica: Replica
+    attempts: int
+    latency_s: float  # the successful attempt, send → body received
+
+
+class Pool:
+    """HTTP client side of the router: one keep-alive pool over all replicas."""
+
+    def __init__(self, connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
+                 max_connections: int = 256, on_retry: Callable[[str, str], None] | None = None,
+                 on_eject: Callable[[str, str], None] | None = None) -> None:
+        self.attempt_timeout_s = attempt_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                              keepalive_expiry=30.0)
+        self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(attempt_timeout_s, connect=connect_timeout_s),
+                                        transport=httpx.AsyncHTTPTransport(limits=limits, retries=0))
+        self._on_retry = on_retry or (lambda teacher, cause: None)
+        self._on_eject = on_eject or (lambda teacher, replica: None)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    @staticmethod
+    def pick(teacher: Teacher, tried: set[int]) -> Replica | None:
+        """Least-loaded live replica not yet tried (round-robin among ties); if none is live,
+        an ejected one not yet tried (it may have come back before its health check)."""
+        best: Replica | None = None
+        n = len(teacher.replicas)
+        start = teacher.rr
+        teacher.rr = (start + 1) % max(n, 1)
+        for live in (True, False):
+            for k in range(n):
+                r = teacher.replicas[(start + k) % n]
+                if r.live is live and id(r) not in tried and (best is None or r.inflight < best.inflight):
+                    best = r
+            if best is not None:
+                return best
+        return None
+
+    def _fail(self, teacher: Teacher, replica: Replica, cause: str, causes: list[str]) -> None:
+        causes.append(f"{replica.endpoint.url}: {cause}")
+        if replica.live:
+            replica.eject(cause)
+            self._on_eject(teacher.name, replica.endpoint.url)
+            log.warning("ejected %s replica %s: %s", teacher.name, replica.endpoint.url, cause)
+
+    async def post(self, teacher: Teacher, body: bytes, headers: dict[str, str], deadline: float,
+                   path: str = "infer") -> Reply:
+        """POST ``body`` to ``.../v2/models/{model}/{path}`` of one replica of ``teacher``.
+
+        Args:
+            deadline: ``time.monotonic()`` by which an answer must be in, retries included.
+        Raises:
+            TeacherUnavailable: every replica failed, or the deadline passed.
+            TeacherRejected: a replica answered 4xx (the request itself is wrong; not retried).
+        """
+        tried: set[int] = set()
+        causes: list[str] = []
+        attempts = 0
+        while True:
+            replica = self.pick(teacher, tried)
+            remaining = deadline - time.monotonic()
+            if replica is None or remaining <= 0:
+                if remaining <= 0:
+                    causes.append("deadline exceeded")
+                raise TeacherUnavailable(teacher.name, causes)
+            tried.add(id(replica))
+            attempts += 1
+            if attempts > 1:
+                self._on_retry(teacher.name, causes[-1] if causes else "")
+            url = replica.infer_url if path == "infer" else f"{replica.endpoint.url}/v2/models/{replica.endpoint.model}/{path}"
+            timeout = httpx.Timeout(min(remaining, self.attempt_timeout_s),
+                                    connect=min(remaining, self.connect_timeout_s))
+            replica.inflight += 1
+            start = time.perf_counter()
+            try:
+                resp = await self.client.post(url, content=body, headers=headers, timeout=timeout)
+            except httpx.TimeoutException as exc:
+                self._fail(teacher, replica, f"timed out ({type(exc).__name__})", causes)
+                continue
+            except httpx.TransportError as exc:
+                self._fail(teacher, replica, f"{type(exc).__name__}: {exc or 'connection failed'}", causes)
+                continue
+            finally:
+                replica.inflight -= 1
+            latency = time.perf_counter() - start
+            if resp.status_code == 503 and "retry-after" in resp.headers:
+                # The replica is overloaded, not broken: try another without ejecting it.
+                causes.append(f"{replica.endpoint.url}: busy (503: {_error_text(resp)})")
+                continue
+            if resp.status_code >= 500:
+                self._fail(teacher, replica, f"HTTP {resp.status_code}: {_error_text(resp)}", causes)
+                continue
+            if resp.status_code >= 400:
+                raise TeacherRejected(teacher.name, resp.status_code, _error_text(resp))
+            return Reply(resp, replica, attempts, latency)
+
+    async def probe(self, teacher: Teacher, replica: Replica) -> None:
+        """Admit ``replica`` again if it is ready and serves ``teacher``'s digest."""
+        url, model = replica.endpoint.url, replica.endpoint.model
+        timeout = httpx.Timeout(self.attempt_timeout_s, connect=self.connect_timeout_s)
+        try:
+            ready = await self.client.get(f"{url}/v2/models/{model}/ready", timeout=timeout)
+            if ready.status_code != 200:
+                replica.cause = f"not ready (HTTP {ready.status_code})"
+                return
+            meta = (await self.client.get(f"{url}/v2/models/{model}", timeout=timeout)).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            replica.cause = f"health check failed: {type(exc).__name__}: {exc or 'no detail'}"
+            return
+        params = meta.get("parameters") or {} if isinstance(meta, dict) else {}
+        digest = params.get("digest")
+        if teacher.digest and digest and digest != teacher.digest:
+            replica.cause = (f"serves checkpoint digest {digest}, teacher {teacher.name!r} serves "
+                             f"{teacher.digest}; not admitted")
+            return
+        version = params.get("version")
+        replica.version = str(version) if version is not None else replica.version
+        replica.digest = digest or replica.digest
+        replica.admit()
+        log.warning("admitted %s replica %s again", teacher.name, url)
+
+    async def health_loop(self, registry: Callable[[], Registry], interval_s: float) -> None:
+        """Forever: probe the ejected replicas of the current registry every ``interval_s``."""
+        while True:
+            await asyncio.sleep(interval_s)
+            probes = [self.probe(t, r) for t in registry().all() for r in t.replicas if not r.live]
+            if probes:
+                with contextlib.suppress(Exception):
+                    await asyncio.gather(*probes, return_exceptions=True)
+
+
+def _ms(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+async def infer(pool: Pool, teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float) -> TeacherAnswer:
+    """One binary OIP v2 infer call of ``teacher`` over HTTP: ``inputs`` → ``v [n, D]``.
+
+    Raises:
+        TeacherUnavailable, TeacherRejected: see :meth:`Pool.post`.
+        TeacherFault: the answer is not a decodable v2 response holding ``v``.
+    """
+    body, headers = encode_request(inputs, outputs=["v"], binary=True)
+    reply = await pool.post(teacher, body, headers, deadline)
+    resp = reply.response
+    try:
+        msg = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
+    except CodecError as exc:
+        raise TeacherFault(f"teacher {teacher.name!r} ({reply.replica.endpoint.url}) sent an "
+                           f"undecodable response: {exc}") from None
+    v = msg.tensors.get("v")
+    if v is None or v.dtype != np.float32:
+        raise TeacherFault(f"teacher {teacher.name!r} ({reply.replica.endpoint.url}) answered "
+                           f"without an FP32 output 'v' (got {sorted(msg.tensors)})")
+    p = msg.parameters
+    version = p.get("version", msg.model_version)
+    batch = p.get("batch_size")
+    return TeacherAnswer(v, str(version) if version is not None else "", reply.latency_s * 1e3,
+                         _ms(p.get("queue_ms")), _ms(p.get("compute_ms")),
+                         batch if isinstance(batch, int) else None,
+                         reply.replica.endpoint.url, reply.attempts)

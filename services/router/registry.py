@@ -1,0 +1,437 @@
+"""The teacher registry: names → replicas (endpoints), what each serves, and the routing policy.
+
+A :class:`Registry` is an immutable snapshot. A request takes the current snapshot once and
+keeps it until it is answered, so a registry change (a swap of a teacher's endpoints) sends new
+requests to the new endpoints at once while requests in flight finish where they started.
+Replicas carry mutable health state (live / ejected, in-flight count); an unchanged teacher keeps
+its :class:`Teacher` object, and so its replicas' health, across snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import torch
+
+from common import routing
+from common.ring import centers_of
+
+Role = Literal["teacher", "anchor"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RegistryError(ValueError):
+    """A registry that cannot be served; the message says which teacher/replica and why."""
+
+
+def check_name(name: str) -> str:
+    """Teacher names appear in URLs and response parameter keys: keep them plain."""
+    if not _NAME.match(name):
+        raise RegistryError(f"teacher name {name!r} must be 1-64 characters of letters, digits, "
+                            "'_', '-' or '.', starting with a letter or digit")
+    if name == "opd-router":
+        raise RegistryError("'opd-router' is the router's own model name; pick another teacher name")
+    return name
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One server of a teacher: base URL plus the served model's name (``None`` = ask its index)."""
+
+    url: str
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """``http://host:port[#MODEL]`` → endpoint (trailing ``/`` dropped)."""
+        text = text.strip()
+        url, _, model = text.partition("#")
+        url = url.rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise RegistryError(f"endpoint {text!r} is not an http(s) base URL "
+                                "(write e.g. http://127.0.0.1:8001 or http://host:8001#teacher-a)")
+        return cls(url, model or None)
+
+    def __str__(self) -> str:
+        return f"{self.url}#{self.model}" if self.model else self.url
+
+
+@dataclass(eq=False)
+class Replica:
+    """A resolved endpoint and its health. Mutated in place by the pool and the health checker."""
+
+    endpoint: Endpoint
+    version: str | None = None
+    digest: str | None = None
+    live: bool = True
+    cause: str | None = None  # why it was ejected (or never admitted)
+    inflight: int = 0
+    failures: int = 0
+    infer_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.infer_url = f"{self.endpoint.url}/v2/models/{self.endpoint.model}/infer"
+
+    def eject(self, cause: str) -> None:
+        self.live, self.cause = False, cause
+        self.failures += 1
+
+    def admit(self) -> None:
+        self.live, self.cause = True, None
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.endpoint.url, "model": self.endpoint.model, "live": self.live,
+                "cause": self.cause, "version": self.version, "digest": self.digest,
+                "inflight": self.inflight, "failures": self.failures}
+
+
+@dataclass(eq=False)
+class Teacher:
+    """A named teacher: its replicas (same checkpoint digest) and its mode centers ``[M, D]``."""
+
+    name: str
+    replicas: list[Replica]
+    role: Role = "teacher"
+    digest: str | None = None
+    modes: list[int] = field(default_factory=list)
+    centers: torch.Tensor | None = None  # [M, D] float32, or None when unknown
+    rr: int = 0  # round-robin cursor among equally loaded replicas
+
+    @property
+    def version(self) -> str | None:
+        versions = sorted({r.version for r in self.replicas if r.live and r.version})
+        return ",".join(versions) or None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "digest": self.digest, "version": self.version,
+                "modes": self.modes,
+                "mode_centers": None if self.centers is None else self.centers.tolist(),
+                "replicas": [r.describe() for r in self.replicas]}
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Ordered teachers (their index is what ``teacher`` outputs report), anchors and the policy."""
+
+    teachers: tuple[Teacher, ...] = ()
+    anchors: tuple[Teacher, ...] = ()
+    policy: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if self.policy not in routing.POLICIES:
+            raise RegistryError(f"unknown policy {self.policy!r}; choose one of {', '.join(routing.POLICIES)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.teachers]
+
+    @property
+    def centers(self) -> list[torch.Tensor | None]:
+        return [t.centers for t in self.teachers]
+
+    def all(self) -> tuple[Teacher, ...]:
+        return self.teachers + self.anchors
+
+    def get(self, name: str) -> Teacher | None:
+        return next((t for t in self.all() if t.name == name), None)
+
+    def anchor(self, name: str | None = None) -> Teacher | None:
+        """The anchor called ``name``; with ``None`` the only (or first) anchor."""
+        if name is None:
+            return self.anchors[0] if self.anchors else None
+        return next((a for a in self.anchors if a.name == name), None)
+
+    def check(self, policy: str | None = None) -> None:
+        """Refuse a registry that ``policy`` (default: its own) cannot serve.
+
+        Raises:
+            RegistryError: ``nearest`` with a teacher lacking mode centers, or centers of
+                different dimensions.
+        """
+        policy = policy or self.policy
+        if policy != "nearest":
+            return
+        missing = [t.name for t in self.teachers if t.centers is None or t.centers.numel() == 0]
+        if missing:
+            raise RegistryError(
+                f"policy 'nearest' needs mode centers for every teacher, but {', '.join(missing)} "
+                "has none (its metadata lists no mode_centers); register it with modes, or use "
+                "policy 'label' or 'average'")
+        dims = {int(t.centers.shape[1]) for t in self.teachers if t.centers is not None}
+        if len(dims) > 1:
+            raise RegistryError(f"teachers' mode centers have different dimensions {sorted(dims)}")
+
+    def with_teacher(self, teacher: Teacher) -> Registry:
+        """A snapshot where ``teacher`` replaces its namesake (same index) or is appended."""
+        group = "anchors" if teacher.role == "anchor" else "teachers"
+        other = "teachers" if group == "anchors" else "anchors"
+        if any(t.name == teacher.name for t in getattr(self, other)):
+            raise RegistryError(f"{teacher.name!r} is registered as {other[:-1]}; delete it first "
+                                f"to register it as {group[:-1]}")
+        current = list(getattr(self, group))
+        idx = next((i for i, t in enumerate(current) if t.name == teacher.name), None)
+        if idx is None:
+            current.append(teacher)
+        else:
+            current[idx] = teacher
+        new = replace(self, **{group: tuple(current)})
+        new.check()
+        return new
+
+    def without(self, name: str) -> Registry:
+        """A snapshot without ``name``; later teachers' indices shift down by one."""
+        if self.get(name) is None:
+            raise KeyError(name)
+        return replace(self, teachers=tuple(t for t in self.teachers if t.name != name),
+                       anchors=tuple(t for t in self.anchors if t.name != name))
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.policy,
+                "teachers": [{"index": i, **t.describe()} for i, t in enumerate(self.teachers)],
+                "anchors": [a.describe() for a in self.anchors]}
+
+
+# --------------------------------------------------------------------------------------------
+# Specs: what the user wrote (flags, env, file) before anything is contacted.
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A teacher as configured: name, endpoints, role and optional modes / centers override."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    role: Role = "teacher"
+    modes: tuple[int, ...] | None = None
+    centers: tuple[tuple[float, ...], ...] | None = None
+
+
+def parse_flag(text: str, role: Role = "teacher") -> TeacherSpec:
+    """``NAME=URL[,URL...]`` → spec."""
+    name, sep, urls = text.partition("=")
+    if not sep or not urls.strip():
+        raise RegistryError(f"--{role} {text!r}: write NAME=URL[,URL...], e.g. a=http://127.0.0.1:8001")
+    return TeacherSpec(check_name(name.strip()), tuple(Endpoint.parse(u) for u in urls.split(",") if u.strip()), role)
+
+
+def spec_from_doc(name: str, doc: Any, role: Role = "teacher") -> TeacherSpec:
+    """A spec from a registry-file / API entry: a URL string, a list of URLs, or a mapping with
+    ``endpoints`` and optional ``modes`` (ring mode indices) or ``mode_centers`` (``[M, D]``)."""
+    check_name(name)
+    if isinstance(doc, str):
+        doc = {"endpoints": [doc]}
+    elif isinstance(doc, list):
+        doc = {"endpoints": doc}
+    if not isinstance(doc, dict):
+        raise RegistryError(f"teacher {name!r}: expected a URL, a list of URLs or a mapping, got {doc!r}")
+    eps = doc.get("endpoints", doc.get("urls"))
+    if isinstance(eps, str):
+        eps = [u for u in eps.split(",") if u.strip()]
+    if not isinstance(eps, list) or not eps or not all(isinstance(u, str) for u in eps):
+        raise RegistryError(f"teacher {name!r}: 'endpoints' must be a non-empty list of URLs")
+    unknown = set(doc) - {"endpoints", "urls", "modes", "mode_centers", "role", "name"}
+    if unknown:
+        raise RegistryError(f"teacher {name!r}: unknown keys {sorted(unknown)}")
+    modes = doc.get("modes")
+    if modes is not None and (not isinstance(modes, list) or not all(isinstance(m, int) for m in modes)):
+        raise RegistryError(f"teacher {name!r}: 'modes' must be a list of ring mode indices")
+    centers = doc.get("mode_centers")
+    if centers is not None:
+        try:
+            c = torch.tensor(centers, dtype=torch.float32)
+        except (TypeError, ValueError):
+            c = None
+        if c is None or c.dim() != 2 or c.shape[0] == 0:
+            raise RegistryError(f"teacher {name!r}: 'mode_centers' must be a [M, D] list of lists")
+        centers = tuple(tuple(row) for row in c.tolist())
+    role = doc.get("role", role)
+    if role not in ("teacher", "anchor"):
+        raise RegistryError(f"teacher {name!r}: role must be 'teacher' or 'anchor'")
+    return TeacherSpec(name, tuple(Endpoint.parse(u) for u in eps), role,
+                       tuple(modes) if modes is not None else None, centers)
+
+
+def read_registry_file(path: Path) -> tuple[list[TeacherSpec], str | None]:
+    """Specs and policy from a YAML or JSON file::
+
+        policy: nearest
+        teachers:
+          a: [http://127.0.0.1:8001, http://127.0.0.1:8002]
+          b: {endpoints: [http://127.0.0.1:8003#teacher-b], modes: [1, 3]}
+        anchors:
+          base: http://127.0.0.1:8004
+    """
+    if not path.is_file():
+        raise RegistryError(f"registry file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except Exception as exc:  # yaml and json raise different types; both mean "unreadable"
+        raise RegistryError(f"registry file {path} is not valid {path.suffix or 'YAML'}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"registry file {path} must hold a mapping with 'teachers'")
+    specs: list[TeacherSpec] = []
+    for key, role in (("teachers", "teacher"), ("anchors", "anchor")):
+        entries = doc.get(key) or {}
+        if isinstance(entries, list):  # [{name: a, endpoints: [...]}, ...]
+            entries = {e.get("name"): e for e in entries if isinstance(e, dict)}
+        if not isinstance(entries, dict):
+            raise RegistryError(f"registry file {path}: '{key}' must be a mapping or a list")
+        specs += [spec_from_doc(str(n), d, role) for n, d in entries.items()]
+    policy = doc.get("policy")
+    return specs, policy
+
+
+def merge_specs(*groups: Iterable[TeacherSpec]) -> list[TeacherSpec]:
+    """Later groups override earlier ones by name; first appearance fixes the order."""
+    out: dict[str, TeacherSpec] = {}
+    for group in groups:
+        for spec in group:
+            out[spec.name] = spec
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery: contact the endpoints, read metadata, check digests.
+
+
+def _centers_from(params: dict[str, Any]) -> torch.Tensor | None:
+    raw = params.get("mode_centers")
+    if isinstance(raw, str):  # servers restricted to scalar parameters may send JSON text
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            return None
+    if not raw:
+        return None
+    try:
+        c = torch.tensor(raw, dtype=torch.float32)
+    except (TypeError, ValueError):
+        return None
+    return c if c.dim() == 2 and c.shape[0] > 0 else None
+
+
+def _modes_from(params: dict[str, Any]) -> list[int]:
+    raw = params.get("modes")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            return []
+    return [int(m) for m in raw] if isinstance(raw, list) else []
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("error", resp.text))[:300]
+    except (ValueError, AttributeError):
+        return resp.text[:300]
+
+
+@dataclass
+class _Discovered:
+    replica: Replica
+    modes: list[int]
+    centers: torch.Tensor | None
+
+
+async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float) -> _Discovered:
+    """Resolve the model name (repository index when not given) and read its metadata.
+
+    Raises:
+        RegistryError: unreachable, not an OIP v2 server, or an ambiguous repository.
+    """
+    try:
+        model = endpoint.model
+        if model is None:
+            resp = await client.post(f"{endpoint.url}/v2/repository/index", json={}, timeout=timeout)
+            if resp.status_code != 200:
+                raise RegistryError(f"{endpoint.url}: POST /v2/repository/index answered "
+                                    f"{resp.status_code} ({_error_text(resp)}); name the model "
+                                    "with URL#MODEL")
+            entries = resp.json()
+            names = [e.get("name") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+            if len(names) != 1:
+                raise RegistryError(f"{endpoint.url} serves {len(names)} models ({', '.join(map(str, names))}); "
+                                    "name the one to use with URL#MODEL")
+            model = names[0]
+        resp = await client.get(f"{endpoint.url}/v2/models/{model}", timeout=timeout)
+        if resp.status_code != 200:
+            raise RegistryError(f"{endpoint.url}: model {model!r} metadata answered {resp.status_code} "
+                                f"({_error_text(resp)})")
+        meta = resp.json()
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"{endpoint}: unreachable ({type(exc).__name__}: {exc or 'no detail'})") from None
+    except ValueError as exc:  # JSON decode
+        raise RegistryError(f"{endpoint}: not an OIP v2 server (bad JSON: {exc})") from None
+    params = meta.get("parameters") or {} if isinstance(meta, dict) else {}
+    version = params.get("version") or (meta.get("versions") or [None])[-1]
+    digest = params.get("digest")
+    replica = Replica(Endpoint(endpoint.url, model), str(version) if version is not None else None,
+                      str(digest) if digest else None)
+    return _Discovered(replica, _modes_from(params), _centers_from(params))
+
+
+async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: float) -> Teacher:
+    """Contact every endpoint of ``spec`` concurrently and build the teacher.
+
+    Unreachable replicas join ejected (the health checker admits them once they answer with the
+    same digest); at least one must answer.
+
+    Raises:
+        RegistryError: no replica answered, or two replicas serve different digests.
+    """
+    found = await asyncio.gather(*(discover(client, e, timeout) for e in spec.endpoints),
+                                 return_exceptions=True)
+    for f in found:
+        if isinstance(f, BaseException) and not isinstance(f, RegistryError):
+            raise f
+    ok = [f for f in found if isinstance(f, _Discovered)]
+    if not ok:
+        causes = "; ".join(str(f) for f in found)
+        raise RegistryError(f"teacher {spec.name!r}: no replica answered: {causes}")
+    ref = ok[0]
+    for other in ok[1:]:
+        if other.replica.digest != ref.replica.digest:
+            raise RegistryError(
+                f"teacher {spec.name!r}: replica {other.replica.endpoint} serves checkpoint digest "
+                f"{other.replica.digest} but replica {ref.replica.endpoint} serves "
+                f"{ref.replica.digest}; replicas of one teacher must serve the same checkpoint")
+    replicas = []
+    for e, f in zip(spec.endpoints, found, strict=True):
+        if isinstance(f, _Discovered):
+            replicas.append(f.replica)
+        else:
+            r = Replica(Endpoint(e.url, e.model or ref.replica.endpoint.model))
+            r.eject(f"not reachable at registration: {f}")
+            replicas.append(r)
+    if spec.centers is not None:
+        centers = torch.tensor(spec.centers, dtype=torch.float32)
+    elif spec.modes is not None:
+        centers = centers_of(spec.modes)
+    else:
+        centers = ref.centers
+    modes = list(spec.modes) if spec.modes is not None else ref.modes
+    return Teacher(spec.name, replicas, spec.role, ref.replica.digest, modes, centers)
+
+
+async def build_registry(client: httpx.AsyncClient, specs: Sequence[TeacherSpec], policy: str,
+                         timeout: float) -> Registry:
+    """Discover every teacher concurrently and check the result against ``policy``."""
+    teachers = await asyncio.gather(*(build_teacher(client, s, timeout) for s in specs))
+    reg = Registry(tuple(t for t in teachers if t.role == "teacher"),
+                   tuple(t for t in teachers if t.role == "anchor"), policy)
+    reg.check()
+    return reg
