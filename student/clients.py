@@ -49,6 +49,18 @@ class Answer:
 
 
 @dataclass
+class RequestSpan:
+    """One request as the client saw it (``perf_counter`` seconds) and as the server reported it."""
+
+    start: float
+    end: float
+    states: int
+    server_queue_s: float = 0.0
+    server_compute_s: float = 0.0
+    server_total_s: float = 0.0  # the answering service's own wall time for the request
+
+
+@dataclass
 class QueryCost:
     """What the answers of one :meth:`TeacherClient.collect` cost. Zero where it does not apply."""
 
@@ -59,7 +71,13 @@ class QueryCost:
     latency_s: float = 0.0  # sum over requests of submit → answer
     server_queue_s: float = 0.0  # as the servers report it
     server_compute_s: float = 0.0  # teacher forward time (in-process: the forward itself)
+    transport_s: float = 0.0  # latency minus the server's own time: wire + (de)serialisation
     versions: dict[str, str] = field(default_factory=dict)
+    spans: list[RequestSpan] = field(default_factory=list)
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teachers could not be reached within the retry budget; the message names the endpoint."""
 
 
 class TeacherClient(ABC):

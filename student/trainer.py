@@ -2,7 +2,8 @@
 
 Each optimizer step: (1) plan which rollout states to query, (2) roll out the student without
 grad, handing each queried state to the teacher client as soon as it exists, (3) wait for the
-teachers' answers, (4) regress the student toward them with one Adam step, (5) account.
+teachers' answers, (4) regress the student toward them with one Adam step, (5) account, and
+every ``checkpoint_every`` steps save everything a resumed run needs.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import torch
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointMeta, TeacherRef, save_model
+from common.checkpoint import CheckpointError, CheckpointMeta, TeacherRef, save_model
 from common.nets import VelocityNet
-from student.clients import TeacherClient
+from student.clients import TeacherClient, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.methods import METHODS
 from student.report import RunTotals, build_report, plot_samples, write_json
 from student.rollout import rollout
+from student.state import TrainState, load_state, save_state
+from student.trace import Tracer
+
+#: Settings a resumed run must share with the run it continues (``steps`` may grow).
+RESUME_KEYS = ("method", "teachers", "supervise", "seed", "batch", "rollout_steps", "lr")
 
 
 class TrainConfig(BaseModel):
@@ -40,19 +46,30 @@ class TrainConfig(BaseModel):
     eval_samples: int = Field(EVAL_SAMPLES, ge=1)
     eval_steps: int = Field(EVAL_STEPS, ge=1)
     eval_seed: int = EVAL_SEED
+    checkpoint_every: int = Field(0, ge=0, description="0 = only on failure")
+    trace_steps: int = Field(200, ge=0, description="steps recorded in trace.json")
 
 
-def _cat_answers(answers, attr: str) -> torch.Tensor | None:
+class TrainingAborted(RuntimeError):
+    """The run stopped early (teachers unreachable); a checkpoint was written to resume from."""
+
+
+def _cat(answers, attr: str) -> torch.Tensor | None:
     parts = [getattr(a, attr) for a in answers]
     return None if any(p is None for p in parts) else torch.cat(parts)
 
 
 def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: str | Path,
-          base_meta: CheckpointMeta | None = None, progress: bool = True) -> dict[str, Any]:
+          base_meta: CheckpointMeta | None = None, progress: bool = True,
+          resume: bool = False) -> dict[str, Any]:
     """Run ``cfg.steps`` OPD steps on ``student`` supervised through ``client``; write the run.
 
-    Writes ``out/report.json``, ``out/steps.jsonl``, ``out/student.safetensors``, ``out/samples.png``.
-    Returns the report.
+    Writes ``out/report.json``, ``steps.jsonl``, ``trace.json``, ``student.safetensors``,
+    ``samples.png`` (and ``checkpoint.safetensors`` every ``checkpoint_every`` steps).
+
+    Raises:
+        TrainingAborted: the teachers stayed unreachable; the state at the last completed step
+            was saved, and ``resume=True`` continues from it.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,20 +83,40 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
     params_before = torch.cat([p.detach().flatten() for p in student.parameters()]).clone()
     totals = RunTotals()
     versions_seen: dict[str, set[str]] = {}
-    wall0 = time.perf_counter()
+    start_step = 0
+    if resume:
+        state = load_state(out, student, opt)
+        mismatch = [k for k in RESUME_KEYS if state.config.get(k) != cfg.model_dump()[k]]
+        if mismatch:
+            raise CheckpointError(f"--resume: the run in {out} differs in {', '.join(mismatch)}; "
+                                  "resume with the same settings or pick a new --out")
+        start_step, versions_seen = state.step, {k: set(v) for k, v in state.versions_seen.items()}
+        totals.add(state.totals["counts"], state.totals["timings_s"])
+        params_before = state.params_init
+    wall0 = time.perf_counter() - totals.timings_s["wall"]
+    tracer = Tracer(origin=time.perf_counter(), max_steps=cfg.trace_steps)
 
-    steps_log = (out / "steps.jsonl").open("w")
-    bar = tqdm(range(cfg.steps), desc=f"{cfg.method}/{cfg.backend}", disable=not progress,
-               mininterval=0.5)
+    def checkpoint(step: int) -> Path:
+        totals.timings_s["wall"] = time.perf_counter() - wall0
+        return save_state(out, TrainState(step, {"counts": totals.counts, "timings_s": totals.timings_s},
+                                          {k: sorted(v) for k, v in versions_seen.items()},
+                                          cfg.model_dump(), params_before), student, opt)
+
+    steps_log = _open_steps_log(out / "steps.jsonl", keep=start_step)
+    bar = tqdm(range(start_step, cfg.steps), desc=f"{cfg.method}/{cfg.backend}", disable=not progress,
+               mininterval=0.5, initial=start_step, total=cfg.steps)
     try:
         for step in bar:
             t0 = time.perf_counter()
             # 1. plan: which rollout indices to query (DanceOPD draws its index before the rollout)
             plan = method.plan(n)
             wanted = set(plan)
+            marks: list[float] = []
 
             # 2. rollout without grad, streaming each queried state to the teachers right away
-            def on_state(i: int, x_i: torch.Tensor, t_i: float, wanted: set[int] = wanted) -> None:
+            def on_state(i: int, x_i: torch.Tensor, t_i: float, wanted: set[int] = wanted,
+                         marks: list[float] = marks) -> None:
+                marks.append(time.perf_counter())
                 if i in wanted:
                     client.submit(x_i, torch.full((b,), t_i))
 
@@ -87,15 +124,19 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
             t1 = time.perf_counter()
 
             # 3. wait for every answer (only this wait is exposed; the rest overlapped the rollout)
-            answers, cost = client.collect()
+            try:
+                answers, cost = client.collect()
+            except TeacherUnavailable as exc:
+                path = checkpoint(step)
+                raise TrainingAborted(f"{exc}\nstopped after {step} of {cfg.steps} steps; state saved "
+                                      f"to {path}; rerun with --resume to continue") from exc
             t2 = time.perf_counter()
 
             # 4. update: regress the student toward the teachers at the states it visited
             xs = states[plan].reshape(-1, d)
             ts = torch.cat([torch.full((b,), 1.0 - i / n) for i in plan])
-            v_teacher = _cat_answers(answers, "v")
-            v_anchor = _cat_answers(answers, "v_anchor") if method.uses_anchor else None
-            loss = method.loss(student(xs, ts), ts, v_teacher, v_anchor)
+            v_anchor = _cat(answers, "v_anchor") if method.uses_anchor else None
+            loss = method.loss(student(xs, ts), ts, _cat(answers, "v"), v_anchor)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -111,11 +152,16 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
             for name, version in cost.versions.items():
                 versions_seen.setdefault(name, set()).add(version)
             steps_log.write(json.dumps({
-                "step": step, "loss": loss_value, "query_index": plan if len(plan) == 1 else None,
-                **counts, "server_queue_s": round(cost.server_queue_s, 6),
-                **{f"{k}_s": round(v, 6) for k, v in timings.items()},
+                "step": step, "loss": loss_value, "query_index": plan[0] if len(plan) == 1 else None,
+                **counts, **{f"{k}_s": round(v, 6) for k, v in timings.items()},
+                "server_queue_s": round(cost.server_queue_s, 6), "transport_s": round(cost.transport_s, 6),
                 "versions": cost.versions,
             }) + "\n")
+            if tracer.wants(step):
+                _trace_step(tracer, step, t0, marks, t1, t2, t3, cost)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                steps_log.flush()
+                checkpoint(step + 1)
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 elapsed = time.perf_counter() - wall0
                 bar.set_postfix(loss=f"{loss_value:.4f}",
@@ -124,22 +170,49 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
     finally:
         steps_log.close()
         bar.close()
+        tracer.write(out / "trace.json")
     totals.timings_s["wall"] = time.perf_counter() - wall0
+    return _finish(cfg, student, client, out, totals, versions_seen, params_before, base_meta)
 
-    # evaluation, checkpoint and report
+
+def _open_steps_log(path: Path, keep: int):
+    """Open steps.jsonl for appending, keeping only the first ``keep`` lines (a resumed run's)."""
+    lines = path.read_text().splitlines(keepends=True)[:keep] if keep and path.exists() else []
+    path.write_text("".join(lines))
+    return path.open("a")
+
+
+def _trace_step(tracer: Tracer, step: int, t0: float, marks: list[float], t1: float, t2: float,
+                t3: float, cost) -> None:
+    bounds = [*marks, t1]
+    for i in range(len(marks)):
+        tracer.span(f"rollout {i}", "trainer", bounds[i], bounds[i + 1], step=step)
+    tracer.span("wait for teachers", "trainer", t1, t2, step=step)
+    tracer.span("update", "trainer", t2, t3, step=step)
+    for k, s in enumerate(cost.spans):
+        track = f"request {k}"
+        tracer.span(f"request ({s.states} states)", track, s.start, s.end, step=step,
+                    queue_ms=round(s.server_queue_s * 1e3, 3), compute_ms=round(s.server_compute_s * 1e3, 3))
+        if s.server_compute_s:  # the server does not say when; drawn ending with the request
+            tracer.span("server compute", track, s.end - s.server_compute_s, s.end, step=step)
+
+
+def _finish(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: Path, totals: RunTotals,
+            versions_seen: dict[str, set[str]], params_before: torch.Tensor,
+            base_meta: CheckpointMeta | None) -> dict[str, Any]:
+    """Evaluate, save the student and write report.json and samples.png."""
     student.eval().requires_grad_(False)
     params_after = torch.cat([p.detach().flatten() for p in student.parameters()])
     t_eval = time.perf_counter()
     teacher_modes = [info.modes for info in client.teachers]
     metrics, samples = evaluate(student, teacher_modes, cfg.eval_samples, cfg.eval_steps, cfg.eval_seed)
     totals.timings_s["eval"] = time.perf_counter() - t_eval
-
-    refs = [TeacherRef(name=i.name, digest=i.digest, version=",".join(sorted(versions_seen.get(i.name, {i.version}))))
+    refs = [TeacherRef(name=i.name, digest=i.digest,
+                       version=",".join(sorted(versions_seen.get(i.name, {i.version}))))
             for i in [*client.teachers, *([client.anchor] if client.anchor else [])]]
     modes = sorted({m for ms in teacher_modes for m in ms})
     meta = save_model(out / "student.safetensors", student, CheckpointMeta(
-        name=out.name, role="student", modes=modes,
-        mode_centers=[], seed=cfg.seed, steps=cfg.steps, teachers=refs,
+        name=out.name, role="student", modes=modes, seed=cfg.seed, steps=cfg.steps, teachers=refs,
         training={"method": cfg.method, "supervise": cfg.supervise, "backend": cfg.backend,
                   "lr": cfg.lr, "batch": cfg.batch, "rollout_steps": cfg.rollout_steps,
                   "init": base_meta.digest if base_meta else None},
@@ -147,12 +220,12 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
     report = build_report(
         method=cfg.method, teachers=[i.name for i in client.teachers], supervise=cfg.supervise,
         backend=cfg.backend, steps=cfg.steps, seed=cfg.seed, metrics=metrics, totals=totals,
-        extra={"method_title": method.title, "student_digest": meta.digest,
+        extra={"method_title": METHODS[cfg.method].title, "student_digest": meta.digest,
                "teacher_refs": [r.model_dump() for r in refs],
                "param_change_l2": float((params_after - params_before).norm()),
                "config": cfg.model_dump()},
     )
     write_json(out / "report.json", report)
     plot_samples(out / "samples.png", samples, modes,
-                 f"{method.title} ({'+'.join(report['teachers'])}, {cfg.supervise}, {cfg.steps} steps)")
+                 f"{METHODS[cfg.method].title} ({'+'.join(report['teachers'])}, {cfg.supervise}, {cfg.steps} steps)")
     return report
