@@ -1,0 +1,144 @@
+"""Teacher throughput benchmark: states/s per request size, in-process vs over HTTP.
+
+    python -m services.teacher.bench [--checkpoint models/teacher-a.safetensors] [--ray]
+
+Measures, for 128, 1,536 and 16,384 states per request: the in-process forward, the uvicorn
+teacher with binary tensors and with JSON tensors, and (``--ray``) the Ray Serve deployment, all
+with the same torch thread count. HTTP clients keep ``--concurrency`` requests in flight. Not a
+test: it asserts nothing and prints a table (and ``--out`` JSON) for docs/teacher-service.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from common.checkpoint import read_model
+from common.codec import HEADER_LENGTH, decode_response, encode_request
+from common.procs import start_service
+
+SIZES = (128, 1536, 16384)
+
+
+def rate(fn: Callable[[], None], states: int, min_s: float, concurrency: int = 1) -> float:
+    """states/s of calling ``fn`` (``concurrency`` callers at once) for at least ``min_s``."""
+    for _ in range(3):
+        fn()  # warm-up: connections, allocator, lazy init
+    count = 0
+    start = time.perf_counter()
+
+    def loop() -> int:
+        n = 0
+        while time.perf_counter() - start < min_s:
+            fn()
+            n += 1
+        return n
+
+    if concurrency == 1:
+        count = loop()
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            count = sum(pool.map(lambda _: loop(), range(concurrency)))
+    return count * states / (time.perf_counter() - start)
+
+
+def inputs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(n)
+    return rng.normal(size=(n, 2)).astype(np.float32), rng.uniform(size=n).astype(np.float32)
+
+
+def in_process(checkpoint: Path, n: int, min_s: float) -> float:
+    net, _ = read_model(checkpoint)
+    x, t = (torch.from_numpy(a) for a in inputs(n))
+
+    def call() -> None:
+        with torch.inference_mode():
+            net(x, t)
+
+    return rate(call, n, min_s)
+
+
+def nodelay_client(connections: int = 1) -> httpx.Client:
+    """An httpx client with TCP_NODELAY: httpx writes headers and body separately, and without
+    NODELAY the body waits for the server's delayed ACK (~40 ms per request on Linux)."""
+    transport = httpx.HTTPTransport(
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        limits=httpx.Limits(max_connections=connections))
+    return httpx.Client(transport=transport, timeout=60)
+
+
+def over_http(url: str, model: str, n: int, binary: bool, min_s: float, concurrency: int) -> float:
+    x, t = inputs(n)
+    body, headers = encode_request({"x": x, "t": t}, binary=binary)
+    if not binary:  # JSON both ways: ask for a JSON output too
+        body, headers = encode_request({"x": x, "t": t}, binary=False, outputs=["v"])
+    client = nodelay_client(concurrency)
+    endpoint = f"{url}/v2/models/{model}/infer"
+
+    def call() -> None:
+        r = client.post(endpoint, content=body, headers=headers)
+        r.raise_for_status()
+        v = decode_response(r.content, r.headers.get(HEADER_LENGTH)).tensors["v"]
+        assert v.shape == (n, 2)
+
+    try:
+        return rate(call, n, min_s, concurrency)
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.teacher.bench", description=__doc__)
+    p.add_argument("--checkpoint", type=Path, default=Path("models/teacher-a.safetensors"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and servers")
+    p.add_argument("--concurrency", type=int, default=1, help="HTTP requests in flight")
+    p.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell")
+    p.add_argument("--ray", action="store_true", help="also measure the Ray Serve deployment")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    results: dict[str, dict[int, float]] = {"in-process": {}, "uvicorn binary": {},
+                                            "uvicorn JSON": {}}
+    for n in SIZES:
+        results["in-process"][n] = in_process(a.checkpoint, n, a.seconds)
+    model = a.checkpoint.stem
+    svc = start_service([sys.executable, "-m", "common.cli", "serve", "teacher", "--checkpoint",
+                         str(a.checkpoint), "--port", "0", "--threads", str(a.threads)])
+    try:
+        for n in SIZES:
+            results["uvicorn binary"][n] = over_http(svc.url, model, n, True, a.seconds, a.concurrency)
+            results["uvicorn JSON"][n] = over_http(svc.url, model, n, False, a.seconds, a.concurrency)
+    finally:
+        svc.stop()
+    if a.ray:
+        from services.teacher.ray_deployment import local_ray_teacher
+
+        with local_ray_teacher(a.checkpoint, threads=a.threads) as url:
+            results["Ray Serve binary"] = {
+                n: over_http(url, model, n, True, a.seconds, a.concurrency) for n in SIZES}
+    print(f"# states/s (torch threads={a.threads}, HTTP concurrency={a.concurrency}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    print(f"{'backend':<18}" + "".join(f"{n:>14,}" for n in SIZES))
+    for name, row in results.items():
+        print(f"{name:<18}" + "".join(f"{row[n]:>14,.0f}" for n in SIZES))
+    ratio = results["uvicorn binary"][1536] / results["in-process"][1536]
+    print(f"uvicorn binary / in-process at 1,536 states: {ratio:.2f} (target >= 0.75)")
+    if a.out:
+        a.out.write_text(json.dumps({"threads": a.threads, "concurrency": a.concurrency,
+                                     "states_per_s": results, "ratio_1536": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
