@@ -18,7 +18,7 @@ from common.procs import announce_url
 from services.router.app import create_app, specs_from_settings
 from services.router.registry import RegistryError, build_registry
 from services.router.settings import RouterSettings
-from services.teacher.command import bind_socket, url_of
+from services.teacher.command import GracefulServer, bind_socket, url_of
 
 
 async def serve(settings: RouterSettings) -> None:
@@ -34,7 +34,7 @@ async def serve(settings: RouterSettings) -> None:
     sock = bind_socket(settings.host, settings.port)
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False,
                             timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    server = GracefulServer(config)  # SIGTERM → drain → exit 0
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
