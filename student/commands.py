@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -12,12 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.checkpoint import read_model
 from common.cli import Command, UsageError
-from student.clients import LocalTeacherClient, TeacherClient, TeacherInfo
+from student.clients import LocalTeacherClient, TeacherClient, TeacherInfo, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.models import BASE_NAME, load_named, parse_names
 from student.pretrain import pretrain_all
 from student.report import RunTotals, build_report, plot_samples, write_json
-from student.trainer import TrainConfig, train
+from student.trainer import TrainConfig, TrainingAborted, train
 
 
 class PretrainSettings(BaseSettings):
@@ -43,7 +44,15 @@ class TrainSettings(BaseSettings):
     supervise: Literal["router", "average"] = Field("router", description="routed teacher or mean of all")
     steps: int = Field(1500, ge=1, description="optimizer steps")
     seed: int = Field(123, description="run seed (rollout noise, DanceOPD indices)")
-    backend: Literal["local"] = Field("local", description="where teachers run")
+    backend: Literal["local", "http"] = Field("local", description="local: in-process teachers; http: through a router")
+    router_url: str | None = Field(None, description="router base URL for --backend http (uvicorn or Ray Serve route)")
+    stream_chunk: int = Field(1, ge=1, description="queried rollout steps per request (http)")
+    max_in_flight: int = Field(8, ge=1, description="requests in flight at once (http)")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-attempt request timeout (http)")
+    retries: int = Field(5, ge=0, description="retries of a failed request, with backoff (http)")
+    checkpoint_every: int = Field(100, ge=0, description="save resumable state every N steps (0: never)")
+    resume: bool = Field(False, description="continue the run in --out from its checkpoint")
+    trace_steps: int = Field(200, ge=0, description="steps recorded in trace.json")
     models: Path = Field(Path("models"), description="directory of pretrained checkpoints")
     out: Path = Field(description="run directory (report.json, student.safetensors, samples.png)")
     batch: int = Field(128, ge=1, description="rollout batch")
@@ -67,6 +76,24 @@ def local_client(models: Path, teachers: list[str], supervise: str, anchor: bool
                               anchor=anchor_pair)
 
 
+def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
+    """The teacher client the settings ask for."""
+    anchor = s.method == "flowopd"
+    if s.backend == "local":
+        return local_client(s.models, teachers, s.supervise, anchor)
+    if not s.router_url:
+        raise UsageError("--backend http needs --router-url (e.g. http://127.0.0.1:8000)")
+    from student.remote import HttpTeacherClient
+
+    try:
+        return HttpTeacherClient(s.router_url, teachers, anchor=anchor,
+                                 policy="average" if s.supervise == "average" else None,
+                                 stream_chunk=s.stream_chunk, max_in_flight=s.max_in_flight,
+                                 timeout_s=s.request_timeout_s, retries=s.retries)
+    except (ValueError, TeacherUnavailable) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def run_train(s: TrainSettings) -> int:
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -75,10 +102,16 @@ def run_train(s: TrainSettings) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     cfg = TrainConfig(method=s.method, teachers=teachers, supervise=s.supervise, backend=s.backend,
-                      steps=s.steps, seed=s.seed, batch=s.batch, rollout_steps=s.rollout_steps, lr=s.lr)
+                      steps=s.steps, seed=s.seed, batch=s.batch, rollout_steps=s.rollout_steps, lr=s.lr,
+                      checkpoint_every=s.checkpoint_every, trace_steps=s.trace_steps)
     student, base_meta = load_named(s.models, BASE_NAME)
-    with local_client(s.models, teachers, s.supervise, anchor=s.method == "flowopd") as client:
-        report = train(cfg, student, client, s.out, base_meta=base_meta, progress=s.progress)
+    with make_client(s, teachers) as client:
+        try:
+            report = train(cfg, student, client, s.out, base_meta=base_meta, progress=s.progress,
+                           resume=s.resume)
+        except TrainingAborted as exc:
+            sys.stderr.write(f"opd train: {exc}\n")
+            return 1
     print(json.dumps({"out": str(s.out), **report["metrics"], "wall_s": report["timings_s"]["wall"]}))
     return 0
 

@@ -1,0 +1,202 @@
+"""The trainer's client for served teachers: OIP v2 over HTTP to the router, binary tensors.
+
+States are sent as soon as the rollout produces them (every ``stream_chunk`` queried rollout
+steps make one request), several requests are in flight at once, and :meth:`collect` waits for
+them before the loss. The HTTP work runs on an asyncio loop in a background thread, so the
+rollout never waits on the network; only the wait in :meth:`collect` is exposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import torch
+
+from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
+from student.clients import (
+    Answer,
+    QueryCost,
+    RequestSpan,
+    TeacherClient,
+    TeacherInfo,
+    TeacherUnavailable,
+)
+
+ROUTER_MODEL = "opd-router"
+# Decoded binary outputs are read-only views of the response body; the trainer only reads them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+#: Statuses worth another attempt: the request is idempotent and the cause may pass.
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+RETRY_ERRORS = (httpx.TransportError,)  # connect/read/write errors, timeouts, protocol errors
+
+
+class TeacherRequestError(RuntimeError):
+    """The router refused a request for a reason retrying will not fix (a 4xx: a bug of ours)."""
+
+
+@dataclass
+class _Reply:
+    v: np.ndarray
+    teacher: np.ndarray
+    v_anchor: np.ndarray | None
+    span: RequestSpan
+    sent: int
+    received: int
+    versions: dict[str, str]
+
+
+def fetch_registry(router_url: str, timeout_s: float = 10.0) -> tuple[list[TeacherInfo], list[TeacherInfo]]:
+    """Teachers (in the router's index order) and anchors from ``GET /v1/teachers``."""
+    try:
+        doc = httpx.get(f"{router_url}/v1/teachers", timeout=timeout_s).raise_for_status().json()
+    except httpx.HTTPError as exc:
+        raise TeacherUnavailable(f"router {router_url} is unreachable: {exc}") from exc
+
+    def info(entry: dict) -> TeacherInfo:
+        centers = entry.get("mode_centers")
+        return TeacherInfo(entry["name"], entry.get("digest") or "", str(entry.get("version") or ""),
+                           list(entry.get("modes") or []),
+                           torch.tensor(centers, dtype=torch.float32) if centers else None)
+
+    return [info(e) for e in doc.get("teachers", [])], [info(e) for e in doc.get("anchors", [])]
+
+
+class HttpTeacherClient(TeacherClient):
+    """Teachers behind an ``opd-router`` (uvicorn or Ray Serve) at ``router_url``."""
+
+    def __init__(self, router_url: str, teachers: list[str], anchor: bool = False,
+                 policy: str | None = None, stream_chunk: int = 1, max_in_flight: int = 8,
+                 timeout_s: float = 30.0, retries: int = 5, backoff_s: float = 0.2) -> None:
+        self.url = router_url.rstrip("/")
+        self.endpoint = f"{self.url}/v2/models/{ROUTER_MODEL}/infer"
+        served, anchors = fetch_registry(self.url)
+        names = [t.name for t in served]
+        if names != teachers:
+            raise ValueError(f"the router at {self.url} serves teachers {names}, the run asks for "
+                             f"{teachers}; register the same teachers in the same order")
+        if anchor and not anchors:
+            raise ValueError(f"the method needs an anchor, but the router at {self.url} has none "
+                             "(start it with --anchor base=URL)")
+        self.teachers = served
+        self.anchor = anchors[0] if anchor else None
+        self.policy, self.stream_chunk = policy, max(1, stream_chunk)
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self._outputs = ["v", "teacher"] + (["v_anchor"] if anchor else [])
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._inflight: list[concurrent.futures.Future] = []
+        self._slots = threading.Semaphore(max_in_flight)  # bounds requests in flight
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="opd-http", daemon=True)
+        self._thread.start()
+        limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+        self._http = self._run(self._make_client(limits))
+
+    async def _make_client(self, limits: httpx.Limits) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=self.timeout_s, limits=limits)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    # -- the TeacherClient interface -------------------------------------------------------
+    def submit(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self._buffer.append((x, t))
+        if len(self._buffer) >= self.stream_chunk:
+            self._flush()
+
+    def collect(self) -> tuple[list[Answer], QueryCost]:
+        self._flush()
+        pending, self._inflight = self._inflight, []
+        cost = QueryCost()
+        answers: list[Answer] = []
+        error: BaseException | None = None
+        for fut in pending:  # wait for all, even after a failure, so none is left running
+            try:
+                reply, sizes = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                error = error or exc
+                continue
+            s = reply.span
+            cost.states += s.states
+            cost.requests += 1
+            cost.bytes_sent += reply.sent
+            cost.bytes_received += reply.received
+            cost.latency_s += s.end - s.start
+            cost.server_queue_s += s.server_queue_s
+            cost.server_compute_s += s.server_compute_s
+            cost.transport_s += max(0.0, s.end - s.start - s.server_total_s)
+            cost.versions.update(reply.versions)
+            cost.spans.append(s)
+            v, k = torch.from_numpy(reply.v), torch.from_numpy(reply.teacher)
+            va = torch.from_numpy(reply.v_anchor) if reply.v_anchor is not None else None
+            for i, (vi, ki) in enumerate(zip(v.split(sizes), k.split(sizes), strict=True)):
+                answers.append(Answer(vi, ki, None if va is None else va.split(sizes)[i]))
+        if error is not None:
+            raise error
+        return answers, cost
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._http.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    # -- sending -------------------------------------------------------------------------
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        chunk, self._buffer = self._buffer, []
+        sizes = [x.shape[0] for x, _ in chunk]
+        x = torch.cat([c[0] for c in chunk]) if len(chunk) > 1 else chunk[0][0]
+        t = torch.cat([c[1] for c in chunk]) if len(chunk) > 1 else chunk[0][1]
+        params = {"policy": self.policy} if self.policy else None
+        # Encoding copies the states into the body here, in the trainer thread, so the rollout
+        # may go on writing its own buffers while the request is in flight.
+        body, headers = encode_request({"x": x.numpy(), "t": t.numpy()}, outputs=self._outputs,
+                                       binary=True, parameters=params)
+        self._slots.acquire()
+        fut = asyncio.run_coroutine_threadsafe(self._post(body, headers, sum(sizes), sizes), self._loop)
+        fut.add_done_callback(lambda _: self._slots.release())
+        self._inflight.append(fut)
+
+    async def _post(self, body: bytes, headers: dict[str, str], states: int, sizes: list[int]):
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(min(self.backoff_s * 2 ** (attempt - 1), 5.0))
+            start = time.perf_counter()
+            try:
+                r = await self._http.post(self.endpoint, content=body, headers=headers)
+            except RETRY_ERRORS as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            end = time.perf_counter()
+            if r.status_code in RETRY_STATUSES:
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+                continue
+            if r.status_code != 200:
+                raise TeacherRequestError(f"{self.endpoint} answered HTTP {r.status_code}: {r.text[:500]}")
+            return self._decode(r, body, states, start, end), sizes
+        raise TeacherUnavailable(f"teachers unreachable through {self.endpoint} after "
+                                 f"{self.retries + 1} attempts; last error: {last}")
+
+    def _decode(self, r: httpx.Response, body: bytes, states: int, start: float, end: float) -> _Reply:
+        try:
+            msg = decode_response(r.content, r.headers.get(HEADER_LENGTH))
+        except CodecError as exc:
+            raise TeacherRequestError(f"{self.endpoint} sent an unreadable answer: {exc}") from exc
+        p = msg.parameters
+        names = [*(str(p.get("teachers") or "").split(",")), *([self.anchor.name] if self.anchor else [])]
+        versions = {n: str(p[f"{n}.version"]) for n in names if n and f"{n}.version" in p}
+        server_ms = float(p.get("route_ms", 0.0)) + float(p.get("fanout_ms", 0.0))
+        span = RequestSpan(start, end, states, float(p.get("queue_ms", 0.0)) / 1e3,
+                           float(p.get("compute_ms", 0.0)) / 1e3, server_ms / 1e3)
+        return _Reply(np.asarray(msg.tensors["v"]), np.asarray(msg.tensors["teacher"]),
+                      np.asarray(msg.tensors["v_anchor"]) if "v_anchor" in msg.tensors else None,
+                      span, len(body), len(r.content), versions)
