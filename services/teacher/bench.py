@@ -74,7 +74,8 @@ def nodelay_client(connections: int = 1) -> httpx.Client:
     NODELAY the body waits for the server's delayed ACK (~40 ms per request on Linux)."""
     transport = httpx.HTTPTransport(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        limits=httpx.Limits(max_connections=connections))
+        limits=httpx.Limits(max_connections=connections),
+    )
     return httpx.Client(transport=transport, timeout=60)
 
 
@@ -108,17 +109,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    results: dict[str, dict[int, float]] = {"in-process": {}, "uvicorn binary": {},
-                                            "uvicorn JSON": {}}
+    results: dict[str, dict[int, float]] = {
+        "in-process": {},
+        "uvicorn binary": {},
+        "uvicorn JSON": {},
+    }
     for n in SIZES:
         results["in-process"][n] = in_process(a.checkpoint, n, a.seconds)
     model = a.checkpoint.stem
-    svc = start_service([sys.executable, "-m", "common.cli", "serve", "teacher", "--checkpoint",
-                         str(a.checkpoint), "--port", "0", "--threads", str(a.threads)])
+    svc = start_service(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "serve",
+            "teacher",
+            "--checkpoint",
+            str(a.checkpoint),
+            "--port",
+            "0",
+            "--threads",
+            str(a.threads),
+        ]
+    )
     try:
         for n in SIZES:
-            results["uvicorn binary"][n] = over_http(svc.url, model, n, True, a.seconds, a.concurrency)
-            results["uvicorn JSON"][n] = over_http(svc.url, model, n, False, a.seconds, a.concurrency)
+            results["uvicorn binary"][n] = over_http(
+                svc.url, model, n, True, a.seconds, a.concurrency
+            )
+            results["uvicorn JSON"][n] = over_http(
+                svc.url, model, n, False, a.seconds, a.concurrency
+            )
     finally:
         svc.stop()
     if a.ray:
@@ -126,17 +147,29 @@ def main(argv: list[str] | None = None) -> int:
 
         with local_ray_teacher(a.checkpoint, threads=a.threads) as url:
             results["Ray Serve binary"] = {
-                n: over_http(url, model, n, True, a.seconds, a.concurrency) for n in SIZES}
-    print(f"# states/s (torch threads={a.threads}, HTTP concurrency={a.concurrency}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+                n: over_http(url, model, n, True, a.seconds, a.concurrency) for n in SIZES
+            }
+    print(
+        f"# states/s (torch threads={a.threads}, HTTP concurrency={a.concurrency}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"{'backend':<18}" + "".join(f"{n:>14,}" for n in SIZES))
     for name, row in results.items():
         print(f"{name:<18}" + "".join(f"{row[n]:>14,.0f}" for n in SIZES))
     ratio = results["uvicorn binary"][1536] / results["in-process"][1536]
     print(f"uvicorn binary / in-process at 1,536 states: {ratio:.2f} (target >= 0.75)")
     if a.out:
-        a.out.write_text(json.dumps({"threads": a.threads, "concurrency": a.concurrency,
-                                     "states_per_s": results, "ratio_1536": ratio}, indent=2))
+        a.out.write_text(
+            json.dumps(
+                {
+                    "threads": a.threads,
+                    "concurrency": a.concurrency,
+                    "states_per_s": results,
+                    "ratio_1536": ratio,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -26,7 +26,9 @@ class RaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_RAY_")
 
     config: Path = Field(Path("deploy/serve_config.yaml"), description="Ray Serve config file")
-    address: str | None = Field(None, description="Ray cluster address (default: start a local one)")
+    address: str | None = Field(
+        None, description="Ray cluster address (default: start a local one)"
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
     port: int | None = Field(None, ge=0, description="override http_options.port (0 = free port)")
     ready_timeout_s: float = Field(180.0, gt=0, description="how long to wait for RUNNING")
@@ -62,7 +64,9 @@ def wait_running(names: list[str], timeout_s: float) -> None:
     while True:
         apps = serve.status().applications
         states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
-        failed = {n: apps[n].message for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"}
+        failed = {
+            n: apps[n].message for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"
+        }
         if failed:
             raise UsageError(f"Serve applications failed to deploy: {failed}")
         if all(s == "RUNNING" for s in states.values()):
@@ -81,14 +85,20 @@ def run_ray(s: RaySettings) -> int:
     doc = load_config(s.config, s.port)
     schema = ServeDeploySchema.model_validate(doc)
     started_ray = not ray.is_initialized() and s.address is None
-    ray.init(address=s.address, num_cpus=s.num_cpus, include_dashboard=False,
-             namespace="serve", log_to_driver=False)
+    ray.init(
+        address=s.address,
+        num_cpus=s.num_cpus,
+        include_dashboard=False,
+        namespace="serve",
+        log_to_driver=False,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                       proxy_location=schema.proxy_location)
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+        )
         client.deploy_apps(schema, _blocking=False)
         wait_running([a.name for a in schema.applications], s.ready_timeout_s)
         announce_url(f"http://{doc['http_options']['host']}:{doc['http_options']['port']}")
@@ -100,4 +110,6 @@ def run_ray(s: RaySettings) -> int:
     return 0
 
 
-RAY = Command("deploy a Ray Serve config (teachers, router) and serve until stopped", RaySettings, run_ray)
+RAY = Command(
+    "deploy a Ray Serve config (teachers, router) and serve until stopped", RaySettings, run_ray
+)

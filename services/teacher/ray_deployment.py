@@ -76,8 +76,13 @@ class TeacherDeployment:
         self._batched.set_batch_wait_timeout_s(args.max_delay_ms / 1e3)
         # One forward thread per replica, so the replica's event loop keeps serving sockets.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
-        self.core = TeacherCore(self.repository, self._run, self.metrics,
-                                int(args.max_body_mb * 1024 * 1024), admin_token_from_env())
+        self.core = TeacherCore(
+            self.repository,
+            self._run,
+            self.metrics,
+            int(args.max_body_mb * 1024 * 1024),
+            admin_token_from_env(),
+        )
 
     def __serve_build_asgi_app__(self):
         return build_api(self.core)
@@ -92,7 +97,9 @@ class TeacherDeployment:
             current = self.repository.current
             if current is None or current.checkpoint.resolve() != path:
                 self.repository.load_now(path)
-                self.metrics.version.labels(self.repository.name).set(self.repository.current.version)
+                self.metrics.version.labels(self.repository.name).set(
+                    self.repository.current.version
+                )
 
     async def _run(self, model: LoadedModel, x: np.ndarray, t: np.ndarray) -> ForwardResult:
         """``v [B, D]``: requests over ``max_states`` go in pieces (``@serve.batch`` refuses
@@ -101,14 +108,24 @@ class TeacherDeployment:
         if n <= step:
             return await self._batched((model, x, t, time.perf_counter()))
         now = time.perf_counter()
-        parts = await asyncio.gather(*(self._batched((model, x[i:i + step], t[i:i + step], now))
-                                       for i in range(0, n, step)))
-        return ForwardResult(np.concatenate([p.v for p in parts]), model.version,
-                             max(p.queue_s for p in parts), sum(p.compute_s for p in parts),
-                             max(p.batch_states for p in parts), max(p.batch_requests for p in parts))
+        parts = await asyncio.gather(
+            *(
+                self._batched((model, x[i : i + step], t[i : i + step], now))
+                for i in range(0, n, step)
+            )
+        )
+        return ForwardResult(
+            np.concatenate([p.v for p in parts]),
+            model.version,
+            max(p.queue_s for p in parts),
+            sum(p.compute_s for p in parts),
+            max(p.batch_states for p in parts),
+            max(p.batch_requests for p in parts),
+        )
 
-    @serve.batch(max_batch_size=_DEFAULT_MAX_STATES, batch_wait_timeout_s=0.0,
-                 batch_size_fn=_states)
+    @serve.batch(
+        max_batch_size=_DEFAULT_MAX_STATES, batch_wait_timeout_s=0.0, batch_size_fn=_states
+    )
     async def _batched(self, items: list[tuple]) -> list[ForwardResult]:
         """Items ``(model, x [B_i, D], t [B_i], enqueued)`` → one forward per model snapshot."""
         loop = asyncio.get_running_loop()
@@ -127,8 +144,9 @@ class TeacherDeployment:
             for i in idx:
                 b = len(items[i][1])
                 queue_s.append(max(0.0, start - items[i][3]))
-                results[i] = ForwardResult(v[offset:offset + b], model.version, queue_s[-1],
-                                           compute, len(x), len(idx))
+                results[i] = ForwardResult(
+                    v[offset : offset + b], model.version, queue_s[-1], compute, len(x), len(idx)
+                )
                 offset += b
             self.metrics.observe_batch(len(x), len(idx), compute, queue_s)
         return results  # type: ignore[return-value]
@@ -157,8 +175,11 @@ def local_ray_teacher(checkpoint: Path, threads: int = 1, port: int = 0) -> Iter
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         name = checkpoint.stem
-        serve.run(app_builder({"checkpoint": str(checkpoint), "threads": threads}),
-                  name=name, route_prefix=f"/{name}")
+        serve.run(
+            app_builder({"checkpoint": str(checkpoint), "threads": threads}),
+            name=name,
+            route_prefix=f"/{name}",
+        )
         yield f"http://127.0.0.1:{port}/{name}"
     finally:
         with contextlib.suppress(Exception):

@@ -1,0 +1,91 @@
+"""deploy/serve_config.yaml on a real local Ray instance, started by ``opd serve ray``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from common.checkpoint import read_model
+from common.codec import HEADER_LENGTH, decode_response, encode_request
+from common.procs import start_service
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "ray-admin-token"
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_serve_config_on_local_ray_answers_v2_and_hot_swaps(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    doc = yaml.safe_load((REPO / "deploy/serve_config.yaml").read_text())
+    for app in doc["applications"]:  # same config, the test's checkpoints
+        name = Path(app["args"]["checkpoint"]).name
+        app["args"].update(checkpoint=str(tiny_models / name), model_root=str(tiny_models))
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    svc = start_service(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "serve",
+            "ray",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--num-cpus",
+            "2",
+        ],
+        timeout_s=240,
+        cwd=str(REPO),
+        env={"OPD_ADMIN_TOKEN": TOKEN},
+    )
+    try:
+        rng = np.random.default_rng(3)
+        x = (rng.normal(size=(500, 2)) * 3).astype(np.float32)
+        t = rng.uniform(size=500).astype(np.float32)
+        expected = {}
+        with httpx.Client(timeout=60) as client:
+            for app in doc["applications"]:
+                model, prefix = app["deployments"][0]["name"], app["route_prefix"]
+                net, meta = read_model(tiny_models / Path(app["args"]["checkpoint"]).name)
+                with torch.no_grad():
+                    expected[model] = net(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+                base = f"{svc.url}{prefix}"
+                assert client.get(f"{base}/v2/health/ready").status_code == 200
+                params = client.get(f"{base}/v2/models/{model}").json()["parameters"]
+                assert params["digest"] == meta.digest and params["modes"] == meta.modes
+                for binary in (True, False):
+                    body, headers = encode_request({"x": x, "t": t}, binary=binary, outputs=["v"])
+                    r = client.post(
+                        f"{base}/v2/models/{model}/infer", content=body, headers=headers
+                    )
+                    assert r.status_code == 200, r.text
+                    msg = decode_response(r.content, r.headers.get(HEADER_LENGTH))
+                    assert np.abs(msg.tensors["v"] - expected[model]).max() <= 1e-6
+                    assert msg.parameters["batch_size"] >= 500
+                bad = client.post(f"{base}/v2/models/{model}/infer", content=b"{nope")
+                assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+            # hot swap on Ray: teacher-a's application now serves teacher b's weights
+            base = f"{svc.url}/teacher-a"
+            r = client.post(
+                f"{base}/v2/repository/models/teacher-a/load",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                json={"parameters": {"checkpoint": "teacher-b.safetensors"}},
+            )
+            assert r.status_code == 200 and r.json()["version"] == "2", r.text
+            body, headers = encode_request({"x": x, "t": t})
+            r = client.post(f"{base}/v2/models/teacher-a/infer", content=body, headers=headers)
+            msg = decode_response(r.content, r.headers.get(HEADER_LENGTH))
+            assert msg.model_version == "2"
+            assert np.abs(msg.tensors["v"] - expected["teacher-b"]).max() <= 1e-6
+    finally:
+        assert svc.stop(grace_s=60) == 0, svc.output()
