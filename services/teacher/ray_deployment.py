@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from ray import serve
 from ray.serve import Application
 
 from services.teacher.app import TeacherCore, build_api
-from services.teacher.batcher import ForwardResult
+from services.teacher.batcher import ForwardResult, forward_executor
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.repository import LoadedModel, ModelRepository
 from services.teacher.settings import admin_token_from_env
@@ -75,7 +74,7 @@ class TeacherDeployment:
         self._batched.set_max_batch_size(args.max_batch_states)
         self._batched.set_batch_wait_timeout_s(args.max_delay_ms / 1e3)
         # One forward thread per replica, so the replica's event loop keeps serving sockets.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
+        self._executor = forward_executor(args.threads)
         self.core = TeacherCore(
             self.repository,
             self._run,
