@@ -11,11 +11,11 @@ from typing import Any
 
 from pydantic_settings import BaseSettings
 
-from common.settings import add_settings_arguments, settings_from_args
+# UsageError lives in common.settings: this module also runs as __main__ (python -m common.cli),
+# and a class defined here would then exist twice and escape the except clause below.
+from common.settings import UsageError, add_settings_arguments, settings_from_args
 
-
-class UsageError(Exception):
-    """A mistake of the caller's: printed as ``opd: error: ...`` with exit status 2."""
+__all__ = ["COMMANDS", "Command", "UsageError", "main"]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ from pydantic_settings import BaseSettings
 S = TypeVar("S", bound=BaseSettings)
 
 
+class UsageError(Exception):
+    """A mistake of the caller's: printed as ``opd CMD: error: ...`` with exit status 2."""
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

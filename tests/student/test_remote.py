@@ -1,0 +1,133 @@
+"""The trainer against real served teachers: a router and teacher processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.checkpoint import read_model
+from common.procs import start_service
+from services.cluster import start_cluster, teacher_cmd
+from student.commands import TrainSettings, run_train
+from student.models import checkpoint_path
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models):
+    with start_cluster(tiny_models) as c:
+        yield c
+
+
+def train(models, out, **kw) -> dict:
+    s = TrainSettings(models=models, out=out, progress=False, **kw)
+    assert run_train(s) == 0
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["diffusionopd", "flowopd", "danceopd"])
+def test_http_backend_equals_local(cluster, tiny_models, tmp_path, method):
+    kw = {"method": method, "steps": 12, "checkpoint_every": 0}
+    local = train(tiny_models, tmp_path / "local", **kw)
+    http = train(tiny_models, tmp_path / "http", backend="http", router_url=cluster.router_url,
+                 stream_chunk=3, **kw)
+    for key in ("avg_target_logp", "teacher_mode_mass", "effective_modes"):
+        assert abs(http["metrics"][key] - local["metrics"][key]) <= 0.02, key
+    for key in ("rollouts", "teacher_queries"):
+        assert http["counts"][key] == local["counts"][key]
+    per_step = 12 // 3 if method != "danceopd" else 1
+    assert http["counts"]["requests"] == 12 * per_step
+    assert http["counts"]["bytes_sent"] > 0 and http["counts"]["bytes_received"] > 0
+    assert http["timings_s"]["teacher_compute"] > 0
+    line = json.loads((tmp_path / "http" / "steps.jsonl").read_text().splitlines()[-1])
+    assert set(line["versions"]) == ({"a", "b", "base"} if method == "flowopd" else {"a", "b"})
+    trace = json.loads((tmp_path / "http" / "trace.json").read_text())
+    names = {e["name"] for e in trace["traceEvents"]}
+    assert {"update", "wait for teachers", "rollout 0", "server compute"} <= names
+
+
+def test_average_supervision_over_http(cluster, tiny_models, tmp_path):
+    kw = {"method": "danceopd", "steps": 6, "supervise": "average", "checkpoint_every": 0}
+    local = train(tiny_models, tmp_path / "local", **kw)
+    http = train(tiny_models, tmp_path / "http", backend="http", router_url=cluster.router_url, **kw)
+    assert abs(http["metrics"]["avg_target_logp"] - local["metrics"]["avg_target_logp"]) <= 0.02
+
+
+def _train_proc(models, out, router_url, steps, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "common.cli", "train", "--method", "diffusionopd", "--backend", "http",
+           "--router-url", router_url, "--models", str(models), "--out", str(out), "--steps", str(steps),
+           "--no-progress", "--threads", "1", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {n} lines")
+
+
+def test_sigkill_and_resume_equals_uninterrupted(cluster, tiny_models, tmp_path):
+    steps = 40
+    full = _train_proc(tiny_models, tmp_path / "full", cluster.router_url, steps)
+    assert full.wait(300) == 0, full.stdout.read()
+    part = tmp_path / "part"
+    proc = _train_proc(tiny_models, part, cluster.router_url, steps, "--checkpoint-every", "5")
+    _wait_for_lines(part / "steps.jsonl", 17, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert not (part / "report.json").exists()
+    resumed = _train_proc(tiny_models, part, cluster.router_url, steps, "--checkpoint-every", "5", "--resume")
+    assert resumed.wait(300) == 0, resumed.stdout.read()
+    a, _ = read_model(tmp_path / "full" / "student.safetensors")
+    b, _ = read_model(part / "student.safetensors")
+    diff = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert diff <= 1e-6
+    report = json.loads((part / "report.json").read_text())
+    assert report["counts"]["teacher_queries"] == steps * 1536
+    assert [json.loads(x)["step"] for x in (part / "steps.jsonl").read_text().splitlines()] == list(range(steps))
+
+
+def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path):
+    with start_cluster(tiny_models) as c:
+        out = tmp_path / "run"
+        proc = _train_proc(tiny_models, out, c.router_url, 60, "--retries", "8")
+        _wait_for_lines(out / "steps.jsonl", 10, proc)
+        url = c.services["a"].url
+        c.services["a"].kill()
+        time.sleep(0.5)
+        port = url.rsplit(":", 1)[1]
+        c.services["a"] = start_service(teacher_cmd(checkpoint_path(tiny_models, "a"), port=int(port)))
+        assert proc.wait(300) == 0, proc.stdout.read()
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 60
+    assert len((out / "steps.jsonl").read_text().splitlines()) == 60
+
+
+def test_unreachable_router_fails_loudly_with_checkpoint(tiny_models, tmp_path):
+    with start_cluster(tiny_models, teachers=("a", "b"), anchor=None) as c:
+        out = tmp_path / "run"
+        proc = _train_proc(tiny_models, out, c.router_url, 100_000, "--retries", "2",
+                           "--request-timeout-s", "2")
+        _wait_for_lines(out / "steps.jsonl", 5, proc)
+        c.services["router"].kill()
+        code = proc.wait(120)
+        text = proc.stdout.read()
+    assert code == 1
+    assert c.router_url.split("//")[1] in text and "--resume" in text
+    assert (out / "checkpoint.safetensors").exists() and not (out / "report.json").exists()
+
+
+def test_http_backend_without_router_url_is_a_clear_cli_error(tiny_models, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "common.cli", "train", "--method", "danceopd", "--backend",
+                        "http", "--models", str(tiny_models), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--router-url" in p.stderr
