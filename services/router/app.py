@@ -361,9 +361,7 @@ def create_app(settings: RouterSettings, registry: Registry | None = None,
 
     async def passthrough(teacher: Teacher, body: bytes, headers: dict[str, str], deadline: float):
         reply = await pool.post(teacher, body, headers, deadline)
-        out = {k: v for k, v in reply.response.headers.items()
-               if k.lower() in ("content-type", HEADER_LENGTH.lower())}
-        return reply.response.status_code, reply.response.content, out
+        return reply.status, reply.content, reply.headers
 
     async def discover(spec: TeacherSpec) -> Teacher:
         return await build_teacher(pool.client, spec, settings.attempt_timeout_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -26,6 +27,12 @@ def start_router(*flags: str, token: str | None = TOKEN, env: dict[str, str] | N
     full_env = {"OPD_ADMIN_TOKEN": token or "", **(env or {})}
     cmd = [sys.executable, "-m", "common.cli", "serve", "router", "--port", "0", *flags]
     return start_service(cmd, env=full_env, cwd=str(REPO))
+
+
+def client(timeout: float = 30.0) -> httpx.Client:
+    """A test client with TCP_NODELAY (without it a small body waits ~40 ms for a delayed ACK)."""
+    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    return httpx.Client(transport=transport, timeout=timeout)
 
 
 def states(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

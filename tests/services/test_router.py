@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -18,6 +17,7 @@ from student.clients import LocalTeacherClient, TeacherInfo
 from tests.services.router_helpers import (
     admin,
     call_router,
+    client,
     start_router,
     start_teacher,
     states,
@@ -58,7 +58,7 @@ def test_policy_equals_in_process_client(router: Service, local: dict, policy: s
     client = LocalTeacherClient([local["a"], local["b"]], policy=policy, anchor=local["base"])
     client.submit(torch.from_numpy(x), torch.from_numpy(t))
     [want], _ = client.collect()
-    with httpx.Client() as c:
+    with client() as c:
         out, params = call_router(c, router.url, x, t, outputs=["v", "teacher", "v_anchor"],
                                   parameters={"policy": policy})
     np.testing.assert_array_equal(out["teacher"], want.teacher.numpy())
@@ -81,7 +81,7 @@ def test_policy_equals_in_process_client(router: Service, local: dict, policy: s
 def test_label_policy_and_route_overrides(router: Service, local: dict) -> None:
     x, t = states(1000, seed=2)
     route = np.random.default_rng(3).integers(-1, 2, size=1000).astype(np.int32)
-    with httpx.Client() as c:
+    with client() as c:
         # label: every row labelled
         labels = np.where(route < 0, 1, route).astype(np.int32)
         out, params = call_router(c, router.url, x, t, route=labels, parameters={"policy": "label"})
@@ -102,7 +102,7 @@ def test_label_policy_and_route_overrides(router: Service, local: dict) -> None:
 
 def test_json_request_anchor_parameter_and_passthrough(router: Service, teachers: dict, local: dict) -> None:
     x, t = states(20, seed=4)
-    with httpx.Client() as c:
+    with client() as c:
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [20, 2], "data": x.ravel().tolist()},
                            {"name": "t", "datatype": "FP32", "shape": [20], "data": t.tolist()}],
                 "parameters": {"anchor": True}}
@@ -125,7 +125,7 @@ def test_json_request_anchor_parameter_and_passthrough(router: Service, teachers
 
 def test_bad_input_is_a_clear_4xx_and_router_keeps_serving(router: Service) -> None:
     x, t = states(8)
-    with httpx.Client() as c:
+    with client() as c:
         url = f"{router.url}/v2/models/opd-router/infer"
         cases = [
             (c.post(url, content=b"not json"), "JSON"),
@@ -157,7 +157,7 @@ def test_bad_input_is_a_clear_4xx_and_router_keeps_serving(router: Service) -> N
 
 
 def test_registry_api_auth_and_refusals(router: Service, teachers: dict) -> None:
-    with httpx.Client() as c:
+    with client() as c:
         reg = c.get(f"{router.url}/v1/teachers").json()
         assert [t["name"] for t in reg["teachers"]] == ["a", "b"] and reg["policy"] == "nearest"
         assert reg["anchors"][0]["name"] == "base" and reg["teachers"][0]["mode_centers"]
@@ -189,7 +189,7 @@ def test_registry_api_auth_and_refusals(router: Service, teachers: dict) -> None
 def test_no_token_configured_refuses_changes(teachers: dict) -> None:
     svc = start_router("--teacher", f"a={teachers['a'].url}", "--policy", "label", token=None)
     try:
-        with httpx.Client() as c:
+        with client() as c:
             r = c.delete(f"{svc.url}/v1/teachers/a", headers=admin())
             assert r.status_code == 403 and "OPD_ADMIN_TOKEN" in r.json()["error"]
             x, t = states(16)
