@@ -7,6 +7,7 @@ child never blocks on a full pipe.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 URL_PREFIX = "OPD_URL="
 
@@ -56,6 +58,65 @@ class Service:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def start_detached(cmd: list[str], log_path: str | Path, timeout_s: float = 60.0,
+                   env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Start ``cmd`` in its own session, output to ``log_path``, and wait for its URL line.
+
+    The service outlives the caller (``opd cluster up`` exits while the cluster runs).
+    Returns ``(pid, url)``.
+
+    Raises:
+        RuntimeError: the process exited or stayed silent past ``timeout_s`` (log tail included).
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith(URL_PREFIX):
+                return proc.pid, line[len(URL_PREFIX):].strip()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()
+    tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+    raise RuntimeError(f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
+                       f"(exit {proc.poll()}); log {log_path}:\n{tail}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def stop_pid(pid: int, grace_s: float = 10.0) -> bool:
+    """SIGTERM ``pid``, wait up to ``grace_s`` for it to drain and exit, then SIGKILL.
+
+    Returns True if it needed SIGKILL.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return False
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def start_service(cmd: list[str], timeout_s: float = 60.0, env: dict[str, str] | None = None,

@@ -7,9 +7,10 @@ announces its URL (port 0, so nothing collides).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common.procs import Service, start_service
 
@@ -55,20 +56,39 @@ class Cluster:
         self.stop()
 
 
+#: Starts one named service from its command; returns ``(handle, url)``.
+Starter = Callable[[str, list[str]], tuple[Any, str]]
+
+
+def launch(models: str | Path, start: Starter, teachers: Sequence[str] = ("a", "b"),
+           anchor: str | None = "base", policy: str = "nearest") -> dict[str, tuple[Any, str]]:
+    """Start one teacher per name (+ the anchor) from ``models``, then the router over them.
+
+    Returns ``name -> (handle, url)`` in start order; the router is ``"router"``.
+    """
+    from student.models import checkpoint_path
+
+    started: dict[str, tuple[Any, str]] = {}
+    for name in [*teachers, *([anchor] if anchor else [])]:
+        started[name] = start(name, teacher_cmd(checkpoint_path(models, name)))
+    started["router"] = start("router", router_cmd(
+        {n: started[n][1] for n in teachers}, {anchor: started[anchor][1]} if anchor else {},
+        policy=policy))
+    return started
+
+
 def start_cluster(models: str | Path, teachers: Sequence[str] = ("a", "b"), anchor: str | None = "base",
                   policy: str = "nearest", env: dict[str, str] | None = None,
                   timeout_s: float = 90.0) -> Cluster:
-    """Start one teacher process per name (+ the anchor) from ``models``, then the router."""
-    from student.models import checkpoint_path
-
+    """Start the topology as child processes of this one (tests, ``opd demo``)."""
     cluster = Cluster()
+
+    def start(name: str, cmd: list[str]) -> tuple[Service, str]:
+        cluster.services[name] = start_service(cmd, timeout_s, env=env)
+        return cluster.services[name], cluster.services[name].url
+
     try:
-        for name in [*teachers, *([anchor] if anchor else [])]:
-            cluster.services[name] = start_service(teacher_cmd(checkpoint_path(models, name)),
-                                                   timeout_s, env=env)
-        cluster.services["router"] = start_service(router_cmd(
-            {n: cluster.services[n].url for n in teachers},
-            {anchor: cluster.services[anchor].url} if anchor else {}, policy=policy), timeout_s, env=env)
+        launch(models, start, teachers, anchor, policy)
     except BaseException:
         cluster.stop(2)
         raise

@@ -1,0 +1,116 @@
+"""``opd cluster up|status|down``: the standard topology as detached local processes.
+
+``up`` pretrains missing checkpoints, starts teachers ``a``, ``b``, the ``base`` anchor and the
+router on free loopback ports, waits until each is ready and records URLs and PIDs in a state
+file; ``down`` stops them (SIGTERM, drain, SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import httpx
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.checkpoint import atomic_write_bytes
+from common.cli import Command, UsageError
+from common.procs import pid_alive, start_detached, stop_pid
+from services.cluster import launch
+
+STATE_NAME = "cluster.json"
+
+
+class ClusterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_CLUSTER_")
+    models: Path = Field(Path("models"), description="checkpoints (pretrained first when missing)")
+    state_dir: Path = Field(Path(".opd"), description="where the state file and service logs live")
+    policy: Literal["nearest", "label", "average"] = Field("nearest", description="router policy")
+    grace_s: float = Field(10.0, ge=0, description="down: seconds to drain before SIGKILL")
+    timeout_s: float = Field(120.0, gt=0, description="up: seconds each service may take to get ready")
+
+
+def _state_path(s: ClusterSettings) -> Path:
+    return s.state_dir / STATE_NAME
+
+
+def _read_state(s: ClusterSettings) -> dict | None:
+    path = _state_path(s)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def up(s: ClusterSettings) -> int:
+    state = _read_state(s)
+    if state and any(pid_alive(v["pid"]) for v in state["services"].values()):
+        raise UsageError(f"a cluster is already running (state {_state_path(s)}); "
+                         "`opd cluster down` first, or use another --state-dir")
+    from student.pretrain import pretrain_all
+
+    pretrain_all(s.models)  # keeps what exists
+    services: dict[str, dict] = {}
+
+    def start(name: str, cmd: list[str]) -> tuple[int, str]:
+        log = s.state_dir / "logs" / f"{name}.log"
+        pid, url = start_detached(cmd, log, s.timeout_s)
+        services[name] = {"pid": pid, "url": url, "log": str(log)}
+        print(f"  {name:<7} ready at {url}  (pid {pid})", flush=True)
+        return pid, url
+
+    try:
+        launch(s.models, start, policy=s.policy)
+    except BaseException:
+        for svc in services.values():
+            stop_pid(svc["pid"], 2)
+        raise
+    doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": str(s.models),
+           "router_url": services["router"]["url"], "services": services}
+    atomic_write_bytes(_state_path(s), (json.dumps(doc, indent=2) + "\n").encode())
+    print(f"cluster up: router at {doc['router_url']}  (state {_state_path(s)})")
+    return 0
+
+
+def status(s: ClusterSettings) -> int:
+    state = _read_state(s)
+    if state is None:
+        print(f"no cluster (no state file {_state_path(s)})")
+        return 1
+    healthy = True
+    for name, svc in state["services"].items():
+        try:
+            ready = httpx.get(f"{svc['url']}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        alive = pid_alive(svc["pid"])
+        healthy &= ready and alive
+        print(f"  {name:<7} {svc['url']:<28} pid {svc['pid']:<8} "
+              f"{'ready' if ready else 'NOT READY'}{'' if alive else ' (process gone)'}")
+    print(f"router: {state['router_url']}")
+    return 0 if healthy else 1
+
+
+def down(s: ClusterSettings) -> int:
+    state = _read_state(s)
+    if state is None:
+        print(f"no cluster (no state file {_state_path(s)})")
+        return 0
+    # Router first: nothing new reaches the teachers while they drain.
+    order = sorted(state["services"], key=lambda n: n != "router")
+    for name in order:
+        pid = state["services"][name]["pid"]
+        killed = stop_pid(pid, s.grace_s)
+        print(f"  {name:<7} pid {pid} {'killed after grace period' if killed else 'stopped'}")
+    left = [n for n in order if pid_alive(state["services"][n]["pid"])]
+    if left:
+        print(f"still running: {', '.join(left)}")
+        return 1
+    _state_path(s).unlink()
+    print("cluster down")
+    return 0
+
+
+UP = Command("start teachers a, b, base and the router on loopback", ClusterSettings, up)
+STATUS = Command("show the local cluster's services and readiness", ClusterSettings, status)
+DOWN = Command("stop the local cluster (SIGTERM, drain, SIGKILL)", ClusterSettings, down)
