@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 models/base.safetensors: | $(STAMP)
 	$(BIN)/opd pretrain --out models
 
+# The main job: cluster up, every SPEC §5 run over HTTP, two tables, runs/demo/report.md, down.
 demo: $(STAMP) models/base.safetensors
-	$(BIN)/opd train --method diffusionopd --teachers a,b --out runs/demo-diffusionopd
-	$(BIN)/opd train --method danceopd --teachers a,b --out runs/demo-danceopd
+	$(BIN)/opd demo
 
 test: $(STAMP)
 	$(BIN)/pytest -q

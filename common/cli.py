@@ -35,6 +35,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve", "teacher"): ("serve one teacher checkpoint over OIP v2 (uvicorn)", "services.teacher.command:TEACHER"),
     ("serve", "router"): ("route states to teachers: registry, policies, fan-out (uvicorn)", "services.router.command:ROUTER"),
     ("serve", "ray"): ("deploy teachers (and router) on Ray Serve from a config", "services.teacher.ray_command:RAY"),
+    ("demo",): ("the main job: cluster up, all SPEC §5 runs over HTTP, tables, report", "student.demo:DEMO"),
     ("cluster", "up"): ("start teachers a, b, base and the router on loopback", "services.cluster_command:UP"),
     ("cluster", "status"): ("show the local cluster's services", "services.cluster_command:STATUS"),
     ("cluster", "down"): ("stop the local cluster", "services.cluster_command:DOWN"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,11 @@ def launch(models: str | Path, start: Starter, teachers: Sequence[str] = ("a", "
     """
     from student.models import checkpoint_path
 
-    started: dict[str, tuple[Any, str]] = {}
-    for name in [*teachers, *([anchor] if anchor else [])]:
-        started[name] = start(name, teacher_cmd(checkpoint_path(models, name)))
+    names = [*teachers, *([anchor] if anchor else [])]
+    # Teachers start concurrently: each spends seconds importing torch and loading weights.
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = {n: pool.submit(start, n, teacher_cmd(checkpoint_path(models, n))) for n in names}
+        started: dict[str, tuple[Any, str]] = {n: f.result() for n, f in futures.items()}
     started["router"] = start("router", router_cmd(
         {n: started[n][1] for n in teachers}, {anchor: started[anchor][1]} if anchor else {},
         policy=policy))
