@@ -39,6 +39,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("cluster", "up"): ("start teachers a, b, base and the router on loopback", "services.cluster_command:UP"),
     ("cluster", "status"): ("show the local cluster's services", "services.cluster_command:STATUS"),
     ("cluster", "down"): ("stop the local cluster", "services.cluster_command:DOWN"),
+    ("bench", "serve"): ("throughput/latency sweep against any OIP v2 endpoint", "services.bench.command:BENCH_SERVE"),
+    ("bench", "cost"): ("rollout vs query vs update cost per OPD method", "student.bench_cost:COST"),
 }
 
 

@@ -12,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -264,7 +265,16 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Fas
         torch.set_num_threads(settings.threads)
     name = settings.served_name()
     repo = ModelRepository(name, settings.root(), settings.device)
-    repo.load_now(settings.checkpoint)
+    if settings.synthetic:
+        from services.teacher.synthetic import synthetic_model
+
+        net, meta = synthetic_model(
+            name, settings.state_dim, settings.width, settings.depth, settings.seed
+        )
+        repo.install(net, meta, Path("synthetic"))
+    else:
+        assert settings.checkpoint is not None  # the settings validator guarantees one source
+        repo.load_now(settings.checkpoint)
     metrics = TeacherMetrics(name)
     metrics.version.labels(name).set(1)
     batcher = Batcher(settings.max_batch_states, settings.max_delay_ms / 1e3, metrics.observe_batch)

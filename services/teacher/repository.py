@@ -65,6 +65,11 @@ class LoadedModel:
             "modes": list(self.meta.modes),
             "mode_centers": [list(c) for c in self.meta.mode_centers],
             "data_dim": self.data_dim,
+            **(
+                {"synthetic": True, "width": self.meta.arch.width,
+                 "depth": self.meta.arch.depth, "seed": self.meta.seed}
+                if self.meta.training.get("synthetic") else {}
+            ),
         }
 
 
@@ -105,17 +110,22 @@ class ModelRepository:
         except CheckpointError as exc:
             self.last_error = str(exc)
             raise RepositoryError(str(exc), 400) from exc
+        model = self.install(net, meta, Path(path))
+        self.last_checkpoint = Path(path)
+        return model
+
+    def install(self, net: VelocityNet, meta: CheckpointMeta, source: Path) -> LoadedModel:
+        """Serve ``net`` (already loaded; e.g. a synthetic teacher) from now on."""
         if self.current is not None and meta.arch.data_dim != self.current.data_dim:
             # Clients are built for one state dimension; a silent change would break them.
             raise RepositoryError(
-                f"{path.name} has state dimension {meta.arch.data_dim}, the "
+                f"{source.name} has state dimension {meta.arch.data_dim}, the "
                 f"served model has {self.current.data_dim}; refusing to swap",
                 400,
             )
         self._version += 1
-        model = LoadedModel(net, meta, self._version, Path(path), self.device)
+        model = LoadedModel(net.to(self.device), meta, self._version, source, self.device)
         self.current = model  # the swap: one reference assignment, atomic for readers
-        self.last_checkpoint = Path(path)
         self.last_error = None
         return model
 

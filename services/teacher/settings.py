@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Environment variable holding the bearer token for admin calls (load / unload). Kept out of
@@ -19,7 +19,18 @@ class TeacherSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_")
 
-    checkpoint: Path = Field(description="VelocityNet checkpoint to serve (safetensors)")
+    checkpoint: Path | None = Field(
+        None, description="VelocityNet checkpoint to serve (safetensors); or give --synthetic"
+    )
+    synthetic: bool = Field(
+        False, description="serve a random seeded VelocityNet instead of a checkpoint (benchmarks)"
+    )
+    state_dim: int = Field(
+        2, ge=1, le=1 << 20, description="--synthetic: floats per state (D), e.g. 65536"
+    )
+    width: int = Field(128, ge=1, description="--synthetic: hidden width of the MLP")
+    depth: int = Field(3, ge=1, description="--synthetic: hidden layers of the MLP")
+    seed: int = Field(0, description="--synthetic: weight seed (same seed, same weights)")
     name: str | None = Field(
         None,
         description="served model name (default: the checkpoint's file stem, e.g. teacher-a, base)",
@@ -45,13 +56,22 @@ class TeacherSettings(BaseSettings):
         "warning", description="uvicorn log level"
     )
 
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSettings:
+        if (self.checkpoint is None) == (not self.synthetic):
+            raise ValueError("give either --checkpoint FILE or --synthetic (not both, not neither)")
+        return self
+
     def served_name(self) -> str:
         """The model name clients use in URLs."""
-        return self.name or self.checkpoint.stem
+        if self.name:
+            return self.name
+        return self.checkpoint.stem if self.checkpoint is not None else "synthetic"
 
     def root(self) -> Path:
         """The directory load calls are confined to."""
-        return (self.model_root or self.checkpoint.parent).resolve()
+        parent = self.checkpoint.parent if self.checkpoint is not None else Path.cwd()
+        return (self.model_root or parent).resolve()
 
     @property
     def max_body_bytes(self) -> int:

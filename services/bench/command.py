@@ -1,0 +1,196 @@
+"""``opd bench serve``: sweep concurrency × states per request × encoding against a v2 endpoint.
+
+Writes ``sweep.csv``, ``sweep.json`` and ``sweep.png`` to ``--out``, and (``--limits``) measures
+the physical limits in the same run: a raw TCP echo of the same body size over loopback, and the
+in-process forward's states/s (synthetic teachers are rebuilt from their metadata; others need
+``--checkpoint``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.cli import Command, UsageError
+from services.bench.echo import echo_rate
+from services.bench.limits import forward_rate, net_from_metadata
+from services.bench.prom import scrape_states
+from services.bench.report import plot, write_csv, write_json
+from services.bench.sweep import (
+    Point,
+    SweepBounds,
+    make_inputs,
+    model_inputs,
+    nodelay_client,
+    run_point,
+)
+
+
+def int_list(value: str) -> list[int]:
+    """``"1,2,4"`` → ``[1, 2, 4]`` (positive integers)."""
+    out = [int(v) for v in str(value).split(",") if v.strip()]
+    if not out or min(out) < 1:
+        raise ValueError(f"expected comma-separated positive integers, got {value!r}")
+    return out
+
+
+class BenchServeSettings(BaseSettings):
+    """What to load, how hard, and for how long."""
+
+    model_config = SettingsConfigDict(env_prefix="OPD_BENCH_")
+
+    url: str = Field(description="base URL of the v2 server, e.g. http://127.0.0.1:8000")
+    model: str = Field(description="model name, e.g. teacher-a, synthetic, opd-router")
+    concurrency: str = Field("1,2,4,8,16,32", description="requests in flight, comma-separated")
+    states: str = Field("16,128,1536", description="states per request, comma-separated")
+    encoding: str = Field("binary", description="binary, json, or binary,json to compare")
+    state_dim: int | None = Field(None, ge=1, description="D for free (-1) input dims "
+                                  "(default: the model's parameters.data_dim, else 2)")
+    window_s: float = Field(1.0, gt=0, description="measurement window (s)")
+    stable_windows: int = Field(3, ge=1, description="windows that must agree")
+    stability: float = Field(0.10, gt=0, description="allowed spread of those windows (fraction)")
+    max_windows: int = Field(10, ge=1, description="most windows per point")
+    max_requests: int = Field(20_000, ge=1, description="most requests per point")
+    max_seconds: float = Field(300.0, gt=0, description="bound on the whole sweep (s)")
+    metrics_url: str | None = Field(None, description="Prometheus page with the states counter "
+                                    "(default URL/metrics; 'none' to skip)")
+    limits: bool = Field(True, description="also measure raw TCP echo and in-process forward")
+    checkpoint: Path | None = Field(None, description="checkpoint for the in-process forward "
+                                    "(synthetic teachers need none)")
+    threads: int = Field(1, ge=1, description="torch threads of the in-process forward "
+                         "(match the server's --threads)")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout (s)")
+    out: Path = Field(Path("bench-serve"), description="directory for sweep.csv/json/png")
+
+    @field_validator("concurrency", "states")
+    @classmethod
+    def _ints(cls, v: str) -> str:
+        int_list(v)
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _encodings(cls, v: str) -> str:
+        bad = [e for e in v.split(",") if e.strip() not in ("binary", "json")]
+        if bad or not v.strip():
+            raise ValueError(f"encodings are binary and json, got {v!r}")
+        return v
+
+
+async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
+    """Every point of the sweep, in order, within ``s.max_seconds``; plus the model metadata."""
+    url = s.url.rstrip("/")
+    concurrency = int_list(s.concurrency)
+    bounds = SweepBounds(s.window_s, s.stable_windows, s.stability, s.max_windows,
+                         max_requests=s.max_requests, max_seconds=s.max_seconds)
+    metrics_url = None if (s.metrics_url or "").lower() == "none" else (s.metrics_url or f"{url}/metrics")
+    points: list[Point] = []
+    async with nodelay_client(max(concurrency), s.timeout_s) as client:
+        try:
+            specs = await model_inputs(client, url, s.model)
+            meta = (await client.get(f"{url}/v2/models/{s.model}")).json()
+        except Exception as exc:  # unreachable server, not v2, unknown model
+            raise UsageError(f"cannot read {url}/v2/models/{s.model}: {exc}") from None
+        params = meta.get("parameters") or {}
+        dim = s.state_dim or int(params.get("data_dim") or 2)
+        deadline = time.perf_counter() + bounds.max_seconds
+        for enc in [e.strip() for e in s.encoding.split(",")]:
+            for states in int_list(s.states):
+                inputs = make_inputs(specs, states, dim)
+                for c in concurrency:
+                    if time.perf_counter() >= deadline:
+                        sys.stderr.write("opd bench serve: --max-seconds reached; "
+                                         "remaining points skipped\n")
+                        return points, meta
+                    point = Point(enc, states, c)
+                    before = await scrape_states(client, metrics_url, s.model)
+                    await run_point(client, f"{url}/v2/models/{s.model}/infer", inputs,
+                                    enc == "binary", c, bounds, deadline, point)
+                    after = await scrape_states(client, metrics_url, s.model)
+                    if before is not None and after is not None:
+                        point.server_states = after - before
+                    points.append(point)
+                    print(_line(point), flush=True)
+    return points, meta
+
+
+def _line(p: Point) -> str:
+    extra = "" if p.server_compute_ms is None else (
+        f"  server q {p.server_queue_ms:.2f} ms c {p.server_compute_ms:.2f} ms "
+        f"batch {p.server_batch_states:.0f}")
+    return (f"{p.encoding:>6} {p.states_per_request:>7,} st/req  c{p.concurrency:<3} "
+            f"{p.requests_s:>9,.1f} req/s {p.states_s:>12,.0f} st/s {p.payload_mb_s:>9,.1f} MB/s  "
+            f"p50 {p.latency_p50_ms:8.2f}  p99 {p.latency_p99_ms:8.2f} ms  err {p.errors}"
+            f"{'' if p.stable else '  (unstable)'}{extra}")
+
+
+def physical_limits(s: BenchServeSettings, points: list[Point], meta: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """Echo MB/s at each request body size and the in-process forward states/s per size."""
+    sizes = sorted({p.states_per_request for p in points})
+    echo: dict[str, float] = {}
+    for p in points:
+        if p.encoding == "binary" and str(p.states_per_request) not in echo:
+            size = max(p.request_bytes, p.response_bytes)
+            echo[str(p.states_per_request)] = echo_rate(size, seconds=1.0).mb_s
+    net = net_from_metadata(meta.get("parameters") or {})
+    if net is None and s.checkpoint is not None:
+        from common.checkpoint import read_model
+
+        net, _ = read_model(s.checkpoint)
+    forward = {str(n): forward_rate(net, n, threads=s.threads) for n in sizes} if net else {}
+    best = max((p for p in points if p.encoding == "binary"), key=lambda p: p.payload_mb_s,
+               default=None)
+    out: dict[str, Any] = {"echo_mb_s": echo, "forward_states_s": forward}
+    if best is not None and str(best.states_per_request) in echo:
+        ref = echo[str(best.states_per_request)]
+        out["best_binary"] = {"states_per_request": best.states_per_request,
+                              "concurrency": best.concurrency, "payload_mb_s": best.payload_mb_s,
+                              "echo_mb_s": ref, "fraction_of_echo": best.payload_mb_s / ref}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def run_bench_serve(s: BenchServeSettings) -> int:
+    started = time.time()
+    context: dict[str, Any] = {"url": s.url, "model": s.model, "machine_start": machine(),
+                               "settings": s.model_dump(mode="json")}
+    points, meta = asyncio.run(sweep(s))
+    context["model_parameters"] = meta.get("parameters") or {}
+    if s.limits and points:
+        context["limits"] = lim = physical_limits(s, points, meta)
+        for size, mb in lim["echo_mb_s"].items():
+            fwd = lim["forward_states_s"].get(size)
+            print(f"limits at {int(size):,} states/req: raw TCP echo {mb:,.1f} MB/s"
+                  + (f", in-process forward {fwd:,.0f} states/s" if fwd else ""))
+        if "best_binary" in lim:
+            b = lim["best_binary"]
+            print(f"best binary point: {b['payload_mb_s']:,.1f} MB/s payload at "
+                  f"{b['states_per_request']:,} states/req c{b['concurrency']} = "
+                  f"{b['fraction_of_echo']:.0%} of raw TCP echo")
+    context["machine_end"] = machine()
+    context["elapsed_s"] = round(time.time() - started, 2)
+    s.out.mkdir(parents=True, exist_ok=True)
+    write_csv(s.out / "sweep.csv", points)
+    write_json(s.out / "sweep.json", points, context)
+    plot(s.out / "sweep.png", points, f"{s.model} at {s.url}")
+    print(f"wrote {s.out}/sweep.csv, sweep.json, sweep.png ({len(points)} points)")
+    return 0
+
+
+BENCH_SERVE = Command("perf_analyzer-style sweep against any OIP v2 endpoint",
+                      BenchServeSettings, run_bench_serve)

@@ -1,0 +1,43 @@
+"""Reading a server's own Prometheus counters, to check the load generator against them."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+#: counters of states served, tried in order: our teacher (by model label), our router
+STATE_COUNTERS = ("opd_teacher_states", "opd_router_states")
+
+
+def states_counter(text: str, model: str) -> float | None:
+    """The states-served counter in a ``/metrics`` page, or ``None`` if it has none.
+
+    A teacher's counter is labelled by model (only ``model``'s samples count); the router's has
+    one unlabelled sample.
+    """
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in STATE_COUNTERS:
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            if "model" in sample.labels and sample.labels["model"] != model:
+                continue
+            found[family.name] = found.get(family.name, 0.0) + sample.value
+    for name in STATE_COUNTERS:
+        if name in found:
+            return found[name]
+    return None
+
+
+async def scrape_states(client: httpx.AsyncClient, metrics_url: str | None, model: str
+                        ) -> float | None:
+    """``states_counter`` of ``metrics_url``; ``None`` when unset, unreachable or absent."""
+    if not metrics_url:
+        return None
+    try:
+        r = await client.get(metrics_url)
+    except httpx.HTTPError:
+        return None
+    return states_counter(r.text, model) if r.status_code == 200 else None

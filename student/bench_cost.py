@@ -1,0 +1,239 @@
+"""``opd bench cost``: rollout vs query vs update cost per OPD method, on a live cluster.
+
+Two modes:
+
+* **toy** (``--state-dim 2``, no ``--teacher-width``): a short real ``opd train --backend http``
+  run per method (``student.trainer.train``) against the cluster's router; the numbers are the
+  run's ``report.json`` timings.
+* **synthetic** (any other ``--state-dim`` or a ``--teacher-width``): the trainer evaluates on
+  the 2-D ring world at the end, so it cannot run on D-dimensional states. This mode runs the
+  trainer's step loop itself (same :data:`METHODS` query plans, ``rollout``, streaming
+  ``HttpTeacherClient`` and losses; no evaluation, no checkpoints) with a student of that size,
+  against synthetic teachers (``opd serve teacher --synthetic``) behind a router: teacher ``a``
+  (policy ``average`` over one teacher = every row to ``a``, no mode centers needed) and anchor
+  ``base`` for Flow-OPD.
+
+Timings per optimizer step: ``rollout`` (student forward, streaming queries meanwhile),
+``query_exposed`` (waiting for answers after the rollout: the part of query latency the rollout
+did not hide), ``update`` (loss, backward, Adam), and ``query_latency`` (sum of request
+latencies, mostly overlapped).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.cli import Command, UsageError
+from common.nets import NetConfig, VelocityNet
+from student.methods import METHODS
+
+PARTS = ("rollout", "query_exposed", "update")
+
+
+class BenchCostSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_BENCH_COST_")
+
+    methods: str = Field("diffusionopd,flowopd,danceopd", description="OPD methods, comma-separated")
+    steps: int = Field(20, ge=2, description="optimizer steps per method")
+    batch: int = Field(128, ge=1, description="rollout batch (use fewer for large --state-dim)")
+    rollout_steps: int = Field(12, ge=2, description="Euler steps per rollout")
+    state_dim: int = Field(2, ge=1, le=1 << 20, description="floats per state (2: the toy world)")
+    teacher_width: int | None = Field(None, ge=1, description="synthetic teachers' width "
+                                      "(implies synthetic teachers; default 128 when D > 2)")
+    student_width: int = Field(128, ge=1, description="synthetic mode: the student's width")
+    router_url: str | None = Field(None, description="use this router instead of starting a cluster")
+    models: Path = Field(Path("models"), description="pretrained checkpoints (toy mode)")
+    max_in_flight: int = Field(8, ge=1, description="requests in flight at once")
+    threads: int = Field(1, ge=1, description="torch threads (trainer and started teachers)")
+    out: Path = Field(Path("bench-cost"), description="directory for cost.json/csv/png")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.state_dim != 2 or self.teacher_width is not None
+
+
+def start_synthetic_cluster(s: BenchCostSettings):
+    """Synthetic teacher ``a`` and anchor ``base`` of ``s.state_dim`` floats, and a router."""
+    from common.procs import start_service
+    from services.cluster import PYTHON, Cluster, router_cmd
+
+    body_mb = str(max(64, 4 * s.batch * (s.state_dim + 1) * 4 * s.rollout_steps // (1 << 20) + 16))
+    cluster = Cluster()
+    try:
+        for name, seed in (("a", 1), ("base", 0)):
+            cluster.services[name] = start_service([
+                *PYTHON, "serve", "teacher", "--synthetic", "--name", name, "--seed", str(seed),
+                "--state-dim", str(s.state_dim), "--width", str(s.teacher_width or 128),
+                "--port", "0", "--threads", str(s.threads), "--max-body-mb", body_mb])
+        cluster.services["router"] = start_service(router_cmd(
+            {"a": cluster.services["a"].url}, {"base": cluster.services["base"].url},
+            policy="average", extra=["--max-body-mb", body_mb]))
+    except BaseException:
+        cluster.stop(2)
+        raise
+    return cluster
+
+
+def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str, Any]:
+    """The trainer's step loop (plan → streamed rollout → collect → update) at ``s.state_dim``.
+
+    Step 0 warms connections and allocators and is not counted.
+    """
+    from student.remote import HttpTeacherClient
+    from student.rollout import rollout
+
+    method = METHODS[method_name]
+    n, b, d = s.rollout_steps, s.batch, s.state_dim
+    torch.manual_seed(0)
+    student = VelocityNet(NetConfig(data_dim=d, width=s.student_width))
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    client = HttpTeacherClient(url, ["a"], anchor=method.uses_anchor, max_in_flight=s.max_in_flight)
+    sums = dict.fromkeys([*PARTS, "query_latency", "teacher_compute"], 0.0)
+    counts = dict.fromkeys(["teacher_queries", "requests", "bytes_sent", "bytes_received"], 0)
+    try:
+        for step in range(s.steps + 1):
+            t0 = time.perf_counter()
+            wanted = set(plan := method.plan(n))
+
+            def on_state(i: int, x_i: torch.Tensor, t_i: float, wanted: set[int] = wanted) -> None:
+                if i in wanted:
+                    client.submit(x_i, torch.full((b,), t_i))
+
+            states, _ = rollout(student, torch.randn(b, d), n, method.sde_noise, on_state)
+            t1 = time.perf_counter()
+            answers, cost = client.collect()
+            t2 = time.perf_counter()
+            xs = states[plan].reshape(-1, d)  # [M, D]
+            ts = torch.cat([torch.full((b,), 1.0 - i / n) for i in plan])
+            v_t = torch.cat([a.v for a in answers])
+            v_a = torch.cat([a.v_anchor for a in answers]) if method.uses_anchor else None
+            loss = method.loss(student(xs, ts), ts, v_t, v_a)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            t3 = time.perf_counter()
+            if step == 0:
+                continue
+            for k, v in (("rollout", t1 - t0), ("query_exposed", t2 - t1), ("update", t3 - t2),
+                         ("query_latency", cost.latency_s), ("teacher_compute", cost.server_compute_s)):
+                sums[k] += v
+            counts["teacher_queries"] += cost.states
+            counts["requests"] += cost.requests
+            counts["bytes_sent"] += cost.bytes_sent
+            counts["bytes_received"] += cost.bytes_received
+    finally:
+        client.close()
+    return {"steps": s.steps, "timings_s": sums, "counts": counts}
+
+
+def toy_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str, Any]:
+    """A short real ``train()`` over HTTP; its report's timings and counts."""
+    from student.models import load_named
+    from student.remote import HttpTeacherClient
+    from student.trainer import TrainConfig, train
+
+    student, meta = load_named(s.models, "base")
+    cfg = TrainConfig(method=method_name, teachers=["a", "b"], backend="http", steps=s.steps,
+                      batch=s.batch, rollout_steps=s.rollout_steps, eval_samples=512, trace_steps=0)
+    client = HttpTeacherClient(url, ["a", "b"], anchor=METHODS[method_name].uses_anchor,
+                               max_in_flight=s.max_in_flight)
+    try:
+        report = train(cfg, student, client, s.out / "runs" / method_name, base_meta=meta,
+                       progress=False)
+    finally:
+        client.close()
+    return {"steps": s.steps, "timings_s": report["timings_s"], "counts": report["counts"]}
+
+
+def summarise(name: str, run: dict[str, Any]) -> dict[str, Any]:
+    """Per-step milliseconds and the exposed share of the step."""
+    t, c, steps = run["timings_s"], run["counts"], run["steps"]
+    row = {"method": name, "steps": steps}
+    for k in (*PARTS, "query_latency", "teacher_compute"):
+        row[f"{k}_ms"] = 1e3 * float(t.get(k, 0.0)) / steps
+    step_ms = sum(row[f"{k}_ms"] for k in PARTS)
+    row["step_ms"] = step_ms
+    row["exposed_share"] = row["query_exposed_ms"] / step_ms if step_ms else 0.0
+    row["states_per_step"] = c.get("teacher_queries", 0) / steps
+    row["mb_per_step"] = (c.get("bytes_sent", 0) + c.get("bytes_received", 0)) / steps / 1e6
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| method | rollout ms | exposed query ms | update ms | step ms | exposed share "
+            "| query latency ms (overlapped) | states/step | MB/step |\n| --- |" + " ---: |" * 8)
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['rollout_ms']:.1f} | {r['query_exposed_ms']:.1f} | "
+                     f"{r['update_ms']:.1f} | {r['step_ms']:.1f} | {r['exposed_share']:.0%} | "
+                     f"{r['query_latency_ms']:.1f} | {r['states_per_step']:,.0f} | "
+                     f"{r['mb_per_step']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Stacked bars per method: rollout, exposed query, update (ms per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.7 * len(rows)))
+    left = [0.0] * len(rows)
+    names = [r["method"] for r in rows]
+    for part, color in zip(PARTS, ("#4c72b0", "#dd8452", "#55a868"), strict=True):
+        vals = [r[f"{part}_ms"] for r in rows]
+        ax.barh(names, vals, left=left, color=color, label=part.replace("_", " "))
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    ax.set_xlabel("ms per optimizer step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench_cost(s: BenchCostSettings) -> int:
+    torch.set_num_threads(s.threads)
+    methods = [m.strip() for m in s.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    cluster = None
+    if s.router_url is None:
+        if s.synthetic:
+            cluster = start_synthetic_cluster(s)
+        else:
+            from services.cluster import start_cluster
+
+            cluster = start_cluster(s.models)
+    url = s.router_url or cluster.router_url
+    rows = []
+    try:
+        for m in methods:
+            run = (synthetic_run if s.synthetic else toy_run)(s, m, url)
+            rows.append(summarise(m, run))
+            print(f"{m}: done ({rows[-1]['step_ms']:.1f} ms/step)", file=sys.stderr)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    mode = (f"synthetic D={s.state_dim}, teacher width {s.teacher_width or 128}, student width "
+            f"{s.student_width}" if s.synthetic else "toy D=2, pretrained teachers a, b, base")
+    title = f"{mode}; batch {s.batch}, N={s.rollout_steps}, {s.steps} steps"
+    s.out.mkdir(parents=True, exist_ok=True)
+    (s.out / "cost.json").write_text(json.dumps(
+        {"mode": mode, "settings": s.model_dump(mode="json"), "rows": rows}, indent=2) + "\n")
+    plot(s.out / "cost.png", rows, title)
+    print(f"# {title}\n{table(rows)}\nwrote {s.out}/cost.json, cost.png")
+    return 0
+
+
+COST = Command("rollout vs query vs update cost per OPD method", BenchCostSettings, run_bench_cost)
