@@ -184,10 +184,10 @@ def build_api(core: RouterCore) -> FastAPI:
                             "state": "READY" if up else "UNAVAILABLE"})
         return entries
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer_route(name: str, request: Request, version: str | None = None) -> Response:
+    async def infer_route(request: Request) -> Response:
+        # A plain Starlette route (added below): no FastAPI dependency solving on the hot path.
         received = time.perf_counter()
+        name = request.path_params["name"]
         reg = core.registry  # the snapshot this request is served from, whatever changes meanwhile
         if name != fanout.MODEL_NAME:
             teacher_or_404(name)
@@ -233,6 +233,9 @@ def build_api(core: RouterCore) -> FastAPI:
             m.pending.set(core.pending)
             m.requests.labels(name, str(status)).inc()
             m.seconds.labels(name).observe(time.perf_counter() - received)
+
+    app.add_route("/v2/models/{name}/infer", infer_route, methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{version}/infer", infer_route, methods=["POST"])
 
     async def _virtual(reg: Registry, body: bytes, header_length: str | None, deadline: float,
                        received: float) -> Response:

@@ -204,11 +204,14 @@ async def route_and_call(msg: InferMessage, reg: Registry, call: TeacherCall, de
                                f"{n} rows of dimension {d}")
 
     by_index = {k: ans for (_, k, _), ans in zip(called, answers, strict=True) if k >= 0}
-    empty = torch.empty(0, d)
-    v = routing.merge_answers(assignment, rows,
-                              [torch.from_numpy(by_index[k].v) if k in by_index else empty
-                               for k in range(len(reg.teachers))], d)
-    outputs: dict[str, np.ndarray] = {"v": v.numpy(), "teacher": assignment.to(torch.int32).numpy()}
+    if policy != "average" and len(by_index) == 1:
+        v_np = next(iter(by_index.values())).v  # one teacher has every row, in order: no merge copy
+    else:
+        empty = torch.empty(0, d)
+        v_np = routing.merge_answers(assignment, rows,
+                                     [torch.from_numpy(by_index[k].v) if k in by_index else empty
+                                      for k in range(len(reg.teachers))], d).numpy()
+    outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": assignment.to(torch.int32).numpy()}
     if anchor is not None:
         outputs["v_anchor"] = answers[-1].v
     if msg.outputs:  # only what was asked (v_anchor is asked for by naming an anchor, too)

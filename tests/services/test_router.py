@@ -55,9 +55,9 @@ def local(tiny_models: Path) -> dict:
 @pytest.mark.parametrize("policy", ["nearest", "average"])
 def test_policy_equals_in_process_client(router: Service, local: dict, policy: str) -> None:
     x, t = states(1536, seed=1)
-    client = LocalTeacherClient([local["a"], local["b"]], policy=policy, anchor=local["base"])
-    client.submit(torch.from_numpy(x), torch.from_numpy(t))
-    [want], _ = client.collect()
+    in_process = LocalTeacherClient([local["a"], local["b"]], policy=policy, anchor=local["base"])
+    in_process.submit(torch.from_numpy(x), torch.from_numpy(t))
+    [want], _ = in_process.collect()
     with client() as c:
         out, params = call_router(c, router.url, x, t, outputs=["v", "teacher", "v_anchor"],
                                   parameters={"policy": policy})
