@@ -30,7 +30,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP) models/base.safetensors
-	$(BIN)/python -m student.bench_local
+	$(BIN)/python -m student.reference --steps 1500
+	$(BIN)/python -m student.bench_backends --steps 300
 
 lint: $(STAMP)
 	$(BIN)/ruff check common services student tests

@@ -1,0 +1,77 @@
+"""Benchmark: each OPD method over HTTP (router + teacher processes) vs the in-process backend.
+
+``python -m student.bench_backends [--steps 300]`` — one run, same machine, same seed; prints
+wall time and its rollout / exposed query / update split per method and backend, and how much
+of the query latency streaming hid behind the rollout. Not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from services.cluster import start_cluster
+from student.commands import TrainSettings, make_client
+from student.models import BASE_NAME, load_named
+from student.summary import md_table, text_table
+from student.trainer import TrainConfig, train
+
+METHODS = ("diffusionopd", "flowopd", "danceopd")
+HEAD = ("method", "backend", "wall s", "rollout s", "exposed query s", "update s", "query latency s",
+        "hidden %", "requests", "http / local")
+
+
+def run(models: Path, out: Path, method: str, backend: str, steps: int, router_url: str | None,
+        stream_chunk: int) -> dict:
+    s = TrainSettings(method=method, backend=backend, router_url=router_url, steps=steps,
+                      models=models, out=out, stream_chunk=stream_chunk, checkpoint_every=0)
+    cfg = TrainConfig(method=method, teachers=["a", "b"], backend=backend, steps=steps,
+                      checkpoint_every=0, eval_samples=1000)
+    student, meta = load_named(models, BASE_NAME)
+    with make_client(s, cfg.teachers) as client:
+        return train(cfg, student, client, out, base_meta=meta, progress=False)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", type=Path, default=Path("models"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench-backends"))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--stream-chunk", type=int, nargs="+", default=[1, 4, 12])
+    p.add_argument("--threads", type=int, default=1, help="trainer torch threads (both backends)")
+    p.add_argument("--markdown", type=Path, help="also write the table here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, results = [], []
+    with start_cluster(args.models) as cluster:
+        for method in METHODS:
+            local = run(args.models, args.out / f"{method}-local", method, "local", args.steps, None, 1)
+            variants = [("local", local)]
+            for chunk in args.stream_chunk:
+                if method == "danceopd" and chunk != args.stream_chunk[0]:
+                    continue  # one query per step: the chunk size changes nothing
+                rep = run(args.models, args.out / f"{method}-http-c{chunk}", method, "http", args.steps,
+                          cluster.router_url, chunk)
+                variants.append((f"http, chunk {chunk}", rep))
+            for name, rep in variants:
+                t = rep["timings_s"]
+                hidden = 1 - t["query_exposed"] / t["query_latency"] if t["query_latency"] and name != "local" else 0.0
+                rows.append((method, name, f"{t['wall']:.2f}", f"{t['rollout']:.2f}", f"{t['query_exposed']:.2f}",
+                             f"{t['update']:.2f}", f"{t['query_latency']:.2f}",
+                             f"{100 * hidden:.0f}" if name != "local" else "-", f"{rep['counts']['requests']:,}",
+                             f"{t['wall'] / local['timings_s']['wall']:.2f}x"))
+                results.append({"method": method, "variant": name, "timings_s": t, "counts": rep["counts"]})
+            print(text_table(HEAD, rows[-len(variants):]), flush=True)
+    print("\n" + text_table(HEAD, rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        args.markdown.write_text(md_table(HEAD, rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

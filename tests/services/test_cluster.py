@@ -1,0 +1,80 @@
+"""`opd cluster up|status|down` as a user runs it, and a teacher swap during training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from common.procs import pid_alive, start_service
+from services.cluster import start_cluster, teacher_cmd
+from student.models import checkpoint_path
+
+OPD = [sys.executable, "-m", "common.cli"]
+
+
+def opd(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*OPD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cluster_up_status_down_leaves_no_process(tiny_models, tmp_path):
+    state = tmp_path / "state"
+    args = ["--models", str(tiny_models), "--state-dir", str(state)]
+    up = opd("cluster", "up", *args, cwd=tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    doc = json.loads((state / "cluster.json").read_text())
+    pids = [s["pid"] for s in doc["services"].values()]
+    assert set(doc["services"]) == {"a", "b", "base", "router"} and all(map(pid_alive, pids))
+    teachers = httpx.get(f"{doc['router_url']}/v1/teachers", timeout=10).json()
+    assert [t["name"] for t in teachers["teachers"]] == ["a", "b"]
+    again = opd("cluster", "up", *args, cwd=tmp_path)
+    assert again.returncode == 2 and "already running" in again.stderr
+    status = opd("cluster", "status", *args, cwd=tmp_path)
+    assert status.returncode == 0 and status.stdout.count("ready") == 4
+    down = opd("cluster", "down", *args, cwd=tmp_path)
+    assert down.returncode == 0, down.stdout + down.stderr
+    deadline = time.monotonic() + 5
+    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(pid_alive, pids))
+    assert not (state / "cluster.json").exists()
+    assert opd("cluster", "status", *args, cwd=tmp_path).returncode == 1
+
+
+def test_swapping_teacher_a_during_training_completes_and_shows_the_version(tiny_models, tmp_path):
+    token = "swap-test-token"
+    env = {"OPD_ADMIN_TOKEN": token}
+    auth = {"Authorization": f"Bearer {token}"}
+    with start_cluster(tiny_models, env=env) as c:
+        # The replacement: teacher a's checkpoint on another port, reloaded once so that its
+        # version (2) tells its answers apart from the original's (1).
+        new = start_service(teacher_cmd(checkpoint_path(tiny_models, "a")), env=env)
+        c.services["a-new"] = new
+        r = httpx.post(f"{new.url}/v2/repository/models/teacher-a/load", headers=auth, timeout=30,
+                       json={"parameters": {"checkpoint": "teacher-a.safetensors"}})
+        assert r.status_code == 200, r.text
+        out = tmp_path / "run"
+        proc = subprocess.Popen([*OPD, "train", "--method", "diffusionopd", "--backend", "http",
+                                 "--router-url", c.router_url, "--models", str(tiny_models),
+                                 "--out", str(out), "--steps", "80", "--no-progress", "--threads", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        steps = out / "steps.jsonl"
+        deadline = time.monotonic() + 120
+        while not (steps.exists() and len(steps.read_text().splitlines()) >= 15):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        r = httpx.put(f"{c.router_url}/v1/teachers/a", headers=auth, timeout=30,
+                      json={"endpoints": [new.url]})
+        assert r.status_code == 200, r.text
+        c.services["a"].stop()  # the old endpoint goes away for good
+        assert proc.wait(300) == 0, proc.stdout.read()
+    versions = [json.loads(line)["versions"]["a"] for line in steps.read_text().splitlines()]
+    assert len(versions) == 80
+    assert versions[0] == "1" and versions[-1] == "2"
+    assert versions == sorted(versions)  # one switch, never back
