@@ -175,7 +175,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {r['rollout_ms']:.1f} | {r['query_exposed_ms']:.1f} | "
                      f"{r['update_ms']:.1f} | {r['step_ms']:.1f} | {r['exposed_share']:.0%} | "
                      f"{r['query_latency_ms']:.1f} | {r['states_per_step']:,.0f} | "
-                     f"{r['mb_per_step']:.2f} |")
+                     f"{r['mb_per_step']:.3f} |")
     return "\n".join(lines)
 
 

@@ -124,9 +124,9 @@ async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
 
 
 def _line(p: Point) -> str:
-    extra = "" if p.server_compute_ms is None else (
-        f"  server q {p.server_queue_ms:.2f} ms c {p.server_compute_ms:.2f} ms "
-        f"batch {p.server_batch_states:.0f}")
+    extra = "".join(f"  {label} {value:.2f}" for label, value in (
+        ("server queue ms", p.server_queue_ms), ("compute ms", p.server_compute_ms),
+        ("batch", p.server_batch_states)) if value is not None)
     return (f"{p.encoding:>6} {p.states_per_request:>7,} st/req  c{p.concurrency:<3} "
             f"{p.requests_s:>9,.1f} req/s {p.states_s:>12,.0f} st/s {p.payload_mb_s:>9,.1f} MB/s  "
             f"p50 {p.latency_p50_ms:8.2f}  p99 {p.latency_p99_ms:8.2f} ms  err {p.errors}"

@@ -16,15 +16,14 @@ def states_counter(text: str, model: str) -> float | None:
     one unlabelled sample.
     """
     found: dict[str, float] = {}
+    wanted = {f"{name}_total": name for name in STATE_COUNTERS}
     for family in text_string_to_metric_families(text):
-        if family.name not in STATE_COUNTERS:
-            continue
+        # Match samples, not families: how the parser groups them depends on HELP/TYPE lines.
         for sample in family.samples:
-            if not sample.name.endswith("_total"):
+            name = wanted.get(sample.name)
+            if name is None or sample.labels.get("model", model) != model:
                 continue
-            if "model" in sample.labels and sample.labels["model"] != model:
-                continue
-            found[family.name] = found.get(family.name, 0.0) + sample.value
+            found[name] = found.get(name, 0.0) + sample.value
     for name in STATE_COUNTERS:
         if name in found:
             return found[name]
