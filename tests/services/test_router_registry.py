@@ -1,0 +1,68 @@
+"""Pure parts of the router: specs from flags/env/files, registry snapshots, replica choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.router.pool import Pool
+from services.router.registry import (
+    Endpoint,
+    Registry,
+    RegistryError,
+    Replica,
+    Teacher,
+    parse_flag,
+    read_registry_file,
+)
+from services.router.settings import RouterSettings
+
+
+def _teacher(name: str, centers: torch.Tensor | None = None, n: int = 1) -> Teacher:
+    return Teacher(name, [Replica(Endpoint(f"http://h{i}:1", name)) for i in range(n)], centers=centers)
+
+
+def test_flags_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse_flag("a=http://h:1,http://h:2/#teacher-a")
+    assert spec.name == "a" and spec.endpoints == (Endpoint("http://h:1"), Endpoint("http://h:2", "teacher-a"))
+    for bad in ("a", "a=", "a=ftp://x", "opd-router=http://h:1", "bad name=http://h:1"):
+        with pytest.raises(RegistryError):
+            parse_flag(bad)
+    monkeypatch.setenv("OPD_ROUTER_TEACHER", "a=http://h:1;b=http://h:2,http://h:3")
+    assert RouterSettings().teacher == ["a=http://h:1", "b=http://h:2,http://h:3"]
+    f = tmp_path / "reg.yaml"
+    f.write_text("policy: label\nteachers:\n  a: http://h:1\n  b: {endpoints: [http://h:2], modes: [1, 3]}\n"
+                 "anchors:\n  base: [http://h:4]\n")
+    specs, policy = read_registry_file(f)
+    assert policy == "label" and [s.name for s in specs] == ["a", "b", "base"]
+    assert specs[1].modes == (1, 3) and specs[2].role == "anchor"
+    f.write_text("teachers:\n  a: {endpoints: [http://h:1], colour: red}\n")
+    with pytest.raises(RegistryError, match="unknown keys"):
+        read_registry_file(f)
+
+
+def test_snapshots_and_nearest_needs_centers() -> None:
+    c = torch.zeros(1, 2)
+    reg = Registry((_teacher("a", c), _teacher("b", c)), (), "nearest")
+    reg.check()
+    with pytest.raises(RegistryError, match="needs mode centers.*c has none"):
+        reg.with_teacher(_teacher("c"))
+    label = Registry(reg.teachers, (), "label").with_teacher(_teacher("c"))
+    assert label.names == ["a", "b", "c"]
+    swapped = reg.with_teacher(_teacher("a", c, n=2))
+    assert swapped.names == ["a", "b"] and len(swapped.teachers[0].replicas) == 2
+    assert len(reg.teachers[0].replicas) == 1  # the old snapshot is untouched
+    assert reg.without("a").names == ["b"]
+
+
+def test_pick_prefers_live_least_loaded_then_ejected() -> None:
+    t = _teacher("a", n=3)
+    r0, r1, r2 = t.replicas
+    r0.inflight, r1.inflight, r2.inflight = 2, 0, 1
+    assert Pool.pick(t, set()) is r1
+    r1.eject("refused")
+    assert Pool.pick(t, set()) is r2
+    assert Pool.pick(t, {id(r2), id(r0)}) is r1  # no live one left untried: try the ejected
+    assert Pool.pick(t, {id(r0), id(r1), id(r2)}) is None
