@@ -32,7 +32,7 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
     Raises:
         RoutingError: a teacher has no mode centers, or their dimension differs from ``x``'s.
     """
-    dists = []
+    owners = []
     for k, centers in enumerate(teacher_centers):
         if centers is None or centers.numel() == 0:
             raise RoutingError(
@@ -43,8 +43,12 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
             raise RoutingError(
                 f"teacher {k} mode centers have dimension {centers.shape[-1]}, states have {x.shape[1]}"
             )
-        dists.append(torch.cdist(x.float(), centers.float()).min(dim=1).values)
-    return torch.stack(dists, dim=1).argmin(dim=1)
+        owners.append(torch.full((centers.shape[0],), k, dtype=torch.long))
+    # One distance matrix against every teacher's centers, in teacher order: argmin picks the
+    # first minimum, so ties go to the lower teacher index, as a per-teacher min would.
+    all_centers = torch.cat([c.float() for c in teacher_centers])  # type: ignore[union-attr]
+    nearest = torch.cdist(x.float(), all_centers).argmin(dim=1)
+    return torch.cat(owners)[nearest]
 
 
 def route_label(route: torch.Tensor | None, num_teachers: int, fallback: torch.Tensor | None = None) -> torch.Tensor:
