@@ -13,11 +13,15 @@ def states_counter(text: str, model: str) -> float | None:
     """The states-served counter in a ``/metrics`` page, or ``None`` if it has none.
 
     A teacher's counter is labelled by model (only ``model``'s samples count); the router's has
-    one unlabelled sample.
+    one unlabelled sample. A declared counter without samples (fresh server) reads 0.
     """
     found: dict[str, float] = {}
     wanted = {f"{name}_total": name for name in STATE_COUNTERS}
     for family in text_string_to_metric_families(text):
+        if family.name in STATE_COUNTERS:
+            # A labelled counter shows its HELP/TYPE lines but no sample until first used:
+            # a fresh server has served 0 states, not an unknown number.
+            found.setdefault(family.name, 0.0)
         # Match samples, not families: how the parser groups them depends on HELP/TYPE lines.
         for sample in family.samples:
             name = wanted.get(sample.name)

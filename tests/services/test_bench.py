@@ -118,6 +118,8 @@ def test_states_counter_parses_teacher_and_router_pages():
     assert states_counter("# TYPE opd_router_states counter\nopd_router_states_total 7.0\n",
                           "opd-router") == 7.0
     assert states_counter("# TYPE other counter\nother_total 1.0\n", "a") is None
+    fresh = "# HELP opd_teacher_states states answered\n# TYPE opd_teacher_states counter\n"
+    assert states_counter(fresh, "a") == 0.0  # declared, never incremented
 
 
 def test_make_inputs_fills_free_dims():
