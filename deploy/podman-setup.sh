@@ -43,7 +43,7 @@ cat >"$CACHE/storage.conf" <<EOF
 [storage]
 driver = "overlay"
 graphroot = "$CACHE/storage"
-runroot = "/tmp/opd-podman-run"
+runroot = "/tmp/opd-podman-run-$(printf %s "$CACHE" | md5sum | cut -c1-8)"
 EOF
 cat >"$CACHE/env" <<EOF
 export CONTAINERS_CONF="$CACHE/containers.conf"
