@@ -7,18 +7,14 @@ clear message and exit status 2 instead of a half-started server.
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import torch
-import uvicorn
 
 from common.cli import Command, UsageError
-from common.procs import announce_url
+from common.serving import run_async, serve_app
 from services.router.app import create_app, specs_from_settings
 from services.router.registry import RegistryError, build_registry
 from services.router.settings import RouterSettings
-from services.teacher.command import GracefulServer, bind_socket, url_of
 
 
 async def serve(settings: RouterSettings) -> None:
@@ -31,25 +27,11 @@ async def serve(settings: RouterSettings) -> None:
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
     app = create_app(settings, registry)
-    sock = bind_socket(settings.host, settings.port)
-    config = uvicorn.Config(app, log_level=settings.log_level, access_log=False,
-                            timeout_graceful_shutdown=10)
-    server = GracefulServer(config)  # SIGTERM → drain → exit 0
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
-    if server.started:
-        announce_url(url_of(sock))
-    await task
+    await serve_app(app, settings.host, settings.port, settings.log_level)
 
 
 def run_router(settings: RouterSettings) -> int:
-    try:  # uvloop (shipped with uvicorn[standard]) cuts the event loop's per-request I/O cost
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+    run_async(serve(settings))
     return 0
 
 
