@@ -19,9 +19,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.checkpoint import atomic_write_bytes
 from common.cli import Command, UsageError
 from common.procs import pid_alive, start_detached, stop_pid
-from services.cluster import launch
+from services.cluster import PYTHON, launch
 
 STATE_NAME = "cluster.json"
+ROUTER_PREFIX = "/router"  # the router application's route_prefix in deploy/serve_config.yaml
 
 
 class ClusterSettings(BaseSettings):
@@ -29,6 +30,10 @@ class ClusterSettings(BaseSettings):
     models: Path = Field(Path("models"), description="checkpoints (pretrained first when missing)")
     state_dir: Path = Field(Path(".opd"), description="where the state file and service logs live")
     policy: Literal["nearest", "label", "average"] = Field("nearest", description="router policy")
+    backend: Literal["local", "ray"] = Field("local", description="local: one uvicorn process per service; "
+                                             "ray: the same through Ray Serve (--ray-config)")
+    ray_config: Path = Field(Path("deploy/serve_config.yaml"), description="Ray Serve config for --backend ray")
+    ray_cpus: int = Field(2, ge=1, description="CPUs of the local Ray instance (--backend ray)")
     grace_s: float = Field(10.0, ge=0, description="down: seconds to drain before SIGKILL")
     timeout_s: float = Field(120.0, gt=0, description="up: seconds each service may take to get ready")
 
@@ -50,6 +55,8 @@ def up(s: ClusterSettings) -> int:
     from student.pretrain import pretrain_all
 
     pretrain_all(s.models)  # keeps what exists
+    if s.backend == "ray" and not s.ray_config.is_file():
+        raise UsageError(f"--ray-config {s.ray_config} does not exist")
     services: dict[str, dict] = {}
 
     def start(name: str, cmd: list[str]) -> tuple[int, str]:
@@ -60,13 +67,22 @@ def up(s: ClusterSettings) -> int:
         return pid, url
 
     try:
-        launch(s.models, start, policy=s.policy)
+        if s.backend == "ray":
+            # One process holds the local Ray instance with every application of the config;
+            # the router application lives under its route prefix.
+            start("ray", [*PYTHON, "serve", "ray", "--config", str(s.ray_config), "--port", "0",
+                          "--num-cpus", str(s.ray_cpus)])
+            router_url = services["ray"]["url"].rstrip("/") + ROUTER_PREFIX
+            services["ray"]["ready_url"] = router_url
+        else:
+            launch(s.models, start, policy=s.policy)
+            router_url = services["router"]["url"]
     except BaseException:
         for svc in services.values():
             stop_pid(svc["pid"], 2)
         raise
-    doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": str(s.models),
-           "router_url": services["router"]["url"], "services": services}
+    doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": str(s.models), "backend": s.backend,
+           "router_url": router_url, "services": services}
     atomic_write_bytes(_state_path(s), (json.dumps(doc, indent=2) + "\n").encode())
     print(f"cluster up: router at {doc['router_url']}  (state {_state_path(s)})")
     return 0
@@ -80,7 +96,8 @@ def status(s: ClusterSettings) -> int:
     healthy = True
     for name, svc in state["services"].items():
         try:
-            ready = httpx.get(f"{svc['url']}/v2/health/ready", timeout=2).status_code == 200
+            base = svc.get("ready_url", svc["url"])
+            ready = httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
         except httpx.HTTPError:
             ready = False
         alive = pid_alive(svc["pid"])
@@ -96,11 +113,13 @@ def down(s: ClusterSettings) -> int:
     if state is None:
         print(f"no cluster (no state file {_state_path(s)})")
         return 0
-    # Router first: nothing new reaches the teachers while they drain.
+    # Router first: nothing new reaches the teachers while they drain. A Ray instance gets
+    # longer: it shuts Serve and Ray down on SIGTERM.
     order = sorted(state["services"], key=lambda n: n != "router")
+    grace = {"ray": max(s.grace_s, 60.0)}
     for name in order:
         pid = state["services"][name]["pid"]
-        killed = stop_pid(pid, s.grace_s)
+        killed = stop_pid(pid, grace.get(name, s.grace_s))
         print(f"  {name:<7} pid {pid} {'killed after grace period' if killed else 'stopped'}")
     left = [n for n in order if pid_alive(state["services"][n]["pid"])]
     if left:
