@@ -7,14 +7,35 @@ clear message and exit status 2 instead of a half-started server.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
+
 import httpx
 import torch
 
 from common.cli import Command, UsageError
 from common.serving import run_async, serve_app
 from services.router.app import create_app, specs_from_settings
-from services.router.registry import RegistryError, build_registry
+from services.router.registry import Registry, RegistryError, TeacherUnreachable, build_registry
 from services.router.settings import RouterSettings
+
+
+async def discover(specs, policy: str, settings: RouterSettings) -> Registry:
+    """Build the registry, retrying while a teacher is unreachable (it may still be starting,
+    e.g. in a compose cluster) up to ``startup_timeout_s``; other refusals end at once."""
+    deadline = time.monotonic() + settings.startup_timeout_s
+    delay = 0.2
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                return await build_registry(client, specs, policy, settings.attempt_timeout_s)
+            except TeacherUnreachable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                sys.stderr.write(f"opd serve router: {exc}; retrying in {delay:.1f} s\n")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 async def serve(settings: RouterSettings) -> None:
@@ -22,8 +43,7 @@ async def serve(settings: RouterSettings) -> None:
     torch.set_num_threads(settings.threads)
     try:
         specs, policy = specs_from_settings(settings)
-        async with httpx.AsyncClient() as client:
-            registry = await build_registry(client, specs, policy, settings.attempt_timeout_s)
+        registry = await discover(specs, policy, settings)
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
     app = create_app(settings, registry)

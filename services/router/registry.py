@@ -31,6 +31,10 @@ class RegistryError(ValueError):
     """A registry that cannot be served; the message says which teacher/replica and why."""
 
 
+class TeacherUnreachable(RegistryError):
+    """A teacher did not answer at all (refused, timed out): may pass, worth another try."""
+
+
 def check_name(name: str) -> str:
     """Teacher names appear in URLs and response parameter keys: keep them plain."""
     if not _NAME.match(name):
@@ -373,7 +377,7 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
                                 f"({_error_text(resp)})")
         meta = resp.json()
     except httpx.HTTPError as exc:
-        raise RegistryError(f"{endpoint}: unreachable ({type(exc).__name__}: {exc or 'no detail'})") from None
+        raise TeacherUnreachable(f"{endpoint}: unreachable ({type(exc).__name__}: {exc or 'no detail'})") from None
     except ValueError as exc:  # JSON decode
         raise RegistryError(f"{endpoint}: not an OIP v2 server (bad JSON: {exc})") from None
     params = meta.get("parameters") or {} if isinstance(meta, dict) else {}

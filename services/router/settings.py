@@ -40,6 +40,8 @@ class RouterSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port (0 = any free port)")
     deadline_s: float = Field(10.0, gt=0, description="per-request deadline, retries included")
+    startup_timeout_s: float = Field(30.0, ge=0, description="how long start-up retries reaching "
+                                     "unreachable teachers (they may still be starting)")
     attempt_timeout_s: float = Field(5.0, gt=0, description="timeout of one call to one replica")
     connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout to a replica")
     health_interval_s: float = Field(0.5, gt=0, description="how often ejected replicas are probed")
