@@ -405,7 +405,9 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
     ok = [f for f in found if isinstance(f, _Discovered)]
     if not ok:
         causes = "; ".join(str(f) for f in found)
-        raise RegistryError(f"teacher {spec.name!r}: no replica answered: {causes}")
+        # Only "nobody answered at all" is worth waiting out; a wrong server is not.
+        kind = TeacherUnreachable if all(isinstance(f, TeacherUnreachable) for f in found) else RegistryError
+        raise kind(f"teacher {spec.name!r}: no replica answered: {causes}")
     ref = ok[0]
     for other in ok[1:]:
         if other.replica.digest != ref.replica.digest:
