@@ -54,12 +54,22 @@ class _Reply:
     versions: dict[str, str]
 
 
-def fetch_registry(router_url: str, timeout_s: float = 10.0) -> tuple[list[TeacherInfo], list[TeacherInfo]]:
-    """Teachers (in the router's index order) and anchors from ``GET /v1/teachers``."""
-    try:
-        doc = httpx.get(f"{router_url}/v1/teachers", timeout=timeout_s).raise_for_status().json()
-    except httpx.HTTPError as exc:
-        raise TeacherUnavailable(f"router {router_url} is unreachable: {exc}") from exc
+def fetch_registry(router_url: str, timeout_s: float = 10.0, retries: int = 5,
+                   backoff_s: float = 0.2) -> tuple[list[TeacherInfo], list[TeacherInfo]]:
+    """Teachers (in the router's index order) and anchors from ``GET /v1/teachers``.
+
+    Retried with backoff like an infer request: a router (or its name, in a container network)
+    that is a moment late should not end a run before its first step.
+    """
+    for attempt in range(retries + 1):
+        try:
+            doc = httpx.get(f"{router_url}/v1/teachers", timeout=timeout_s).raise_for_status().json()
+            break
+        except httpx.HTTPError as exc:
+            if attempt == retries:
+                raise TeacherUnavailable(f"router {router_url} is unreachable after {retries + 1} "
+                                         f"attempts: {exc}") from exc
+            time.sleep(min(backoff_s * 2**attempt, 5.0))
 
     def info(entry: dict) -> TeacherInfo:
         centers = entry.get("mode_centers")
@@ -78,7 +88,7 @@ class HttpTeacherClient(TeacherClient):
                  timeout_s: float = 30.0, retries: int = 5, backoff_s: float = 0.2) -> None:
         self.url = router_url.rstrip("/")
         self.endpoint = f"{self.url}/v2/models/{ROUTER_MODEL}/infer"
-        served, anchors = fetch_registry(self.url)
+        served, anchors = fetch_registry(self.url, timeout_s, retries, backoff_s)
         names = [t.name for t in served]
         if names != teachers:
             raise ValueError(f"the router at {self.url} serves teachers {names}, the run asks for "

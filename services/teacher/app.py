@@ -160,11 +160,11 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
         ok = model is not None and (version is None or version == str(model.version))
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+    async def infer(request: Request) -> Response:
+        # A plain Starlette route (added below): no FastAPI dependency solving on the hot path.
+        name = request.path_params["name"]
         model = served(name)  # the snapshot this request runs on, whatever loads meanwhile
-        check_version(model, version)
+        check_version(model, request.path_params.get("version"))
         body = await read_body(request, core.max_body_bytes)
         req = parse_infer(body, request.headers.get(HEADER_LENGTH), model.data_dim)
         try:
@@ -175,6 +175,9 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
         content, headers = encode_infer(req, res, name)
         metrics.answered(req.protocol, len(req.x))
         return Response(content, headers=headers)
+
+    app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
 
     @app.post("/v2/repository/index")
     async def repository_index() -> list:
