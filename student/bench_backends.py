@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -40,30 +41,37 @@ def main() -> int:
     p.add_argument("--models", type=Path, default=Path("models"))
     p.add_argument("--out", type=Path, default=Path("runs/bench-backends"))
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--stream-chunk", type=int, nargs="+", default=[1, 4, 12])
+    p.add_argument("--stream-chunk", type=int, nargs="+", default=[12, 6, 1])
     p.add_argument("--threads", type=int, default=1, help="trainer torch threads (both backends)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating repetitions; medians are reported")
     p.add_argument("--markdown", type=Path, help="also write the table here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows, results = [], []
     with start_cluster(args.models) as cluster:
         for method in METHODS:
-            local = run(args.models, args.out / f"{method}-local", method, "local", args.steps, None, 1)
-            variants = [("local", local)]
-            for chunk in args.stream_chunk:
-                if method == "danceopd" and chunk != args.stream_chunk[0]:
-                    continue  # one query per step: the chunk size changes nothing
-                rep = run(args.models, args.out / f"{method}-http-c{chunk}", method, "http", args.steps,
-                          cluster.router_url, chunk)
-                variants.append((f"http, chunk {chunk}", rep))
-            for name, rep in variants:
-                t = rep["timings_s"]
-                hidden = 1 - t["query_exposed"] / t["query_latency"] if t["query_latency"] and name != "local" else 0.0
-                rows.append((method, name, f"{t['wall']:.2f}", f"{t['rollout']:.2f}", f"{t['query_exposed']:.2f}",
+            chunks = args.stream_chunk[:1] if method == "danceopd" else args.stream_chunk  # 1 query/step
+            variants = ["local", *(f"http, chunk {c}" for c in chunks)]
+            reps: dict[str, list[dict]] = {v: [] for v in variants}
+            # Rounds alternate the variants so that the machine's drift (±30% between minutes on
+            # this VM) hits every variant alike; each figure is the median over rounds.
+            for r in range(args.rounds):
+                for v, chunk in zip(variants, [1, *chunks], strict=True):
+                    backend = "local" if v == "local" else "http"
+                    out = args.out / f"{method}-{v.replace(', ', '-').replace(' ', '')}-r{r}"
+                    reps[v].append(run(args.models, out, method, backend, args.steps,
+                                       cluster.router_url if backend == "http" else None, chunk))
+            med = {v: {k: statistics.median(rep["timings_s"][k] for rep in reps[v])
+                       for k in reps[v][0]["timings_s"]} for v in variants}
+            for v in variants:
+                t, counts = med[v], reps[v][0]["counts"]
+                hidden = max(0.0, 1 - t["query_exposed"] / t["query_latency"]) if v != "local" and t["query_latency"] else 0.0
+                rows.append((method, v, f"{t['wall']:.2f}", f"{t['rollout']:.2f}", f"{t['query_exposed']:.2f}",
                              f"{t['update']:.2f}", f"{t['query_latency']:.2f}",
-                             f"{100 * hidden:.0f}" if name != "local" else "-", f"{rep['counts']['requests']:,}",
-                             f"{t['wall'] / local['timings_s']['wall']:.2f}x"))
-                results.append({"method": method, "variant": name, "timings_s": t, "counts": rep["counts"]})
+                             f"{100 * hidden:.0f}" if v != "local" else "-", f"{counts['requests']:,}",
+                             f"{t['wall'] / med['local']['wall']:.2f}x"))
+                results.append({"method": method, "variant": v, "median_timings_s": t, "counts": counts,
+                                "walls_s": [rep["timings_s"]["wall"] for rep in reps[v]]})
             print(text_table(HEAD, rows[-len(variants):]), flush=True)
     print("\n" + text_table(HEAD, rows))
     args.out.mkdir(parents=True, exist_ok=True)

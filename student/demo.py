@@ -51,7 +51,7 @@ class DemoSettings(BaseSettings):
     out: Path = Field(Path("runs/demo"), description="where runs, report.md and figures go")
     steps: int = Field(1500, ge=1, description="optimizer steps per run (shorten for a quick look)")
     seed: int = Field(123, description="run seed")
-    stream_chunk: int = Field(4, ge=1, description="queried rollout steps per request")
+    stream_chunk: int = Field(12, ge=1, description="queried rollout steps per request")
     threads: int = Field(1, ge=1, description="torch threads of the trainer (teachers get 1 each)")
     progress: bool = Field(True, description="progress bars")
 
