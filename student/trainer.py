@@ -9,6 +9,7 @@ every ``checkpoint_every`` steps save everything a resumed run needs.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -103,8 +104,9 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
                                           cfg.model_dump(), params_before), student, opt)
 
     steps_log = _open_steps_log(out / "steps.jsonl", keep=start_step)
+    # In a log file (not a terminal) every refresh is a new line: refresh rarely there.
     bar = tqdm(range(start_step, cfg.steps), desc=f"{cfg.method}/{cfg.backend}", disable=not progress,
-               mininterval=0.5, initial=start_step, total=cfg.steps)
+               mininterval=0.5 if sys.stderr.isatty() else 15.0, initial=start_step, total=cfg.steps)
     try:
         for step in bar:
             t0 = time.perf_counter()
