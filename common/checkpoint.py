@@ -87,7 +87,12 @@ def decode_tensors(data: bytes, source: str = "checkpoint") -> tuple[dict[str, t
     """Inverse of :func:`encode_tensors`; raises :class:`CheckpointError` with the reason."""
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:  # garbage raises several types
+    except (
+        SafetensorError,
+        ValueError,
+        RuntimeError,
+        OSError,
+    ) as exc:  # garbage raises several types
         raise CheckpointError(f"{source} is not a readable safetensors file: {exc}") from exc
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])

@@ -29,18 +29,42 @@ class Command:
 
 #: command words -> (one-line help, "module:attribute" of its :class:`Command`)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("pretrain",): ("train the base student and teachers a, b (SPEC §2)", "student.commands:PRETRAIN"),
+    ("pretrain",): (
+        "train the base student and teachers a, b (SPEC §2)",
+        "student.commands:PRETRAIN",
+    ),
     ("train",): ("run OPD: roll out the student, query teachers, update", "student.commands:TRAIN"),
     ("eval",): ("evaluate any checkpoint against teachers' target", "student.commands:EVAL"),
-    ("serve", "teacher"): ("serve one teacher checkpoint over OIP v2 (uvicorn)", "services.teacher.command:TEACHER"),
-    ("serve", "router"): ("route states to teachers: registry, policies, fan-out (uvicorn)", "services.router.command:ROUTER"),
-    ("serve", "ray"): ("deploy teachers (and router) on Ray Serve from a config", "services.teacher.ray_command:RAY"),
-    ("demo",): ("the main job: cluster up, all SPEC §5 runs over HTTP, tables, report", "student.demo:DEMO"),
-    ("cluster", "up"): ("start teachers a, b, base and the router on loopback", "services.cluster_command:UP"),
+    ("serve", "teacher"): (
+        "serve one teacher checkpoint over OIP v2 (uvicorn)",
+        "services.teacher.command:TEACHER",
+    ),
+    ("serve", "router"): (
+        "route states to teachers: registry, policies, fan-out (uvicorn)",
+        "services.router.command:ROUTER",
+    ),
+    ("serve", "ray"): (
+        "deploy teachers (and router) on Ray Serve from a config",
+        "services.teacher.ray_command:RAY",
+    ),
+    ("demo",): (
+        "the main job: cluster up, all SPEC §5 runs over HTTP, tables, report",
+        "student.demo:DEMO",
+    ),
+    ("cluster", "up"): (
+        "start teachers a, b, base and the router on loopback",
+        "services.cluster_command:UP",
+    ),
     ("cluster", "status"): ("show the local cluster's services", "services.cluster_command:STATUS"),
     ("cluster", "down"): ("stop the local cluster", "services.cluster_command:DOWN"),
-    ("bench", "serve"): ("throughput/latency sweep against any OIP v2 endpoint", "services.bench.command:BENCH_SERVE"),
-    ("bench", "cost"): ("rollout vs query vs update cost per OPD method", "student.bench_cost:COST"),
+    ("bench", "serve"): (
+        "throughput/latency sweep against any OIP v2 endpoint",
+        "services.bench.command:BENCH_SERVE",
+    ),
+    ("bench", "cost"): (
+        "rollout vs query vs update cost per OPD method",
+        "student.bench_cost:COST",
+    ),
 }
 
 
@@ -73,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Command = getattr(importlib.import_module(module), attr)
     parser = argparse.ArgumentParser(prog="opd " + " ".join(words), description=command.help)
     add_settings_arguments(parser, command.settings)
-    settings = settings_from_args(command.settings, parser.parse_args(argv[len(words):]))
+    settings = settings_from_args(command.settings, parser.parse_args(argv[len(words) :]))
     from common.checkpoint import CheckpointError
     from common.routing import RoutingError
 

@@ -21,9 +21,15 @@ JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 DATATYPES: dict[str, np.dtype] = {
-    "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
-    "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"), "UINT8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "FP16": np.dtype("<f2"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 _NAMES = {dt: name for name, dt in DATATYPES.items()}
 
@@ -60,7 +66,11 @@ def datatype_of(arr: np.ndarray) -> str:
 def _tensor_entries(tensors: dict[str, np.ndarray], binary: bool | set[str]) -> tuple[list, list]:
     entries, chunks = [], []
     for name, arr in tensors.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape)}
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(arr),
+            "shape": list(arr.shape),
+        }
         if binary is True or (isinstance(binary, set) and name in binary):
             buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
             entry["parameters"] = {"binary_data_size": int(buf.nbytes)}
@@ -79,9 +89,13 @@ def _pack(doc: dict[str, Any], chunks: list) -> tuple[bytes, dict[str, str]]:
     return body, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
 
 
-def encode_request(inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
-                   binary: bool = True, parameters: dict[str, Any] | None = None,
-                   request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+def encode_request(
+    inputs: dict[str, np.ndarray],
+    outputs: list[str] | None = None,
+    binary: bool = True,
+    parameters: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
     """Body and HTTP headers of an infer request; binary outputs are asked for when ``binary``."""
     entries, chunks = _tensor_entries(inputs, binary)
     doc: dict[str, Any] = {"inputs": entries}
@@ -96,12 +110,21 @@ def encode_request(inputs: dict[str, np.ndarray], outputs: list[str] | None = No
     return _pack(doc, chunks)
 
 
-def encode_response(outputs: dict[str, np.ndarray], model_name: str, model_version: str,
-                    binary: bool | set[str] = False, request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+def encode_response(
+    outputs: dict[str, np.ndarray],
+    model_name: str,
+    model_version: str,
+    binary: bool | set[str] = False,
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
     """Body and HTTP headers of an infer response."""
     entries, chunks = _tensor_entries(outputs, binary)
-    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
+    doc: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": entries,
+    }
     if request_id is not None:
         doc["id"] = request_id
     if parameters:
@@ -123,8 +146,12 @@ def _header_length(value: str | None, body_len: int) -> int | None:
 
 def _shape(entry: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CodecError(f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CodecError(
+            f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}"
+        )
     return tuple(shape)
 
 
@@ -156,23 +183,33 @@ def decode(body: bytes, header_length: str | None, kind: str = "inputs") -> Infe
             raise CodecError(f"tensor {name!r} appears twice")
         dtype = DATATYPES.get(entry.get("datatype"))
         if dtype is None:
-            raise CodecError(f"tensor {name!r}: unknown datatype {entry.get('datatype')!r}; "
-                             f"use one of {', '.join(DATATYPES)}")
+            raise CodecError(
+                f"tensor {name!r}: unknown datatype {entry.get('datatype')!r}; "
+                f"use one of {', '.join(DATATYPES)}"
+            )
         shape = _shape(entry, name)
         count = math.prod(shape)
         params = entry.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
             if n is None:
-                raise CodecError(f"tensor {name!r} has binary_data_size but the request has no "
-                                 f"{HEADER_LENGTH} header")
+                raise CodecError(
+                    f"tensor {name!r} has binary_data_size but the request has no "
+                    f"{HEADER_LENGTH} header"
+                )
             if not isinstance(size, int) or size < 0 or size != count * dtype.itemsize:
-                raise CodecError(f"tensor {name!r}: binary_data_size {size!r} does not match shape "
-                                 f"{list(shape)} of {entry['datatype']} ({count * dtype.itemsize} bytes)")
+                raise CodecError(
+                    f"tensor {name!r}: binary_data_size {size!r} does not match shape "
+                    f"{list(shape)} of {entry['datatype']} ({count * dtype.itemsize} bytes)"
+                )
             if offset + size > len(body):
-                raise CodecError(f"tensor {name!r}: needs {size} bytes at offset {offset}, "
-                                 f"but the body has only {len(body) - offset} left")
-            tensors[name] = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+                raise CodecError(
+                    f"tensor {name!r}: needs {size} bytes at offset {offset}, "
+                    f"but the body has only {len(body) - offset} left"
+                )
+            tensors[name] = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(
+                shape
+            )
             offset += size
         else:
             data = entry.get("data")
@@ -180,8 +217,9 @@ def decode(body: bytes, header_length: str | None, kind: str = "inputs") -> Infe
                 raise CodecError(f"tensor {name!r} has neither 'data' nor binary_data_size")
             arr = _json_array(data, dtype, name)
             if arr.size != count:
-                raise CodecError(f"tensor {name!r}: {arr.size} values for shape {list(shape)} "
-                                 f"({count} expected)")
+                raise CodecError(
+                    f"tensor {name!r}: {arr.size} values for shape {list(shape)} ({count} expected)"
+                )
             tensors[name] = arr.reshape(shape)
     if n is not None and offset != len(body):
         raise CodecError(f"body has {len(body) - offset} bytes after the last binary tensor")
@@ -193,11 +231,18 @@ def decode(body: bytes, header_length: str | None, kind: str = "inputs") -> Infe
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise CodecError("every entry of 'outputs' needs a string 'name'")
         p = out.get("parameters") or {}
-        outputs[out["name"]] = bool(p.get("binary_data", binary_output)) if isinstance(p, dict) else binary_output
-    return InferMessage(tensors=tensors, parameters=params if isinstance(params, dict) else {},
-                        id=doc.get("id"), model_name=doc.get("model_name"),
-                        model_version=doc.get("model_version"), outputs=outputs,
-                        binary_output=binary_output)
+        outputs[out["name"]] = (
+            bool(p.get("binary_data", binary_output)) if isinstance(p, dict) else binary_output
+        )
+    return InferMessage(
+        tensors=tensors,
+        parameters=params if isinstance(params, dict) else {},
+        id=doc.get("id"),
+        model_name=doc.get("model_name"),
+        model_version=doc.get("model_version"),
+        outputs=outputs,
+        binary_output=binary_output,
+    )
 
 
 def _json_array(data: Any, dtype: np.dtype, name: str) -> np.ndarray:

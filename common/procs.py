@@ -60,8 +60,9 @@ class Service:
             self.proc.wait(5)
 
 
-def start_detached(cmd: list[str], log_path: str | Path, timeout_s: float = 60.0,
-                   env: dict[str, str] | None = None) -> tuple[int, str]:
+def start_detached(
+    cmd: list[str], log_path: str | Path, timeout_s: float = 60.0, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Start ``cmd`` in its own session, output to ``log_path``, and wait for its URL line.
 
     The service outlives the caller (``opd cluster up`` exits while the cluster runs).
@@ -73,22 +74,29 @@ def start_detached(cmd: list[str], log_path: str | Path, timeout_s: float = 60.0
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in log_path.read_text(errors="replace").splitlines():
             if line.startswith(URL_PREFIX):
-                return proc.pid, line[len(URL_PREFIX):].strip()
+                return proc.pid, line[len(URL_PREFIX) :].strip()
         if proc.poll() is not None:
             break
         time.sleep(0.1)
     if proc.poll() is None:
         proc.kill()
     tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
-    raise RuntimeError(f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
-                       f"(exit {proc.poll()}); log {log_path}:\n{tail}")
+    raise RuntimeError(
+        f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
+        f"(exit {proc.poll()}); log {log_path}:\n{tail}"
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,8 +127,12 @@ def stop_pid(pid: int, grace_s: float = 10.0) -> bool:
     return True
 
 
-def start_service(cmd: list[str], timeout_s: float = 60.0, env: dict[str, str] | None = None,
-                  cwd: str | None = None) -> Service:
+def start_service(
+    cmd: list[str],
+    timeout_s: float = 60.0,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> Service:
     """Start ``cmd`` and wait for its ``OPD_URL=`` line.
 
     Raises:
@@ -128,8 +140,15 @@ def start_service(cmd: list[str], timeout_s: float = 60.0, env: dict[str, str] |
             the tail of its output.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=cwd, bufsize=1)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        bufsize=1,
+    )
     tail: deque = deque(maxlen=200)
     found: list[str] = []
     ready = threading.Event()
@@ -139,7 +158,7 @@ def start_service(cmd: list[str], timeout_s: float = 60.0, env: dict[str, str] |
         for line in proc.stdout:
             tail.append(line)
             if not found and line.startswith(URL_PREFIX):
-                found.append(line[len(URL_PREFIX):].strip())
+                found.append(line[len(URL_PREFIX) :].strip())
                 ready.set()
         ready.set()  # EOF: the process ended
 
@@ -151,6 +170,8 @@ def start_service(cmd: list[str], timeout_s: float = 60.0, env: dict[str, str] |
     if not found:
         proc.kill()
         proc.wait(5)
-        raise RuntimeError(f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
-                           f"(exit {proc.returncode}); output:\n{''.join(tail)}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
+            f"(exit {proc.returncode}); output:\n{''.join(tail)}"
+        )
     return Service(proc, found[0], tail)

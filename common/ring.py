@@ -63,8 +63,9 @@ def mixture_logp(x: torch.Tensor, centers: torch.Tensor, std: float = MODE_STD) 
     return torch.logsumexp(comp, dim=1) - math.log(centers.shape[0])
 
 
-def target_logp(x: torch.Tensor, teacher_modes: Sequence[Sequence[int]],
-                floor: float = DENSITY_FLOOR) -> torch.Tensor:
+def target_logp(
+    x: torch.Tensor, teacher_modes: Sequence[Sequence[int]], floor: float = DENSITY_FLOOR
+) -> torch.Tensor:
     """Log-density under the target: the uniform mixture of the routed teachers' distributions.
 
     It is the log of the mean of the teachers' densities (not the mean of their log-densities),
@@ -78,7 +79,11 @@ def target_logp(x: torch.Tensor, teacher_modes: Sequence[Sequence[int]],
     """
     per_teacher = torch.stack([mixture_logp(x, centers_of(m)) for m in teacher_modes], dim=1)
     logp = torch.logsumexp(per_teacher, dim=1) - math.log(len(teacher_modes))
-    return torch.logaddexp(logp, torch.tensor(math.log(floor), dtype=logp.dtype)) if floor > 0 else logp
+    return (
+        torch.logaddexp(logp, torch.tensor(math.log(floor), dtype=logp.dtype))
+        if floor > 0
+        else logp
+    )
 
 
 def nearest_mode(x: torch.Tensor) -> torch.Tensor:

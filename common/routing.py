@@ -51,7 +51,9 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
     return torch.cat(owners)[nearest]
 
 
-def route_label(route: torch.Tensor | None, num_teachers: int, fallback: torch.Tensor | None = None) -> torch.Tensor:
+def route_label(
+    route: torch.Tensor | None, num_teachers: int, fallback: torch.Tensor | None = None
+) -> torch.Tensor:
     """Use the caller's labels; ``-1`` rows take ``fallback`` (e.g. the nearest assignment).
 
     Args:
@@ -61,7 +63,9 @@ def route_label(route: torch.Tensor | None, num_teachers: int, fallback: torch.T
         ``[B]`` int64 teacher indices.
     """
     if route is None:
-        raise RoutingError("policy 'label' needs the 'route' input (INT32 [B], teacher index per row)")
+        raise RoutingError(
+            "policy 'label' needs the 'route' input (INT32 [B], teacher index per row)"
+        )
     route = route.long().reshape(-1)
     bad = (route < -1) | (route >= num_teachers)
     if bool(bad.any()):
@@ -109,7 +113,10 @@ def rows_by_teacher(assignment: torch.Tensor, num_teachers: int) -> list[torch.T
 
 
 def merge_answers(
-    assignment: torch.Tensor, rows: Sequence[torch.Tensor], answers: Sequence[torch.Tensor], dim: int
+    assignment: torch.Tensor,
+    rows: Sequence[torch.Tensor],
+    answers: Sequence[torch.Tensor],
+    dim: int,
 ) -> torch.Tensor:
     """Scatter each teacher's answer ``[n_k, D]`` back to its rows; average mode takes the mean.
 

@@ -55,7 +55,9 @@ def url_of(sock: socket.socket) -> str:
 async def serve_app(app: Any, host: str, port: int, log_level: str = "warning") -> None:
     """Bind, serve ``app`` until SIGINT/SIGTERM (drained, exit 0), announcing the URL once up."""
     sock = bind_socket(host, port)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10
+    )
     server = GracefulServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():

@@ -18,16 +18,48 @@ from common.procs import Service, start_service
 PYTHON = [sys.executable, "-m", "common.cli"]
 
 
-def teacher_cmd(checkpoint: Path, name: str | None = None, port: int = 0, threads: int = 1,
-                extra: Sequence[str] = ()) -> list[str]:
-    cmd = [*PYTHON, "serve", "teacher", "--checkpoint", str(checkpoint), "--port", str(port),
-           "--threads", str(threads), "--log-level", "warning", *extra]
+def teacher_cmd(
+    checkpoint: Path,
+    name: str | None = None,
+    port: int = 0,
+    threads: int = 1,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    cmd = [
+        *PYTHON,
+        "serve",
+        "teacher",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     return cmd + (["--name", name] if name else [])
 
 
-def router_cmd(teachers: dict[str, str], anchors: dict[str, str], port: int = 0,
-               policy: str = "nearest", extra: Sequence[str] = ()) -> list[str]:
-    cmd = [*PYTHON, "serve", "router", "--port", str(port), "--policy", policy, "--log-level", "warning"]
+def router_cmd(
+    teachers: dict[str, str],
+    anchors: dict[str, str],
+    port: int = 0,
+    policy: str = "nearest",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    cmd = [
+        *PYTHON,
+        "serve",
+        "router",
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--log-level",
+        "warning",
+    ]
     for name, url in teachers.items():
         cmd += ["--teacher", f"{name}={url}"]
     for name, url in anchors.items():
@@ -61,8 +93,13 @@ class Cluster:
 Starter = Callable[[str, list[str]], tuple[Any, str]]
 
 
-def launch(models: str | Path, start: Starter, teachers: Sequence[str] = ("a", "b"),
-           anchor: str | None = "base", policy: str = "nearest") -> dict[str, tuple[Any, str]]:
+def launch(
+    models: str | Path,
+    start: Starter,
+    teachers: Sequence[str] = ("a", "b"),
+    anchor: str | None = "base",
+    policy: str = "nearest",
+) -> dict[str, tuple[Any, str]]:
     """Start one teacher per name (+ the anchor) from ``models``, then the router over them.
 
     Returns ``name -> (handle, url)`` in start order; the router is ``"router"``.
@@ -74,15 +111,25 @@ def launch(models: str | Path, start: Starter, teachers: Sequence[str] = ("a", "
     with ThreadPoolExecutor(len(names)) as pool:
         futures = {n: pool.submit(start, n, teacher_cmd(checkpoint_path(models, n))) for n in names}
         started: dict[str, tuple[Any, str]] = {n: f.result() for n, f in futures.items()}
-    started["router"] = start("router", router_cmd(
-        {n: started[n][1] for n in teachers}, {anchor: started[anchor][1]} if anchor else {},
-        policy=policy))
+    started["router"] = start(
+        "router",
+        router_cmd(
+            {n: started[n][1] for n in teachers},
+            {anchor: started[anchor][1]} if anchor else {},
+            policy=policy,
+        ),
+    )
     return started
 
 
-def start_cluster(models: str | Path, teachers: Sequence[str] = ("a", "b"), anchor: str | None = "base",
-                  policy: str = "nearest", env: dict[str, str] | None = None,
-                  timeout_s: float = 90.0) -> Cluster:
+def start_cluster(
+    models: str | Path,
+    teachers: Sequence[str] = ("a", "b"),
+    anchor: str | None = "base",
+    policy: str = "nearest",
+    env: dict[str, str] | None = None,
+    timeout_s: float = 90.0,
+) -> Cluster:
     """Start the topology as child processes of this one (tests, ``opd demo``)."""
     cluster = Cluster()
 

@@ -30,12 +30,19 @@ class ClusterSettings(BaseSettings):
     models: Path = Field(Path("models"), description="checkpoints (pretrained first when missing)")
     state_dir: Path = Field(Path(".opd"), description="where the state file and service logs live")
     policy: Literal["nearest", "label", "average"] = Field("nearest", description="router policy")
-    backend: Literal["local", "ray"] = Field("local", description="local: one uvicorn process per service; "
-                                             "ray: the same through Ray Serve (--ray-config)")
-    ray_config: Path = Field(Path("deploy/serve_config.yaml"), description="Ray Serve config for --backend ray")
+    backend: Literal["local", "ray"] = Field(
+        "local",
+        description="local: one uvicorn process per service; "
+        "ray: the same through Ray Serve (--ray-config)",
+    )
+    ray_config: Path = Field(
+        Path("deploy/serve_config.yaml"), description="Ray Serve config for --backend ray"
+    )
     ray_cpus: int = Field(2, ge=1, description="CPUs of the local Ray instance (--backend ray)")
     grace_s: float = Field(10.0, ge=0, description="down: seconds to drain before SIGKILL")
-    timeout_s: float = Field(120.0, gt=0, description="up: seconds each service may take to get ready")
+    timeout_s: float = Field(
+        120.0, gt=0, description="up: seconds each service may take to get ready"
+    )
 
 
 def _state_path(s: ClusterSettings) -> Path:
@@ -50,8 +57,10 @@ def _read_state(s: ClusterSettings) -> dict | None:
 def up(s: ClusterSettings) -> int:
     state = _read_state(s)
     if state and any(pid_alive(v["pid"]) for v in state["services"].values()):
-        raise UsageError(f"a cluster is already running (state {_state_path(s)}); "
-                         "`opd cluster down` first, or use another --state-dir")
+        raise UsageError(
+            f"a cluster is already running (state {_state_path(s)}); "
+            "`opd cluster down` first, or use another --state-dir"
+        )
     from student.pretrain import pretrain_all
 
     pretrain_all(s.models)  # keeps what exists
@@ -70,8 +79,20 @@ def up(s: ClusterSettings) -> int:
         if s.backend == "ray":
             # One process holds the local Ray instance with every application of the config;
             # the router application lives under its route prefix.
-            start("ray", [*PYTHON, "serve", "ray", "--config", str(s.ray_config), "--port", "0",
-                          "--num-cpus", str(s.ray_cpus)])
+            start(
+                "ray",
+                [
+                    *PYTHON,
+                    "serve",
+                    "ray",
+                    "--config",
+                    str(s.ray_config),
+                    "--port",
+                    "0",
+                    "--num-cpus",
+                    str(s.ray_cpus),
+                ],
+            )
             router_url = services["ray"]["url"].rstrip("/") + ROUTER_PREFIX
             services["ray"]["ready_url"] = router_url
         else:
@@ -81,8 +102,13 @@ def up(s: ClusterSettings) -> int:
         for svc in services.values():
             stop_pid(svc["pid"], 2)
         raise
-    doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": str(s.models), "backend": s.backend,
-           "router_url": router_url, "services": services}
+    doc = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "models": str(s.models),
+        "backend": s.backend,
+        "router_url": router_url,
+        "services": services,
+    }
     atomic_write_bytes(_state_path(s), (json.dumps(doc, indent=2) + "\n").encode())
     print(f"cluster up: router at {doc['router_url']}  (state {_state_path(s)})")
     return 0
@@ -102,8 +128,10 @@ def status(s: ClusterSettings) -> int:
             ready = False
         alive = pid_alive(svc["pid"])
         healthy &= ready and alive
-        print(f"  {name:<7} {svc['url']:<28} pid {svc['pid']:<8} "
-              f"{'ready' if ready else 'NOT READY'}{'' if alive else ' (process gone)'}")
+        print(
+            f"  {name:<7} {svc['url']:<28} pid {svc['pid']:<8} "
+            f"{'ready' if ready else 'NOT READY'}{'' if alive else ' (process gone)'}"
+        )
     print(f"router: {state['router_url']}")
     return 0 if healthy else 1
 

@@ -21,16 +21,47 @@ from student.summary import md_table, text_table
 from student.trainer import TrainConfig, train
 
 METHODS = ("diffusionopd", "flowopd", "danceopd")
-HEAD = ("method", "backend", "wall s", "rollout s", "exposed query s", "update s", "query latency s",
-        "hidden %", "requests", "http / local")
+HEAD = (
+    "method",
+    "backend",
+    "wall s",
+    "rollout s",
+    "exposed query s",
+    "update s",
+    "query latency s",
+    "hidden %",
+    "requests",
+    "http / local",
+)
 
 
-def run(models: Path, out: Path, method: str, backend: str, steps: int, router_url: str | None,
-        stream_chunk: int) -> dict:
-    s = TrainSettings(method=method, backend=backend, router_url=router_url, steps=steps,
-                      models=models, out=out, stream_chunk=stream_chunk, checkpoint_every=0)
-    cfg = TrainConfig(method=method, teachers=["a", "b"], backend=backend, steps=steps,
-                      checkpoint_every=0, eval_samples=1000)
+def run(
+    models: Path,
+    out: Path,
+    method: str,
+    backend: str,
+    steps: int,
+    router_url: str | None,
+    stream_chunk: int,
+) -> dict:
+    s = TrainSettings(
+        method=method,
+        backend=backend,
+        router_url=router_url,
+        steps=steps,
+        models=models,
+        out=out,
+        stream_chunk=stream_chunk,
+        checkpoint_every=0,
+    )
+    cfg = TrainConfig(
+        method=method,
+        teachers=["a", "b"],
+        backend=backend,
+        steps=steps,
+        checkpoint_every=0,
+        eval_samples=1000,
+    )
     student, meta = load_named(models, BASE_NAME)
     with make_client(s, cfg.teachers) as client:
         return train(cfg, student, client, out, base_meta=meta, progress=False)
@@ -43,14 +74,18 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--stream-chunk", type=int, nargs="+", default=[12, 6, 1])
     p.add_argument("--threads", type=int, default=1, help="trainer torch threads (both backends)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating repetitions; medians are reported")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="alternating repetitions; medians are reported"
+    )
     p.add_argument("--markdown", type=Path, help="also write the table here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows, results = [], []
     with start_cluster(args.models) as cluster:
         for method in METHODS:
-            chunks = args.stream_chunk[:1] if method == "danceopd" else args.stream_chunk  # 1 query/step
+            chunks = (
+                args.stream_chunk[:1] if method == "danceopd" else args.stream_chunk
+            )  # 1 query/step
             variants = ["local", *(f"http, chunk {c}" for c in chunks)]
             reps: dict[str, list[dict]] = {v: [] for v in variants}
             # Rounds alternate the variants so that the machine's drift (±30% between minutes on
@@ -59,20 +94,55 @@ def main() -> int:
                 for v, chunk in zip(variants, [1, *chunks], strict=True):
                     backend = "local" if v == "local" else "http"
                     out = args.out / f"{method}-{v.replace(', ', '-').replace(' ', '')}-r{r}"
-                    reps[v].append(run(args.models, out, method, backend, args.steps,
-                                       cluster.router_url if backend == "http" else None, chunk))
-            med = {v: {k: statistics.median(rep["timings_s"][k] for rep in reps[v])
-                       for k in reps[v][0]["timings_s"]} for v in variants}
+                    reps[v].append(
+                        run(
+                            args.models,
+                            out,
+                            method,
+                            backend,
+                            args.steps,
+                            cluster.router_url if backend == "http" else None,
+                            chunk,
+                        )
+                    )
+            med = {
+                v: {
+                    k: statistics.median(rep["timings_s"][k] for rep in reps[v])
+                    for k in reps[v][0]["timings_s"]
+                }
+                for v in variants
+            }
             for v in variants:
                 t, counts = med[v], reps[v][0]["counts"]
-                hidden = max(0.0, 1 - t["query_exposed"] / t["query_latency"]) if v != "local" and t["query_latency"] else 0.0
-                rows.append((method, v, f"{t['wall']:.2f}", f"{t['rollout']:.2f}", f"{t['query_exposed']:.2f}",
-                             f"{t['update']:.2f}", f"{t['query_latency']:.2f}",
-                             f"{100 * hidden:.0f}" if v != "local" else "-", f"{counts['requests']:,}",
-                             f"{t['wall'] / med['local']['wall']:.2f}x"))
-                results.append({"method": method, "variant": v, "median_timings_s": t, "counts": counts,
-                                "walls_s": [rep["timings_s"]["wall"] for rep in reps[v]]})
-            print(text_table(HEAD, rows[-len(variants):]), flush=True)
+                hidden = (
+                    max(0.0, 1 - t["query_exposed"] / t["query_latency"])
+                    if v != "local" and t["query_latency"]
+                    else 0.0
+                )
+                rows.append(
+                    (
+                        method,
+                        v,
+                        f"{t['wall']:.2f}",
+                        f"{t['rollout']:.2f}",
+                        f"{t['query_exposed']:.2f}",
+                        f"{t['update']:.2f}",
+                        f"{t['query_latency']:.2f}",
+                        f"{100 * hidden:.0f}" if v != "local" else "-",
+                        f"{counts['requests']:,}",
+                        f"{t['wall'] / med['local']['wall']:.2f}x",
+                    )
+                )
+                results.append(
+                    {
+                        "method": method,
+                        "variant": v,
+                        "median_timings_s": t,
+                        "counts": counts,
+                        "walls_s": [rep["timings_s"]["wall"] for rep in reps[v]],
+                    }
+                )
+            print(text_table(HEAD, rows[-len(variants) :]), flush=True)
     print("\n" + text_table(HEAD, rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))

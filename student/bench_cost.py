@@ -41,15 +41,23 @@ PARTS = ("rollout", "query_exposed", "update")
 class BenchCostSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_BENCH_COST_")
 
-    methods: str = Field("diffusionopd,flowopd,danceopd", description="OPD methods, comma-separated")
+    methods: str = Field(
+        "diffusionopd,flowopd,danceopd", description="OPD methods, comma-separated"
+    )
     steps: int = Field(20, ge=2, description="optimizer steps per method")
     batch: int = Field(128, ge=1, description="rollout batch (use fewer for large --state-dim)")
     rollout_steps: int = Field(12, ge=2, description="Euler steps per rollout")
     state_dim: int = Field(2, ge=1, le=1 << 20, description="floats per state (2: the toy world)")
-    teacher_width: int | None = Field(None, ge=1, description="synthetic teachers' width "
-                                      "(implies synthetic teachers; default 128 when D > 2)")
+    teacher_width: int | None = Field(
+        None,
+        ge=1,
+        description="synthetic teachers' width "
+        "(implies synthetic teachers; default 128 when D > 2)",
+    )
     student_width: int = Field(128, ge=1, description="synthetic mode: the student's width")
-    router_url: str | None = Field(None, description="use this router instead of starting a cluster")
+    router_url: str | None = Field(
+        None, description="use this router instead of starting a cluster"
+    )
     models: Path = Field(Path("models"), description="pretrained checkpoints (toy mode)")
     max_in_flight: int = Field(8, ge=1, description="requests in flight at once")
     threads: int = Field(1, ge=1, description="torch threads (trainer and started teachers)")
@@ -69,13 +77,36 @@ def start_synthetic_cluster(s: BenchCostSettings):
     cluster = Cluster()
     try:
         for name, seed in (("a", 1), ("base", 0)):
-            cluster.services[name] = start_service([
-                *PYTHON, "serve", "teacher", "--synthetic", "--name", name, "--seed", str(seed),
-                "--state-dim", str(s.state_dim), "--width", str(s.teacher_width or 128),
-                "--port", "0", "--threads", str(s.threads), "--max-body-mb", body_mb])
-        cluster.services["router"] = start_service(router_cmd(
-            {"a": cluster.services["a"].url}, {"base": cluster.services["base"].url},
-            policy="average", extra=["--max-body-mb", body_mb]))
+            cluster.services[name] = start_service(
+                [
+                    *PYTHON,
+                    "serve",
+                    "teacher",
+                    "--synthetic",
+                    "--name",
+                    name,
+                    "--seed",
+                    str(seed),
+                    "--state-dim",
+                    str(s.state_dim),
+                    "--width",
+                    str(s.teacher_width or 128),
+                    "--port",
+                    "0",
+                    "--threads",
+                    str(s.threads),
+                    "--max-body-mb",
+                    body_mb,
+                ]
+            )
+        cluster.services["router"] = start_service(
+            router_cmd(
+                {"a": cluster.services["a"].url},
+                {"base": cluster.services["base"].url},
+                policy="average",
+                extra=["--max-body-mb", body_mb],
+            )
+        )
     except BaseException:
         cluster.stop(2)
         raise
@@ -122,8 +153,13 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
             t3 = time.perf_counter()
             if step == 0:
                 continue
-            for k, v in (("rollout", t1 - t0), ("query_exposed", t2 - t1), ("update", t3 - t2),
-                         ("query_latency", cost.latency_s), ("teacher_compute", cost.server_compute_s)):
+            for k, v in (
+                ("rollout", t1 - t0),
+                ("query_exposed", t2 - t1),
+                ("update", t3 - t2),
+                ("query_latency", cost.latency_s),
+                ("teacher_compute", cost.server_compute_s),
+            ):
                 sums[k] += v
             counts["teacher_queries"] += cost.states
             counts["requests"] += cost.requests
@@ -141,13 +177,23 @@ def toy_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str, Any]:
     from student.trainer import TrainConfig, train
 
     student, meta = load_named(s.models, "base")
-    cfg = TrainConfig(method=method_name, teachers=["a", "b"], backend="http", steps=s.steps,
-                      batch=s.batch, rollout_steps=s.rollout_steps, eval_samples=512, trace_steps=0)
-    client = HttpTeacherClient(url, ["a", "b"], anchor=METHODS[method_name].uses_anchor,
-                               max_in_flight=s.max_in_flight)
+    cfg = TrainConfig(
+        method=method_name,
+        teachers=["a", "b"],
+        backend="http",
+        steps=s.steps,
+        batch=s.batch,
+        rollout_steps=s.rollout_steps,
+        eval_samples=512,
+        trace_steps=0,
+    )
+    client = HttpTeacherClient(
+        url, ["a", "b"], anchor=METHODS[method_name].uses_anchor, max_in_flight=s.max_in_flight
+    )
     try:
-        report = train(cfg, student, client, s.out / "runs" / method_name, base_meta=meta,
-                       progress=False)
+        report = train(
+            cfg, student, client, s.out / "runs" / method_name, base_meta=meta, progress=False
+        )
     finally:
         client.close()
     return {"steps": s.steps, "timings_s": report["timings_s"], "counts": report["counts"]}
@@ -168,14 +214,18 @@ def summarise(name: str, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | rollout ms | exposed query ms | update ms | step ms | exposed share "
-            "| query latency ms (overlapped) | states/step | MB/step |\n| --- |" + " ---: |" * 8)
+    head = (
+        "| method | rollout ms | exposed query ms | update ms | step ms | exposed share "
+        "| query latency ms (overlapped) | states/step | MB/step |\n| --- |" + " ---: |" * 8
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['rollout_ms']:.1f} | {r['query_exposed_ms']:.1f} | "
-                     f"{r['update_ms']:.1f} | {r['step_ms']:.1f} | {r['exposed_share']:.0%} | "
-                     f"{r['query_latency_ms']:.1f} | {r['states_per_step']:,.0f} | "
-                     f"{r['mb_per_step']:.3f} |")
+        lines.append(
+            f"| {r['method']} | {r['rollout_ms']:.1f} | {r['query_exposed_ms']:.1f} | "
+            f"{r['update_ms']:.1f} | {r['step_ms']:.1f} | {r['exposed_share']:.0%} | "
+            f"{r['query_latency_ms']:.1f} | {r['states_per_step']:,.0f} | "
+            f"{r['mb_per_step']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -225,12 +275,18 @@ def run_bench_cost(s: BenchCostSettings) -> int:
     finally:
         if cluster is not None:
             cluster.stop()
-    mode = (f"synthetic D={s.state_dim}, teacher width {s.teacher_width or 128}, student width "
-            f"{s.student_width}" if s.synthetic else "toy D=2, pretrained teachers a, b, base")
+    mode = (
+        f"synthetic D={s.state_dim}, teacher width {s.teacher_width or 128}, student width "
+        f"{s.student_width}"
+        if s.synthetic
+        else "toy D=2, pretrained teachers a, b, base"
+    )
     title = f"{mode}; batch {s.batch}, N={s.rollout_steps}, {s.steps} steps"
     s.out.mkdir(parents=True, exist_ok=True)
-    (s.out / "cost.json").write_text(json.dumps(
-        {"mode": mode, "settings": s.model_dump(mode="json"), "rows": rows}, indent=2) + "\n")
+    (s.out / "cost.json").write_text(
+        json.dumps({"mode": mode, "settings": s.model_dump(mode="json"), "rows": rows}, indent=2)
+        + "\n"
+    )
     plot(s.out / "cost.png", rows, title)
     print(f"# {title}\n{table(rows)}\nwrote {s.out}/cost.json, cost.png")
     return 0

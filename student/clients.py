@@ -31,7 +31,9 @@ class TeacherInfo:
 
     @classmethod
     def from_meta(cls, meta: CheckpointMeta, name: str | None = None, version: str = "1"):
-        centers = torch.tensor(meta.mode_centers, dtype=torch.float32) if meta.mode_centers else None
+        centers = (
+            torch.tensor(meta.mode_centers, dtype=torch.float32) if meta.mode_centers else None
+        )
         return cls(name or meta.name, meta.digest, version, list(meta.modes), centers)
 
 
@@ -140,19 +142,27 @@ class LocalTeacherClient(TeacherClient):
         start = time.perf_counter()
         assignment = routing.assign(self.policy, x, [i.centers for i in self.teachers])
         rows = routing.rows_by_teacher(assignment, len(self._nets))
-        outs = [net(x[idx], t[idx]) if idx.numel() else x[:0] for net, idx in zip(self._nets, rows, strict=True)]
+        outs = [
+            net(x[idx], t[idx]) if idx.numel() else x[:0]
+            for net, idx in zip(self._nets, rows, strict=True)
+        ]
         v = routing.merge_answers(assignment, rows, outs, x.shape[1])
         v_anchor = self._anchor_net(x, t) if self._anchor_net is not None else None
         elapsed = time.perf_counter() - start
         answers = [
             Answer(v_k, a_k.to(torch.int32), None if v_anchor is None else va_k)
             for v_k, a_k, va_k in zip(
-                v.split(sizes), assignment.split(sizes),
+                v.split(sizes),
+                assignment.split(sizes),
                 v_anchor.split(sizes) if v_anchor is not None else [None] * len(sizes),
                 strict=True,
             )
         ]
         infos = self.teachers + ([self.anchor] if self.anchor else [])
-        cost = QueryCost(states=x.shape[0], latency_s=elapsed, server_compute_s=elapsed,
-                         versions={i.name: i.version for i in infos})
+        cost = QueryCost(
+            states=x.shape[0],
+            latency_s=elapsed,
+            server_compute_s=elapsed,
+            versions={i.name: i.version for i in infos},
+        )
         return answers, cost

@@ -23,10 +23,14 @@ from student.trainer import TrainConfig, TrainingAborted, train
 
 class PretrainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_PRETRAIN_")
-    out: Path = Field(Path("models"), description="directory for base/teacher-a/teacher-b checkpoints")
+    out: Path = Field(
+        Path("models"), description="directory for base/teacher-a/teacher-b checkpoints"
+    )
     seed: int = Field(0, description="seed of the base model (teachers use seed+1, seed+2)")
     force: bool = Field(False, description="retrain and overwrite existing checkpoints")
-    steps: int | None = Field(None, ge=1, description="override every model's step count (tests only)")
+    steps: int | None = Field(
+        None, ge=1, description="override every model's step count (tests only)"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
 
 
@@ -41,17 +45,29 @@ class TrainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TRAIN_")
     method: Literal["diffusionopd", "flowopd", "danceopd"] = Field(description="OPD method")
     teachers: str = Field("a,b", description="comma-separated teacher names, e.g. a,b")
-    supervise: Literal["router", "average"] = Field("router", description="routed teacher or mean of all")
+    supervise: Literal["router", "average"] = Field(
+        "router", description="routed teacher or mean of all"
+    )
     steps: int = Field(1500, ge=1, description="optimizer steps")
     seed: int = Field(123, description="run seed (rollout noise, DanceOPD indices)")
-    backend: Literal["local", "http"] = Field("local", description="local: in-process teachers; http: through a router")
-    router_url: str | None = Field(None, description="router base URL for --backend http (uvicorn or Ray Serve route)")
-    stream_chunk: int = Field(12, ge=1, description="queried rollout steps per request (http); "
-                              "12 = one request per dense rollout, fastest on 2 shared cores")
+    backend: Literal["local", "http"] = Field(
+        "local", description="local: in-process teachers; http: through a router"
+    )
+    router_url: str | None = Field(
+        None, description="router base URL for --backend http (uvicorn or Ray Serve route)"
+    )
+    stream_chunk: int = Field(
+        12,
+        ge=1,
+        description="queried rollout steps per request (http); "
+        "12 = one request per dense rollout, fastest on 2 shared cores",
+    )
     max_in_flight: int = Field(8, ge=1, description="requests in flight at once (http)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-attempt request timeout (http)")
     retries: int = Field(5, ge=0, description="retries of a failed request, with backoff (http)")
-    checkpoint_every: int = Field(100, ge=0, description="save resumable state every N steps (0: never)")
+    checkpoint_every: int = Field(
+        100, ge=0, description="save resumable state every N steps (0: never)"
+    )
     resume: bool = Field(False, description="continue the run in --out from its checkpoint")
     trace_steps: int = Field(200, ge=0, description="steps recorded in trace.json")
     models: Path = Field(Path("models"), description="directory of pretrained checkpoints")
@@ -73,8 +89,9 @@ def local_client(models: Path, teachers: list[str], supervise: str, anchor: bool
     if anchor:
         net, meta = load_named(models, BASE_NAME)
         anchor_pair = (net, TeacherInfo.from_meta(meta, name=BASE_NAME))
-    return LocalTeacherClient(loaded, policy="nearest" if supervise == "router" else "average",
-                              anchor=anchor_pair)
+    return LocalTeacherClient(
+        loaded, policy="nearest" if supervise == "router" else "average", anchor=anchor_pair
+    )
 
 
 def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
@@ -87,10 +104,16 @@ def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
     from student.remote import HttpTeacherClient
 
     try:
-        return HttpTeacherClient(s.router_url, teachers, anchor=anchor,
-                                 policy="average" if s.supervise == "average" else None,
-                                 stream_chunk=s.stream_chunk, max_in_flight=s.max_in_flight,
-                                 timeout_s=s.request_timeout_s, retries=s.retries)
+        return HttpTeacherClient(
+            s.router_url,
+            teachers,
+            anchor=anchor,
+            policy="average" if s.supervise == "average" else None,
+            stream_chunk=s.stream_chunk,
+            max_in_flight=s.max_in_flight,
+            timeout_s=s.request_timeout_s,
+            retries=s.retries,
+        )
     except (ValueError, TeacherUnavailable) as exc:
         raise UsageError(str(exc)) from None
 
@@ -102,18 +125,37 @@ def run_train(s: TrainSettings) -> int:
         teachers = parse_names(s.teachers)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    cfg = TrainConfig(method=s.method, teachers=teachers, supervise=s.supervise, backend=s.backend,
-                      steps=s.steps, seed=s.seed, batch=s.batch, rollout_steps=s.rollout_steps, lr=s.lr,
-                      checkpoint_every=s.checkpoint_every, trace_steps=s.trace_steps)
+    cfg = TrainConfig(
+        method=s.method,
+        teachers=teachers,
+        supervise=s.supervise,
+        backend=s.backend,
+        steps=s.steps,
+        seed=s.seed,
+        batch=s.batch,
+        rollout_steps=s.rollout_steps,
+        lr=s.lr,
+        checkpoint_every=s.checkpoint_every,
+        trace_steps=s.trace_steps,
+    )
     student, base_meta = load_named(s.models, BASE_NAME)
     with make_client(s, teachers) as client:
         try:
-            report = train(cfg, student, client, s.out, base_meta=base_meta, progress=s.progress,
-                           resume=s.resume)
+            report = train(
+                cfg,
+                student,
+                client,
+                s.out,
+                base_meta=base_meta,
+                progress=s.progress,
+                resume=s.resume,
+            )
         except TrainingAborted as exc:
             sys.stderr.write(f"opd train: {exc}\n")
             return 1
-    print(json.dumps({"out": str(s.out), **report["metrics"], "wall_s": report["timings_s"]["wall"]}))
+    print(
+        json.dumps({"out": str(s.out), **report["metrics"], "wall_s": report["timings_s"]["wall"]})
+    )
     return 0
 
 
@@ -136,14 +178,29 @@ def run_eval(s: EvalSettings) -> int:
     net, meta = read_model(s.checkpoint)
     modes = [load_named(s.models, n)[1].modes for n in names]
     metrics, samples = evaluate(net, modes, s.samples, s.eval_steps, s.seed)
-    report = build_report(method="eval", teachers=names, supervise="none", backend="none",
-                          steps=0, seed=s.seed, metrics=metrics, totals=RunTotals(),
-                          extra={"checkpoint": str(s.checkpoint), "checkpoint_digest": meta.digest,
-                                 "checkpoint_role": meta.role})
+    report = build_report(
+        method="eval",
+        teachers=names,
+        supervise="none",
+        backend="none",
+        steps=0,
+        seed=s.seed,
+        metrics=metrics,
+        totals=RunTotals(),
+        extra={
+            "checkpoint": str(s.checkpoint),
+            "checkpoint_digest": meta.digest,
+            "checkpoint_role": meta.role,
+        },
+    )
     s.out.mkdir(parents=True, exist_ok=True)
     write_json(s.out / "report.json", report)
-    plot_samples(s.out / "samples.png", samples, sorted({m for ms in modes for m in ms}),
-                 f"{s.checkpoint.name} vs target {'+'.join(names)}")
+    plot_samples(
+        s.out / "samples.png",
+        samples,
+        sorted({m for ms in modes for m in ms}),
+        f"{s.checkpoint.name} vs target {'+'.join(names)}",
+    )
     print(json.dumps({"out": str(s.out), **metrics}))
     return 0
 

@@ -65,29 +65,58 @@ def run_demo(s: DemoSettings) -> int:
     with start_cluster(s.models) as cluster:
         only_a = start_service(router_cmd({"a": cluster.services["a"].url}, {}))
         cluster.services["router-a"] = only_a
-        print(f"cluster ready in {time.perf_counter() - t0:.1f} s: router {cluster.router_url}, "
-              f"router (a only) {only_a.url}", flush=True)
+        print(
+            f"cluster ready in {time.perf_counter() - t0:.1f} s: router {cluster.router_url}, "
+            f"router (a only) {only_a.url}",
+            flush=True,
+        )
         runs: list[tuple[str, dict]] = []
         for label, name, method, teachers, supervise in DEMO_RUNS:
             url = only_a.url if teachers == "a" else cluster.router_url
-            ts = TrainSettings(method=method, teachers=teachers, supervise=supervise, backend="http",
-                               router_url=url, steps=s.steps, seed=s.seed, models=s.models,
-                               out=s.out / name, stream_chunk=s.stream_chunk, checkpoint_every=0)
-            cfg = TrainConfig(method=method, teachers=parse_names(teachers), supervise=supervise,
-                              backend="http", steps=s.steps, seed=s.seed, checkpoint_every=0)
+            ts = TrainSettings(
+                method=method,
+                teachers=teachers,
+                supervise=supervise,
+                backend="http",
+                router_url=url,
+                steps=s.steps,
+                seed=s.seed,
+                models=s.models,
+                out=s.out / name,
+                stream_chunk=s.stream_chunk,
+                checkpoint_every=0,
+            )
+            cfg = TrainConfig(
+                method=method,
+                teachers=parse_names(teachers),
+                supervise=supervise,
+                backend="http",
+                steps=s.steps,
+                seed=s.seed,
+                checkpoint_every=0,
+            )
             student, base_meta = load_named(s.models, BASE_NAME)
             with make_client(ts, cfg.teachers) as client:
-                report = train(cfg, student, client, ts.out, base_meta=base_meta, progress=s.progress)
+                report = train(
+                    cfg, student, client, ts.out, base_meta=base_meta, progress=s.progress
+                )
             runs.append((label, report))
             m = report["metrics"]
-            print(f"{label:<34} logp {m['avg_target_logp']:6.2f}  mass {m['teacher_mode_mass']:.2f}  "
-                  f"eff {m['effective_modes']:.2f}  wall {report['timings_s']['wall']:.1f} s", flush=True)
+            print(
+                f"{label:<34} logp {m['avg_target_logp']:6.2f}  mass {m['teacher_mode_mass']:.2f}  "
+                f"eff {m['effective_modes']:.2f}  wall {report['timings_s']['wall']:.1f} s",
+                flush=True,
+            )
     base, _ = load_named(s.models, BASE_NAME)
     base_rows = []
-    for label, teachers in (("base student, target = teacher a", ["a"]),
-                            ("base student, target = a ∪ b", ["a", "b"])):
+    for label, teachers in (
+        ("base student, target = teacher a", ["a"]),
+        ("base student, target = a ∪ b", ["a", "b"]),
+    ):
         metrics, _ = evaluate(base, [ring.TEACHER_MODES[t] for t in teachers])
-        base_rows.append((label, {"metrics": metrics, "counts": {"rollouts": 0, "teacher_queries": 0}}))
+        base_rows.append(
+            (label, {"metrics": metrics, "counts": {"rollouts": 0, "teacher_queries": 0}})
+        )
     quality = quality_rows(base_rows[:1] + runs[:1] + base_rows[1:] + runs[1:])
     cost = cost_rows(runs)
     print("\nquality (SPEC §5)\n" + text_table(QUALITY_HEAD, quality))
@@ -100,8 +129,10 @@ def run_demo(s: DemoSettings) -> int:
 
 def write_report(s: DemoSettings, quality: list, cost: list, runs: list[tuple[str, dict]]) -> None:
     names = [name for _, name, *_ in DEMO_RUNS]
-    figures = "\n".join(f"| {label} | ![]({name}/samples.png) |"
-                        for (label, _), name in zip(runs, names, strict=True))
+    figures = "\n".join(
+        f"| {label} | ![]({name}/samples.png) |"
+        for (label, _), name in zip(runs, names, strict=True)
+    )
     md = f"""# OPD demo: {s.steps} steps per run, seed {s.seed}, over HTTP
 
 Teachers `a`, `b` and `base` (Flow-OPD's anchor) served as uvicorn processes behind the router;
@@ -124,8 +155,13 @@ the trainer streams states in requests of {s.stream_chunk} rollout steps.
 {figures}
 """
     (s.out / "report.md").write_text(md)
-    (s.out / "summary.json").write_text(json.dumps({label: r for label, r in runs}, indent=2, default=str))
+    (s.out / "summary.json").write_text(
+        json.dumps({label: r for label, r in runs}, indent=2, default=str)
+    )
 
 
-DEMO = Command("cluster up, every SPEC §5 run over HTTP, tables and report, cluster down",
-               DemoSettings, run_demo)
+DEMO = Command(
+    "cluster up, every SPEC §5 run over HTTP, tables and report, cluster down",
+    DemoSettings,
+    run_demo,
+)

@@ -24,8 +24,13 @@ def metrics_of(samples: torch.Tensor, teacher_modes: Sequence[Sequence[int]]) ->
     }
 
 
-def evaluate(net: nn.Module, teacher_modes: Sequence[Sequence[int]], n: int = EVAL_SAMPLES,
-             steps: int = EVAL_STEPS, seed: int = EVAL_SEED) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(
+    net: nn.Module,
+    teacher_modes: Sequence[Sequence[int]],
+    n: int = EVAL_SAMPLES,
+    steps: int = EVAL_STEPS,
+    seed: int = EVAL_SEED,
+) -> tuple[dict[str, float], torch.Tensor]:
     """Sample ``n`` points with ``steps`` Euler steps (own seeded generator) and score them.
 
     Returns the metrics and the samples ``[n, 2]``.

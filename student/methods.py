@@ -32,8 +32,9 @@ def flow_opd_weight(t: torch.Tensor) -> torch.Tensor:
     return (1.2 - t).clamp(0.2, 1.2)
 
 
-def gaussian_step_kl(v_student: torch.Tensor, v_teacher: torch.Tensor, dt: float,
-                     sigma: float) -> torch.Tensor:
+def gaussian_step_kl(
+    v_student: torch.Tensor, v_teacher: torch.Tensor, dt: float, sigma: float
+) -> torch.Tensor:
     """Closed-form KL between the Euler-step Gaussians ``N(x − dt·v, σ² I)`` of student and teacher.
 
     ``KL = ||μ_θ − μ_φ||² / (2σ²) = w(t)·||v_θ − v_φ||²`` with ``w = dt² / (2σ²)``.
@@ -57,8 +58,13 @@ class Method:
     def uses_anchor(self) -> bool:
         return self.anchor_coef > 0
 
-    def loss(self, v: torch.Tensor, t: torch.Tensor, v_teacher: torch.Tensor,
-             v_anchor: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        v: torch.Tensor,
+        t: torch.Tensor,
+        v_teacher: torch.Tensor,
+        v_anchor: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean over queried states of the per-state loss.
 
         Args:
@@ -79,8 +85,14 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("diffusionopd", "DiffusionOPD dense", sde_noise=0.0, plan=dense_plan),
-        Method("flowopd", "Flow-OPD dense + anchor", sde_noise=0.05, plan=dense_plan,
-               anchor_coef=0.02, time_weight=flow_opd_weight),
+        Method(
+            "flowopd",
+            "Flow-OPD dense + anchor",
+            sde_noise=0.05,
+            plan=dense_plan,
+            anchor_coef=0.02,
+            time_weight=flow_opd_weight,
+        ),
         Method("danceopd", "DanceOPD single query", sde_noise=0.0, plan=single_plan),
     )
 }

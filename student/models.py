@@ -16,7 +16,9 @@ def checkpoint_path(models: str | Path, name: str) -> Path:
     return models / ("base.safetensors" if name == BASE_NAME else f"teacher-{name}.safetensors")
 
 
-def load_named(models: str | Path, name: str, device: str = "cpu") -> tuple[VelocityNet, CheckpointMeta]:
+def load_named(
+    models: str | Path, name: str, device: str = "cpu"
+) -> tuple[VelocityNet, CheckpointMeta]:
     """Load the checkpoint of teacher ``name`` (or ``base``) from ``models``."""
     path = checkpoint_path(models, name)
     if not path.is_file():

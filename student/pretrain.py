@@ -35,15 +35,23 @@ STANDARD = (
 )
 
 
-def flow_matching_loss(net: VelocityNet, x0: torch.Tensor, eps: torch.Tensor,
-                       t: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(
+    net: VelocityNet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     """Conditional flow matching: ``x_t = (1−t)x0 + t·ε``, target ``ε − x0``; inputs ``[B, D]``, ``t [B]``."""
     xt = (1 - t)[:, None] * x0 + t[:, None] * eps
     return (net(xt, t) - (eps - x0)).pow(2).mean()
 
 
-def pretrain(modes: Sequence[int], steps: int, seed: int, lr: float = 1e-3, batch: int = 256,
-             config: NetConfig | None = None, desc: str = "pretrain") -> VelocityNet:
+def pretrain(
+    modes: Sequence[int],
+    steps: int,
+    seed: int,
+    lr: float = 1e-3,
+    batch: int = 256,
+    config: NetConfig | None = None,
+    desc: str = "pretrain",
+) -> VelocityNet:
     """Train a ``VelocityNet`` by flow matching on the ring modes ``modes``; deterministic per seed."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -60,8 +68,14 @@ def pretrain(modes: Sequence[int], steps: int, seed: int, lr: float = 1e-3, batc
     return net.eval().requires_grad_(False)
 
 
-def pretrain_all(out: str | Path, seed: int = 0, force: bool = False, steps: int | None = None,
-                 recipes: Sequence[Recipe] = STANDARD, log=print) -> list[Path]:
+def pretrain_all(
+    out: str | Path,
+    seed: int = 0,
+    force: bool = False,
+    steps: int | None = None,
+    recipes: Sequence[Recipe] = STANDARD,
+    log=print,
+) -> list[Path]:
     """Pretrain every recipe into ``out``; existing files are kept unless ``force``.
 
     ``steps`` overrides every recipe's step count (for quick tests only).
@@ -75,9 +89,18 @@ def pretrain_all(out: str | Path, seed: int = 0, force: bool = False, steps: int
         n = steps if steps is not None else r.steps
         net = pretrain(r.modes, n, seed + r.seed_offset, r.lr, r.batch, desc=f"pretrain {r.name}")
         meta = CheckpointMeta(
-            name=r.name, role=r.role, modes=list(r.modes),
-            mode_centers=ring.centers_of(r.modes).tolist(), seed=seed + r.seed_offset, steps=n,
-            training={"objective": "flow_matching", "lr": r.lr, "batch": r.batch, "optimizer": "adam"},
+            name=r.name,
+            role=r.role,
+            modes=list(r.modes),
+            mode_centers=ring.centers_of(r.modes).tolist(),
+            seed=seed + r.seed_offset,
+            steps=n,
+            training={
+                "objective": "flow_matching",
+                "lr": r.lr,
+                "batch": r.batch,
+                "optimizer": "adam",
+            },
         )
         meta = save_model(path, net, meta)
         log(f"wrote {path} ({meta.digest[:19]}…)")

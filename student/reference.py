@@ -39,7 +39,13 @@ ROWS = (
     Row("DiffusionOPD dense (a, b)", ("a", "b"), "diffusionopd", ref=(-1.80, 1.00, 3.77)),
     Row("Flow-OPD dense + anchor (a, b)", ("a", "b"), "flowopd", ref=(-1.82, 1.00, 3.74)),
     Row("DanceOPD single query (a, b)", ("a", "b"), "danceopd", ref=(-1.75, 1.00, 3.86)),
-    Row("naive average of a and b (dense)", ("a", "b"), "diffusionopd", "average", ref=(-8.2, 1.00, 3.9)),
+    Row(
+        "naive average of a and b (dense)",
+        ("a", "b"),
+        "diffusionopd",
+        "average",
+        ref=(-8.2, 1.00, 3.9),
+    ),
 )
 #: SPEC §5 tolerances: logp ±0.2, mass ≥ 0.99, effective modes ±0.2 (base rows: mass ±0.05).
 LOGP_TOL, EFF_TOL = 0.2, 0.2
@@ -47,10 +53,16 @@ LOGP_TOL, EFF_TOL = 0.2, 0.2
 
 def within(row: Row, m: dict) -> bool:
     logp, mass, eff = row.ref
-    mass_ok = m["teacher_mode_mass"] >= 0.99 if row.method else abs(m["teacher_mode_mass"] - mass) <= 0.05
+    mass_ok = (
+        m["teacher_mode_mass"] >= 0.99 if row.method else abs(m["teacher_mode_mass"] - mass) <= 0.05
+    )
     # The average row's reference is given as "about"; its point is the gap, so allow ±0.5 there.
     logp_tol = 0.5 if row.supervise == "average" else LOGP_TOL
-    return abs(m["avg_target_logp"] - logp) <= logp_tol and mass_ok and abs(m["effective_modes"] - eff) <= EFF_TOL
+    return (
+        abs(m["avg_target_logp"] - logp) <= logp_tol
+        and mass_ok
+        and abs(m["effective_modes"] - eff) <= EFF_TOL
+    )
 
 
 def run_row(row: Row, models: Path, out: Path, steps: int, seed: int) -> dict:
@@ -58,29 +70,48 @@ def run_row(row: Row, models: Path, out: Path, steps: int, seed: int) -> dict:
         net, _ = load_named(models, BASE_NAME)
         t0 = time.perf_counter()
         metrics, _ = evaluate(net, [ring.TEACHER_MODES[n] for n in row.teachers])
-        return {"metrics": metrics, "counts": {"rollouts": 0, "teacher_queries": 0},
-                "timings_s": {"wall": 0.0, "rollout": 0.0, "query_exposed": 0.0, "update": 0.0,
-                              "eval": time.perf_counter() - t0}}
-    cfg = TrainConfig(method=row.method, teachers=list(row.teachers), supervise=row.supervise,
-                      steps=steps, seed=seed)
+        return {
+            "metrics": metrics,
+            "counts": {"rollouts": 0, "teacher_queries": 0},
+            "timings_s": {
+                "wall": 0.0,
+                "rollout": 0.0,
+                "query_exposed": 0.0,
+                "update": 0.0,
+                "eval": time.perf_counter() - t0,
+            },
+        }
+    cfg = TrainConfig(
+        method=row.method,
+        teachers=list(row.teachers),
+        supervise=row.supervise,
+        steps=steps,
+        seed=seed,
+    )
     student, base_meta = load_named(models, BASE_NAME)
     name = f"{row.method}-{'-'.join(row.teachers)}-{row.supervise}"
-    with local_client(models, list(row.teachers), row.supervise, anchor=row.method == "flowopd") as client:
+    with local_client(
+        models, list(row.teachers), row.supervise, anchor=row.method == "flowopd"
+    ) as client:
         return train(cfg, student, client, out / name, base_meta=base_meta, progress=False)
 
 
 def markdown(results: list[tuple[Row, dict]], title: str) -> str:
-    lines = [f"## {title}", "",
-             "| run | rollouts | teacher queries (states) | avg target logp (ref) | mass (ref) | "
-             "effective modes (ref) | in tol | wall s | rollout s | query s | update s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | :-: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"## {title}",
+        "",
+        "| run | rollouts | teacher queries (states) | avg target logp (ref) | mass (ref) | "
+        "effective modes (ref) | in tol | wall s | rollout s | query s | update s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :-: | ---: | ---: | ---: | ---: |",
+    ]
     for row, rep in results:
         m, c, t = rep["metrics"], rep["counts"], rep["timings_s"]
         lines.append(
             f"| {row.label} | {c['rollouts']:,} | {c['teacher_queries']:,} | "
             f"{m['avg_target_logp']:.2f} ({row.ref[0]:.2f}) | {m['teacher_mode_mass']:.2f} ({row.ref[1]:.2f}) | "
             f"{m['effective_modes']:.2f} ({row.ref[2]:.2f}) | {'yes' if within(row, m) else '**no**'} | "
-            f"{t['wall']:.1f} | {t['rollout']:.1f} | {t['query_exposed']:.1f} | {t['update']:.1f} |")
+            f"{t['wall']:.1f} | {t['rollout']:.1f} | {t['query_exposed']:.1f} | {t['update']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -99,15 +130,27 @@ def main() -> int:
         rep = run_row(row, args.models, args.out, args.steps, args.seed)
         results.append((row, rep))
         m = rep["metrics"]
-        print(f"{row.label:<36} logp {m['avg_target_logp']:7.2f}  mass {m['teacher_mode_mass']:.2f}  "
-              f"eff {m['effective_modes']:.2f}  {'ok' if within(row, m) else 'OUT OF TOLERANCE'}", flush=True)
-    table = markdown(results, f"In-process (local backend), {args.steps} steps, seed {args.seed}, "
-                              f"{args.threads} threads")
+        print(
+            f"{row.label:<36} logp {m['avg_target_logp']:7.2f}  mass {m['teacher_mode_mass']:.2f}  "
+            f"eff {m['effective_modes']:.2f}  {'ok' if within(row, m) else 'OUT OF TOLERANCE'}",
+            flush=True,
+        )
+    table = markdown(
+        results,
+        f"In-process (local backend), {args.steps} steps, seed {args.seed}, {args.threads} threads",
+    )
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reference.json").write_text(json.dumps(
-        [{"label": r.label, "ref": r.ref, "in_tolerance": within(r, rep["metrics"]), **rep} for r, rep in results],
-        indent=2, default=str))
+    (args.out / "reference.json").write_text(
+        json.dumps(
+            [
+                {"label": r.label, "ref": r.ref, "in_tolerance": within(r, rep["metrics"]), **rep}
+                for r, rep in results
+            ],
+            indent=2,
+            default=str,
+        )
+    )
     if args.markdown:
         args.markdown.write_text(table)
     return 0 if all(within(r, rep["metrics"]) for r, rep in results) else 1

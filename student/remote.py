@@ -32,7 +32,9 @@ from student.clients import (
 
 ROUTER_MODEL = "opd-router"
 # Decoded binary outputs are read-only views of the response body; the trainer only reads them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning
+)
 #: Statuses worth another attempt: the request is idempotent and the cause may pass.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 # connection refused/reset, protocol errors, timeouts: the request is idempotent, try again
@@ -54,8 +56,9 @@ class _Reply:
     versions: dict[str, str]
 
 
-def fetch_registry(router_url: str, timeout_s: float = 10.0, retries: int = 5,
-                   backoff_s: float = 0.2) -> tuple[list[TeacherInfo], list[TeacherInfo]]:
+def fetch_registry(
+    router_url: str, timeout_s: float = 10.0, retries: int = 5, backoff_s: float = 0.2
+) -> tuple[list[TeacherInfo], list[TeacherInfo]]:
     """Teachers (in the router's index order) and anchors from ``GET /v1/teachers``.
 
     Retried with backoff like an infer request: a router (or its name, in a container network)
@@ -63,19 +66,26 @@ def fetch_registry(router_url: str, timeout_s: float = 10.0, retries: int = 5,
     """
     for attempt in range(retries + 1):
         try:
-            doc = httpx.get(f"{router_url}/v1/teachers", timeout=timeout_s).raise_for_status().json()
+            doc = (
+                httpx.get(f"{router_url}/v1/teachers", timeout=timeout_s).raise_for_status().json()
+            )
             break
         except httpx.HTTPError as exc:
             if attempt == retries:
-                raise TeacherUnavailable(f"router {router_url} is unreachable after {retries + 1} "
-                                         f"attempts: {exc}") from exc
+                raise TeacherUnavailable(
+                    f"router {router_url} is unreachable after {retries + 1} attempts: {exc}"
+                ) from exc
             time.sleep(min(backoff_s * 2**attempt, 5.0))
 
     def info(entry: dict) -> TeacherInfo:
         centers = entry.get("mode_centers")
-        return TeacherInfo(entry["name"], entry.get("digest") or "", str(entry.get("version") or ""),
-                           list(entry.get("modes") or []),
-                           torch.tensor(centers, dtype=torch.float32) if centers else None)
+        return TeacherInfo(
+            entry["name"],
+            entry.get("digest") or "",
+            str(entry.get("version") or ""),
+            list(entry.get("modes") or []),
+            torch.tensor(centers, dtype=torch.float32) if centers else None,
+        )
 
     return [info(e) for e in doc.get("teachers", [])], [info(e) for e in doc.get("anchors", [])]
 
@@ -83,19 +93,32 @@ def fetch_registry(router_url: str, timeout_s: float = 10.0, retries: int = 5,
 class HttpTeacherClient(TeacherClient):
     """Teachers behind an ``opd-router`` (uvicorn or Ray Serve) at ``router_url``."""
 
-    def __init__(self, router_url: str, teachers: list[str], anchor: bool = False,
-                 policy: str | None = None, stream_chunk: int = 1, max_in_flight: int = 8,
-                 timeout_s: float = 30.0, retries: int = 5, backoff_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        router_url: str,
+        teachers: list[str],
+        anchor: bool = False,
+        policy: str | None = None,
+        stream_chunk: int = 1,
+        max_in_flight: int = 8,
+        timeout_s: float = 30.0,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+    ) -> None:
         self.url = router_url.rstrip("/")
         self.endpoint = f"{self.url}/v2/models/{ROUTER_MODEL}/infer"
         served, anchors = fetch_registry(self.url, timeout_s, retries, backoff_s)
         names = [t.name for t in served]
         if names != teachers:
-            raise ValueError(f"the router at {self.url} serves teachers {names}, the run asks for "
-                             f"{teachers}; register the same teachers in the same order")
+            raise ValueError(
+                f"the router at {self.url} serves teachers {names}, the run asks for "
+                f"{teachers}; register the same teachers in the same order"
+            )
         if anchor and not anchors:
-            raise ValueError(f"the method needs an anchor, but the router at {self.url} has none "
-                             "(start it with --anchor base=URL)")
+            raise ValueError(
+                f"the method needs an anchor, but the router at {self.url} has none "
+                "(start it with --anchor base=URL)"
+            )
         self.teachers = served
         self.anchor = anchors[0] if anchor else None
         self.policy, self.stream_chunk = policy, max(1, stream_chunk)
@@ -114,9 +137,12 @@ class HttpTeacherClient(TeacherClient):
         # (measured for the router), and every millisecond here competes with the rollout.
         # aiohttp sets TCP_NODELAY on its sockets, so no Nagle stall between header and body.
         connector = aiohttp.TCPConnector(limit=max_in_flight, keepalive_timeout=30.0)
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                     timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                     skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -175,10 +201,13 @@ class HttpTeacherClient(TeacherClient):
         params = {"policy": self.policy} if self.policy else None
         # Encoding copies the states into the body here, in the trainer thread, so the rollout
         # may go on writing its own buffers while the request is in flight.
-        body, headers = encode_request({"x": x.numpy(), "t": t.numpy()}, outputs=self._outputs,
-                                       binary=True, parameters=params)
+        body, headers = encode_request(
+            {"x": x.numpy(), "t": t.numpy()}, outputs=self._outputs, binary=True, parameters=params
+        )
         self._slots.acquire()
-        fut = asyncio.run_coroutine_threadsafe(self._post(body, headers, sum(sizes), sizes), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(
+            self._post(body, headers, sum(sizes), sizes), self._loop
+        )
         fut.add_done_callback(lambda _: self._slots.release())
         self._inflight.append(fut)
 
@@ -200,24 +229,50 @@ class HttpTeacherClient(TeacherClient):
                 last = f"HTTP {status}: {content[:300].decode(errors='replace')}"
                 continue
             if status != 200:
-                raise TeacherRequestError(f"{self.endpoint} answered HTTP {status}: "
-                                          f"{content[:500].decode(errors='replace')}")
+                raise TeacherRequestError(
+                    f"{self.endpoint} answered HTTP {status}: "
+                    f"{content[:500].decode(errors='replace')}"
+                )
             return self._decode(content, header_length, body, states, start, end), sizes
-        raise TeacherUnavailable(f"teachers unreachable through {self.endpoint} after "
-                                 f"{self.retries + 1} attempts; last error: {last}")
+        raise TeacherUnavailable(
+            f"teachers unreachable through {self.endpoint} after "
+            f"{self.retries + 1} attempts; last error: {last}"
+        )
 
-    def _decode(self, content: bytes, header_length: str | None, body: bytes, states: int,
-                start: float, end: float) -> _Reply:
+    def _decode(
+        self,
+        content: bytes,
+        header_length: str | None,
+        body: bytes,
+        states: int,
+        start: float,
+        end: float,
+    ) -> _Reply:
         try:
             msg = decode_response(content, header_length)
         except CodecError as exc:
             raise TeacherRequestError(f"{self.endpoint} sent an unreadable answer: {exc}") from exc
         p = msg.parameters
-        names = [*(str(p.get("teachers") or "").split(",")), *([self.anchor.name] if self.anchor else [])]
+        names = [
+            *(str(p.get("teachers") or "").split(",")),
+            *([self.anchor.name] if self.anchor else []),
+        ]
         versions = {n: str(p[f"{n}.version"]) for n in names if n and f"{n}.version" in p}
         server_ms = float(p.get("route_ms", 0.0)) + float(p.get("fanout_ms", 0.0))
-        span = RequestSpan(start, end, states, float(p.get("queue_ms", 0.0)) / 1e3,
-                           float(p.get("compute_ms", 0.0)) / 1e3, server_ms / 1e3)
-        return _Reply(np.asarray(msg.tensors["v"]), np.asarray(msg.tensors["teacher"]),
-                      np.asarray(msg.tensors["v_anchor"]) if "v_anchor" in msg.tensors else None,
-                      span, len(body), len(content), versions)
+        span = RequestSpan(
+            start,
+            end,
+            states,
+            float(p.get("queue_ms", 0.0)) / 1e3,
+            float(p.get("compute_ms", 0.0)) / 1e3,
+            server_ms / 1e3,
+        )
+        return _Reply(
+            np.asarray(msg.tensors["v"]),
+            np.asarray(msg.tensors["teacher"]),
+            np.asarray(msg.tensors["v_anchor"]) if "v_anchor" in msg.tensors else None,
+            span,
+            len(body),
+            len(content),
+            versions,
+        )

@@ -49,8 +49,9 @@ def rollout(
 
 
 @torch.no_grad()
-def sample(net: nn.Module, n: int, num_steps: int, generator: torch.Generator | None = None,
-           dim: int = 2) -> torch.Tensor:
+def sample(
+    net: nn.Module, n: int, num_steps: int, generator: torch.Generator | None = None, dim: int = 2
+) -> torch.Tensor:
     """``n`` ODE samples with ``num_steps`` Euler steps from ``N(0, I)`` noise; ``[n, dim]``."""
     x = torch.randn(n, dim, generator=generator)
     return rollout(net, x, num_steps)[1]

@@ -34,11 +34,17 @@ def save_state(out: Path, state: TrainState, student: VelocityNet, opt: torch.op
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in student.state_dict().items()}
     for i, p in enumerate(student.parameters()):
         for key, value in opt.state.get(p, {}).items():
-            tensors[f"optim.{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+            tensors[f"optim.{i}.{key}"] = (
+                value.detach().reshape(-1) if key == "step" else value.detach()
+            )
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["init.params"] = state.params_init
-    meta = {"step": state.step, "totals": state.totals, "versions_seen": state.versions_seen,
-            "config": state.config}
+    meta = {
+        "step": state.step,
+        "totals": state.totals,
+        "versions_seen": state.versions_seen,
+        "config": state.config,
+    }
     path = out / STATE_FILE
     atomic_write_bytes(path, encode_tensors(tensors, meta))
     return path
@@ -50,12 +56,19 @@ def load_state(out: Path, student: VelocityNet, opt: torch.optim.Adam) -> TrainS
     if not path.is_file():
         raise CheckpointError(f"--resume: {path} does not exist (no checkpoint was written yet)")
     tensors, meta = decode_tensors(path.read_bytes(), source=str(path))
-    student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    student.load_state_dict(
+        {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    )
     for i, p in enumerate(student.parameters()):
-        st = {key.split(".", 2)[2]: v.clone() for key, v in tensors.items() if key.startswith(f"optim.{i}.")}
+        st = {
+            key.split(".", 2)[2]: v.clone()
+            for key, v in tensors.items()
+            if key.startswith(f"optim.{i}.")
+        }
         if st:
             st["step"] = st["step"].reshape(())
             opt.state[p] = st
     torch.set_rng_state(tensors["rng.torch"])
-    return TrainState(meta["step"], meta["totals"], meta["versions_seen"], meta["config"],
-                      tensors["init.params"])
+    return TrainState(
+        meta["step"], meta["totals"], meta["versions_seen"], meta["config"], tensors["init.params"]
+    )

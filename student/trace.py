@@ -26,13 +26,25 @@ class Tracer:
 
     def span(self, name: str, track: str, start: float, end: float, **args: Any) -> None:
         tid = self._tids.setdefault(track, len(self._tids) + 1)
-        self.events.append({"name": name, "cat": track, "ph": "X", "pid": 1, "tid": tid,
-                            "ts": round((start - self.origin) * 1e6, 1),
-                            "dur": round(max(end - start, 0.0) * 1e6, 1), "args": args})
+        self.events.append(
+            {
+                "name": name,
+                "cat": track,
+                "ph": "X",
+                "pid": 1,
+                "tid": tid,
+                "ts": round((start - self.origin) * 1e6, 1),
+                "dur": round(max(end - start, 0.0) * 1e6, 1),
+                "args": args,
+            }
+        )
 
     def write(self, path: str | Path) -> None:
-        meta = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}}
-                for track, tid in self._tids.items()]
+        meta = [
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}}
+            for track, tid in self._tids.items()
+        ]
         meta.append({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "opd trainer"}})
-        atomic_write_bytes(path, json.dumps({"traceEvents": meta + self.events,
-                                             "displayTimeUnit": "ms"}).encode())
+        atomic_write_bytes(
+            path, json.dumps({"traceEvents": meta + self.events, "displayTimeUnit": "ms"}).encode()
+        )

@@ -60,9 +60,15 @@ def _cat(answers, attr: str) -> torch.Tensor | None:
     return None if any(p is None for p in parts) else torch.cat(parts)
 
 
-def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: str | Path,
-          base_meta: CheckpointMeta | None = None, progress: bool = True,
-          resume: bool = False) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    student: VelocityNet,
+    client: TeacherClient,
+    out: str | Path,
+    base_meta: CheckpointMeta | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Run ``cfg.steps`` OPD steps on ``student`` supervised through ``client``; write the run.
 
     Writes ``out/report.json``, ``steps.jsonl``, ``trace.json``, ``student.safetensors``,
@@ -89,8 +95,10 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
         state = load_state(out, student, opt)
         mismatch = [k for k in RESUME_KEYS if state.config.get(k) != cfg.model_dump()[k]]
         if mismatch:
-            raise CheckpointError(f"--resume: the run in {out} differs in {', '.join(mismatch)}; "
-                                  "resume with the same settings or pick a new --out")
+            raise CheckpointError(
+                f"--resume: the run in {out} differs in {', '.join(mismatch)}; "
+                "resume with the same settings or pick a new --out"
+            )
         start_step, versions_seen = state.step, {k: set(v) for k, v in state.versions_seen.items()}
         totals.add(state.totals["counts"], state.totals["timings_s"])
         params_before = state.params_init
@@ -99,14 +107,29 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
 
     def checkpoint(step: int) -> Path:
         totals.timings_s["wall"] = time.perf_counter() - wall0
-        return save_state(out, TrainState(step, {"counts": totals.counts, "timings_s": totals.timings_s},
-                                          {k: sorted(v) for k, v in versions_seen.items()},
-                                          cfg.model_dump(), params_before), student, opt)
+        return save_state(
+            out,
+            TrainState(
+                step,
+                {"counts": totals.counts, "timings_s": totals.timings_s},
+                {k: sorted(v) for k, v in versions_seen.items()},
+                cfg.model_dump(),
+                params_before,
+            ),
+            student,
+            opt,
+        )
 
     steps_log = _open_steps_log(out / "steps.jsonl", keep=start_step)
     # In a log file (not a terminal) every refresh is a new line: refresh rarely there.
-    bar = tqdm(range(start_step, cfg.steps), desc=f"{cfg.method}/{cfg.backend}", disable=not progress,
-               mininterval=0.5 if sys.stderr.isatty() else 15.0, initial=start_step, total=cfg.steps)
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc=f"{cfg.method}/{cfg.backend}",
+        disable=not progress,
+        mininterval=0.5 if sys.stderr.isatty() else 15.0,
+        initial=start_step,
+        total=cfg.steps,
+    )
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -116,8 +139,13 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
             marks: list[float] = []
 
             # 2. rollout without grad, streaming each queried state to the teachers right away
-            def on_state(i: int, x_i: torch.Tensor, t_i: float, wanted: set[int] = wanted,
-                         marks: list[float] = marks) -> None:
+            def on_state(
+                i: int,
+                x_i: torch.Tensor,
+                t_i: float,
+                wanted: set[int] = wanted,
+                marks: list[float] = marks,
+            ) -> None:
                 marks.append(time.perf_counter())
                 if i in wanted:
                     client.submit(x_i, torch.full((b,), t_i))
@@ -130,8 +158,10 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
                 answers, cost = client.collect()
             except TeacherUnavailable as exc:
                 path = checkpoint(step)
-                raise TrainingAborted(f"{exc}\nstopped after {step} of {cfg.steps} steps; state saved "
-                                      f"to {path}; rerun with --resume to continue") from exc
+                raise TrainingAborted(
+                    f"{exc}\nstopped after {step} of {cfg.steps} steps; state saved "
+                    f"to {path}; rerun with --resume to continue"
+                ) from exc
             t2 = time.perf_counter()
 
             # 4. update: regress the student toward the teachers at the states it visited
@@ -146,29 +176,54 @@ def train(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: st
             loss_value = float(loss.detach())
 
             # 5. account
-            timings = {"rollout": t1 - t0, "query_exposed": t2 - t1, "update": t3 - t2,
-                       "query_latency": cost.latency_s, "teacher_compute": cost.server_compute_s}
-            counts = {"rollouts": b, "teacher_queries": cost.states, "requests": cost.requests,
-                      "bytes_sent": cost.bytes_sent, "bytes_received": cost.bytes_received}
+            timings = {
+                "rollout": t1 - t0,
+                "query_exposed": t2 - t1,
+                "update": t3 - t2,
+                "query_latency": cost.latency_s,
+                "teacher_compute": cost.server_compute_s,
+            }
+            counts = {
+                "rollouts": b,
+                "teacher_queries": cost.states,
+                "requests": cost.requests,
+                "bytes_sent": cost.bytes_sent,
+                "bytes_received": cost.bytes_received,
+            }
             totals.add(counts, timings)
             for name, version in cost.versions.items():
                 versions_seen.setdefault(name, set()).add(version)
-            steps_log.write(json.dumps({
-                "step": step, "loss": loss_value, "query_index": plan[0] if len(plan) == 1 else None,
-                **counts, **{f"{k}_s": round(v, 6) for k, v in timings.items()},
-                "server_queue_s": round(cost.server_queue_s, 6), "transport_s": round(cost.transport_s, 6),
-                "versions": cost.versions,
-            }) + "\n")
+            steps_log.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": loss_value,
+                        "query_index": plan[0] if len(plan) == 1 else None,
+                        **counts,
+                        **{f"{k}_s": round(v, 6) for k, v in timings.items()},
+                        "server_queue_s": round(cost.server_queue_s, 6),
+                        "transport_s": round(cost.transport_s, 6),
+                        "versions": cost.versions,
+                    }
+                )
+                + "\n"
+            )
             if tracer.wants(step):
                 _trace_step(tracer, step, t0, marks, t1, t2, t3, cost)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if (
+                cfg.checkpoint_every
+                and (step + 1) % cfg.checkpoint_every == 0
+                and step + 1 < cfg.steps
+            ):
                 steps_log.flush()
                 checkpoint(step + 1)
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 elapsed = time.perf_counter() - wall0
-                bar.set_postfix(loss=f"{loss_value:.4f}",
-                                states_s=f"{totals.counts['teacher_queries'] / elapsed:,.0f}",
-                                wait=f"{totals.timings_s['query_exposed'] / elapsed:.0%}")
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    states_s=f"{totals.counts['teacher_queries'] / elapsed:,.0f}",
+                    wait=f"{totals.timings_s['query_exposed'] / elapsed:.0%}",
+                )
     finally:
         steps_log.close()
         bar.close()
@@ -184,8 +239,9 @@ def _open_steps_log(path: Path, keep: int):
     return path.open("a")
 
 
-def _trace_step(tracer: Tracer, step: int, t0: float, marks: list[float], t1: float, t2: float,
-                t3: float, cost) -> None:
+def _trace_step(
+    tracer: Tracer, step: int, t0: float, marks: list[float], t1: float, t2: float, t3: float, cost
+) -> None:
     bounds = [*marks, t1]
     for i in range(len(marks)):
         tracer.span(f"rollout {i}", "trainer", bounds[i], bounds[i + 1], step=step)
@@ -193,41 +249,90 @@ def _trace_step(tracer: Tracer, step: int, t0: float, marks: list[float], t1: fl
     tracer.span("update", "trainer", t2, t3, step=step)
     for k, s in enumerate(cost.spans):
         track = f"request {k}"
-        tracer.span(f"request ({s.states} states)", track, s.start, s.end, step=step,
-                    queue_ms=round(s.server_queue_s * 1e3, 3), compute_ms=round(s.server_compute_s * 1e3, 3))
+        tracer.span(
+            f"request ({s.states} states)",
+            track,
+            s.start,
+            s.end,
+            step=step,
+            queue_ms=round(s.server_queue_s * 1e3, 3),
+            compute_ms=round(s.server_compute_s * 1e3, 3),
+        )
         if s.server_compute_s:  # the server does not say when; drawn ending with the request
             tracer.span("server compute", track, s.end - s.server_compute_s, s.end, step=step)
 
 
-def _finish(cfg: TrainConfig, student: VelocityNet, client: TeacherClient, out: Path, totals: RunTotals,
-            versions_seen: dict[str, set[str]], params_before: torch.Tensor,
-            base_meta: CheckpointMeta | None) -> dict[str, Any]:
+def _finish(
+    cfg: TrainConfig,
+    student: VelocityNet,
+    client: TeacherClient,
+    out: Path,
+    totals: RunTotals,
+    versions_seen: dict[str, set[str]],
+    params_before: torch.Tensor,
+    base_meta: CheckpointMeta | None,
+) -> dict[str, Any]:
     """Evaluate, save the student and write report.json and samples.png."""
     student.eval().requires_grad_(False)
     params_after = torch.cat([p.detach().flatten() for p in student.parameters()])
     t_eval = time.perf_counter()
     teacher_modes = [info.modes for info in client.teachers]
-    metrics, samples = evaluate(student, teacher_modes, cfg.eval_samples, cfg.eval_steps, cfg.eval_seed)
+    metrics, samples = evaluate(
+        student, teacher_modes, cfg.eval_samples, cfg.eval_steps, cfg.eval_seed
+    )
     totals.timings_s["eval"] = time.perf_counter() - t_eval
-    refs = [TeacherRef(name=i.name, digest=i.digest,
-                       version=",".join(sorted(versions_seen.get(i.name, {i.version}))))
-            for i in [*client.teachers, *([client.anchor] if client.anchor else [])]]
+    refs = [
+        TeacherRef(
+            name=i.name,
+            digest=i.digest,
+            version=",".join(sorted(versions_seen.get(i.name, {i.version}))),
+        )
+        for i in [*client.teachers, *([client.anchor] if client.anchor else [])]
+    ]
     modes = sorted({m for ms in teacher_modes for m in ms})
-    meta = save_model(out / "student.safetensors", student, CheckpointMeta(
-        name=out.name, role="student", modes=modes, seed=cfg.seed, steps=cfg.steps, teachers=refs,
-        training={"method": cfg.method, "supervise": cfg.supervise, "backend": cfg.backend,
-                  "lr": cfg.lr, "batch": cfg.batch, "rollout_steps": cfg.rollout_steps,
-                  "init": base_meta.digest if base_meta else None},
-    ))
+    meta = save_model(
+        out / "student.safetensors",
+        student,
+        CheckpointMeta(
+            name=out.name,
+            role="student",
+            modes=modes,
+            seed=cfg.seed,
+            steps=cfg.steps,
+            teachers=refs,
+            training={
+                "method": cfg.method,
+                "supervise": cfg.supervise,
+                "backend": cfg.backend,
+                "lr": cfg.lr,
+                "batch": cfg.batch,
+                "rollout_steps": cfg.rollout_steps,
+                "init": base_meta.digest if base_meta else None,
+            },
+        ),
+    )
     report = build_report(
-        method=cfg.method, teachers=[i.name for i in client.teachers], supervise=cfg.supervise,
-        backend=cfg.backend, steps=cfg.steps, seed=cfg.seed, metrics=metrics, totals=totals,
-        extra={"method_title": METHODS[cfg.method].title, "student_digest": meta.digest,
-               "teacher_refs": [r.model_dump() for r in refs],
-               "param_change_l2": float((params_after - params_before).norm()),
-               "config": cfg.model_dump()},
+        method=cfg.method,
+        teachers=[i.name for i in client.teachers],
+        supervise=cfg.supervise,
+        backend=cfg.backend,
+        steps=cfg.steps,
+        seed=cfg.seed,
+        metrics=metrics,
+        totals=totals,
+        extra={
+            "method_title": METHODS[cfg.method].title,
+            "student_digest": meta.digest,
+            "teacher_refs": [r.model_dump() for r in refs],
+            "param_change_l2": float((params_after - params_before).norm()),
+            "config": cfg.model_dump(),
+        },
     )
     write_json(out / "report.json", report)
-    plot_samples(out / "samples.png", samples, modes,
-                 f"{METHODS[cfg.method].title} ({'+'.join(report['teachers'])}, {cfg.supervise}, {cfg.steps} steps)")
+    plot_samples(
+        out / "samples.png",
+        samples,
+        modes,
+        f"{METHODS[cfg.method].title} ({'+'.join(report['teachers'])}, {cfg.supervise}, {cfg.steps} steps)",
+    )
     return report

@@ -33,7 +33,10 @@ def models(tmp_path_factory) -> Path:
     """Fully pretrained checkpoints (SPEC §2). Reuses the repo's models/ when present."""
     cached = REPO / "models"
     out = tmp_path_factory.mktemp("models")
-    if all((cached / f).is_file() for f in ("base.safetensors", "teacher-a.safetensors", "teacher-b.safetensors")):
+    if all(
+        (cached / f).is_file()
+        for f in ("base.safetensors", "teacher-a.safetensors", "teacher-b.safetensors")
+    ):
         for f in cached.glob("*.safetensors"):
             shutil.copy(f, out / f.name)
     else:

@@ -53,21 +53,30 @@ class BenchServeSettings(BaseSettings):
     concurrency: str = Field("1,2,4,8,16,32", description="requests in flight, comma-separated")
     states: str = Field("16,128,1536", description="states per request, comma-separated")
     encoding: str = Field("binary", description="binary, json, or binary,json to compare")
-    state_dim: int | None = Field(None, ge=1, description="D for free (-1) input dims "
-                                  "(default: the model's parameters.data_dim, else 2)")
+    state_dim: int | None = Field(
+        None,
+        ge=1,
+        description="D for free (-1) input dims (default: the model's parameters.data_dim, else 2)",
+    )
     window_s: float = Field(1.0, gt=0, description="measurement window (s)")
     stable_windows: int = Field(3, ge=1, description="windows that must agree")
     stability: float = Field(0.10, gt=0, description="allowed spread of those windows (fraction)")
     max_windows: int = Field(10, ge=1, description="most windows per point")
     max_requests: int = Field(20_000, ge=1, description="most requests per point")
     max_seconds: float = Field(300.0, gt=0, description="bound on the whole sweep (s)")
-    metrics_url: str | None = Field(None, description="Prometheus page with the states counter "
-                                    "(default URL/metrics; 'none' to skip)")
+    metrics_url: str | None = Field(
+        None,
+        description="Prometheus page with the states counter (default URL/metrics; 'none' to skip)",
+    )
     limits: bool = Field(True, description="also measure raw TCP echo and in-process forward")
-    checkpoint: Path | None = Field(None, description="checkpoint for the in-process forward "
-                                    "(synthetic teachers need none)")
-    threads: int = Field(1, ge=1, description="torch threads of the in-process forward "
-                         "(match the server's --threads)")
+    checkpoint: Path | None = Field(
+        None, description="checkpoint for the in-process forward (synthetic teachers need none)"
+    )
+    threads: int = Field(
+        1,
+        ge=1,
+        description="torch threads of the in-process forward (match the server's --threads)",
+    )
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout (s)")
     out: Path = Field(Path("bench-serve"), description="directory for sweep.csv/json/png")
 
@@ -90,9 +99,17 @@ async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
     """Every point of the sweep, in order, within ``s.max_seconds``; plus the model metadata."""
     url = s.url.rstrip("/")
     concurrency = int_list(s.concurrency)
-    bounds = SweepBounds(s.window_s, s.stable_windows, s.stability, s.max_windows,
-                         max_requests=s.max_requests, max_seconds=s.max_seconds)
-    metrics_url = None if (s.metrics_url or "").lower() == "none" else (s.metrics_url or f"{url}/metrics")
+    bounds = SweepBounds(
+        s.window_s,
+        s.stable_windows,
+        s.stability,
+        s.max_windows,
+        max_requests=s.max_requests,
+        max_seconds=s.max_seconds,
+    )
+    metrics_url = (
+        None if (s.metrics_url or "").lower() == "none" else (s.metrics_url or f"{url}/metrics")
+    )
     points: list[Point] = []
     async with nodelay_client(max(concurrency), s.timeout_s) as client:
         try:
@@ -108,13 +125,22 @@ async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
                 inputs = make_inputs(specs, states, dim)
                 for c in concurrency:
                     if time.perf_counter() >= deadline:
-                        sys.stderr.write("opd bench serve: --max-seconds reached; "
-                                         "remaining points skipped\n")
+                        sys.stderr.write(
+                            "opd bench serve: --max-seconds reached; remaining points skipped\n"
+                        )
                         return points, meta
                     point = Point(enc, states, c)
                     before = await scrape_states(client, metrics_url, s.model)
-                    await run_point(client, f"{url}/v2/models/{s.model}/infer", inputs,
-                                    enc == "binary", c, bounds, deadline, point)
+                    await run_point(
+                        client,
+                        f"{url}/v2/models/{s.model}/infer",
+                        inputs,
+                        enc == "binary",
+                        c,
+                        bounds,
+                        deadline,
+                        point,
+                    )
                     after = await scrape_states(client, metrics_url, s.model)
                     if before is not None and after is not None:
                         point.server_states = after - before
@@ -124,17 +150,26 @@ async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
 
 
 def _line(p: Point) -> str:
-    extra = "".join(f"  {label} {value:.2f}" for label, value in (
-        ("server queue ms", p.server_queue_ms), ("compute ms", p.server_compute_ms),
-        ("batch", p.server_batch_states)) if value is not None)
-    return (f"{p.encoding:>6} {p.states_per_request:>7,} st/req  c{p.concurrency:<3} "
-            f"{p.requests_s:>9,.1f} req/s {p.states_s:>12,.0f} st/s {p.payload_mb_s:>9,.1f} MB/s  "
-            f"p50 {p.latency_p50_ms:8.2f}  p99 {p.latency_p99_ms:8.2f} ms  err {p.errors}"
-            f"{'' if p.stable else '  (unstable)'}{extra}")
+    extra = "".join(
+        f"  {label} {value:.2f}"
+        for label, value in (
+            ("server queue ms", p.server_queue_ms),
+            ("compute ms", p.server_compute_ms),
+            ("batch", p.server_batch_states),
+        )
+        if value is not None
+    )
+    return (
+        f"{p.encoding:>6} {p.states_per_request:>7,} st/req  c{p.concurrency:<3} "
+        f"{p.requests_s:>9,.1f} req/s {p.states_s:>12,.0f} st/s {p.payload_mb_s:>9,.1f} MB/s  "
+        f"p50 {p.latency_p50_ms:8.2f}  p99 {p.latency_p99_ms:8.2f} ms  err {p.errors}"
+        f"{'' if p.stable else '  (unstable)'}{extra}"
+    )
 
 
-def physical_limits(s: BenchServeSettings, points: list[Point], meta: dict[str, Any]
-                    ) -> dict[str, Any]:
+def physical_limits(
+    s: BenchServeSettings, points: list[Point], meta: dict[str, Any]
+) -> dict[str, Any]:
     """Echo MB/s at each request body size and the in-process forward states/s per size."""
     sizes = sorted({p.states_per_request for p in points})
     echo: dict[str, float] = {}
@@ -148,40 +183,58 @@ def physical_limits(s: BenchServeSettings, points: list[Point], meta: dict[str, 
 
         net, _ = read_model(s.checkpoint)
     forward = {str(n): forward_rate(net, n, threads=s.threads) for n in sizes} if net else {}
-    best = max((p for p in points if p.encoding == "binary"), key=lambda p: p.payload_mb_s,
-               default=None)
+    best = max(
+        (p for p in points if p.encoding == "binary"), key=lambda p: p.payload_mb_s, default=None
+    )
     out: dict[str, Any] = {"echo_mb_s": echo, "forward_states_s": forward}
     if best is not None and str(best.states_per_request) in echo:
         ref = echo[str(best.states_per_request)]
-        out["best_binary"] = {"states_per_request": best.states_per_request,
-                              "concurrency": best.concurrency, "payload_mb_s": best.payload_mb_s,
-                              "echo_mb_s": ref, "fraction_of_echo": best.payload_mb_s / ref}
+        out["best_binary"] = {
+            "states_per_request": best.states_per_request,
+            "concurrency": best.concurrency,
+            "payload_mb_s": best.payload_mb_s,
+            "echo_mb_s": ref,
+            "fraction_of_echo": best.payload_mb_s / ref,
+        }
     return out
 
 
 def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "python": platform.python_version(),
-            "torch": torch.__version__}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def run_bench_serve(s: BenchServeSettings) -> int:
     started = time.time()
-    context: dict[str, Any] = {"url": s.url, "model": s.model, "machine_start": machine(),
-                               "settings": s.model_dump(mode="json")}
+    context: dict[str, Any] = {
+        "url": s.url,
+        "model": s.model,
+        "machine_start": machine(),
+        "settings": s.model_dump(mode="json"),
+    }
     points, meta = asyncio.run(sweep(s))
     context["model_parameters"] = meta.get("parameters") or {}
     if s.limits and points:
         context["limits"] = lim = physical_limits(s, points, meta)
         for size, mb in lim["echo_mb_s"].items():
             fwd = lim["forward_states_s"].get(size)
-            print(f"limits at {int(size):,} states/req: raw TCP echo {mb:,.1f} MB/s"
-                  + (f", in-process forward {fwd:,.0f} states/s" if fwd else ""))
+            print(
+                f"limits at {int(size):,} states/req: raw TCP echo {mb:,.1f} MB/s"
+                + (f", in-process forward {fwd:,.0f} states/s" if fwd else "")
+            )
         if "best_binary" in lim:
             b = lim["best_binary"]
-            print(f"best binary point: {b['payload_mb_s']:,.1f} MB/s payload at "
-                  f"{b['states_per_request']:,} states/req c{b['concurrency']} = "
-                  f"{b['fraction_of_echo']:.0%} of raw TCP echo")
+            print(
+                f"best binary point: {b['payload_mb_s']:,.1f} MB/s payload at "
+                f"{b['states_per_request']:,} states/req c{b['concurrency']} = "
+                f"{b['fraction_of_echo']:.0%} of raw TCP echo"
+            )
     context["machine_end"] = machine()
     context["elapsed_s"] = round(time.time() - started, 2)
     s.out.mkdir(parents=True, exist_ok=True)
@@ -192,5 +245,6 @@ def run_bench_serve(s: BenchServeSettings) -> int:
     return 0
 
 
-BENCH_SERVE = Command("perf_analyzer-style sweep against any OIP v2 endpoint",
-                      BenchServeSettings, run_bench_serve)
+BENCH_SERVE = Command(
+    "perf_analyzer-style sweep against any OIP v2 endpoint", BenchServeSettings, run_bench_serve
+)

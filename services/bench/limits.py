@@ -10,8 +10,9 @@ import torch
 from common.nets import NetConfig, VelocityNet
 
 
-def forward_rate(net: VelocityNet, states: int, seconds: float = 1.0, threads: int = 1,
-                 max_calls: int = 10_000) -> float:
+def forward_rate(
+    net: VelocityNet, states: int, seconds: float = 1.0, threads: int = 1, max_calls: int = 10_000
+) -> float:
     """states/s of ``net(x [states, D], t [states])`` in this process on ``threads`` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -36,6 +37,7 @@ def net_from_metadata(params: dict[str, Any]) -> VelocityNet | None:
         return None
     from services.teacher.synthetic import synthetic_net
 
-    config = NetConfig(data_dim=int(params["data_dim"]), width=int(params["width"]),
-                       depth=int(params["depth"]))
+    config = NetConfig(
+        data_dim=int(params["data_dim"]), width=int(params["width"]), depth=int(params["depth"])
+    )
     return synthetic_net(config, int(params.get("seed") or 0))

@@ -34,8 +34,9 @@ def states_counter(text: str, model: str) -> float | None:
     return None
 
 
-async def scrape_states(client: httpx.AsyncClient, metrics_url: str | None, model: str
-                        ) -> float | None:
+async def scrape_states(
+    client: httpx.AsyncClient, metrics_url: str | None, model: str
+) -> float | None:
     """``states_counter`` of ``metrics_url``; ``None`` when unset, unreachable or absent."""
     if not metrics_url:
         return None

@@ -35,8 +35,14 @@ def plot(path: Path, points: Sequence[Point], title: str) -> None:
     fig, (ax_s, ax_b) = plt.subplots(1, 2, figsize=(12, 4.8))
     configs = sorted({(p.encoding, p.states_per_request) for p in points})
     for enc, states in configs:
-        line = sorted((p for p in points if (p.encoding, p.states_per_request) == (enc, states)
-                       and p.requests_total), key=lambda p: p.concurrency)
+        line = sorted(
+            (
+                p
+                for p in points
+                if (p.encoding, p.states_per_request) == (enc, states) and p.requests_total
+            ),
+            key=lambda p: p.concurrency,
+        )
         if not line:
             continue
         x = [p.latency_p50_ms for p in line]
@@ -45,8 +51,13 @@ def plot(path: Path, points: Sequence[Point], title: str) -> None:
         ax_s.plot(x, [p.states_s for p in line], style, label=label)
         ax_b.plot(x, [p.payload_mb_s for p in line], style, label=label)
         for p in line:
-            ax_s.annotate(f"c{p.concurrency}", (p.latency_p50_ms, p.states_s), fontsize=7,
-                          textcoords="offset points", xytext=(3, 3))
+            ax_s.annotate(
+                f"c{p.concurrency}",
+                (p.latency_p50_ms, p.states_s),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
     for ax, ylabel in ((ax_s, "states/s"), (ax_b, "payload MB/s (both directions)")):
         ax.set_xscale("log")
         ax.set_xlabel("latency p50 (ms), points = concurrency")

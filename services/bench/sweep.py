@@ -115,7 +115,9 @@ async def model_inputs(client: httpx.AsyncClient, url: str, model: str) -> list[
     """The required inputs from the model's metadata (optional ones are not sent)."""
     r = await client.get(f"{url}/v2/models/{model}")
     if r.status_code != 200:
-        raise ValueError(f"GET {url}/v2/models/{model} answered HTTP {r.status_code}: {r.text[:300]}")
+        raise ValueError(
+            f"GET {url}/v2/models/{model} answered HTTP {r.status_code}: {r.text[:300]}"
+        )
     specs = []
     for entry in r.json().get("inputs", []):
         if entry.get("optional"):
@@ -126,8 +128,9 @@ async def model_inputs(client: httpx.AsyncClient, url: str, model: str) -> list[
     return specs
 
 
-def make_inputs(specs: list[InputSpec], states: int, state_dim: int, seed: int = 0
-                ) -> dict[str, np.ndarray]:
+def make_inputs(
+    specs: list[InputSpec], states: int, state_dim: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random inputs: the first dimension is ``states``; other free (-1) ones are ``state_dim``.
 
     Floats are uniform in [0, 1) (valid times for ``t``), integers are 0.
@@ -139,9 +142,14 @@ def make_inputs(specs: list[InputSpec], states: int, state_dim: int, seed: int =
         shape = [states] + [state_dim if d < 0 else d for d in dims[1:]]
         dtype = DATATYPES.get(spec.datatype)
         if dtype is None:
-            raise ValueError(f"input {spec.name!r} has datatype {spec.datatype}, not supported here")
-        out[spec.name] = (rng.random(shape, dtype=np.float32).astype(dtype, copy=False)
-                          if dtype.kind == "f" else np.zeros(shape, dtype))
+            raise ValueError(
+                f"input {spec.name!r} has datatype {spec.datatype}, not supported here"
+            )
+        out[spec.name] = (
+            rng.random(shape, dtype=np.float32).astype(dtype, copy=False)
+            if dtype.kind == "f"
+            else np.zeros(shape, dtype)
+        )
     return out
 
 
@@ -162,8 +170,15 @@ def _server_timing(params: dict[str, Any]) -> tuple[float | None, float | None, 
     return num("queue_ms"), num("compute_ms"), num("batch_size")
 
 
-async def _worker(client: httpx.AsyncClient, endpoint: str, body: bytes,
-                  headers: dict[str, str], log: _Log, stop: asyncio.Event, budget: list[int]) -> None:
+async def _worker(
+    client: httpx.AsyncClient,
+    endpoint: str,
+    body: bytes,
+    headers: dict[str, str],
+    log: _Log,
+    stop: asyncio.Event,
+    budget: list[int],
+) -> None:
     while not stop.is_set() and budget[0] > 0:
         budget[0] -= 1
         start = time.perf_counter()
@@ -194,15 +209,24 @@ def _stable(rates: list[float], p50s: list[float], n: int, tol: float) -> bool:
     return True
 
 
-async def run_point(client: httpx.AsyncClient, endpoint: str, inputs: dict[str, np.ndarray],
-                    binary: bool, concurrency: int, bounds: SweepBounds, deadline: float,
-                    point: Point) -> Point:
+async def run_point(
+    client: httpx.AsyncClient,
+    endpoint: str,
+    inputs: dict[str, np.ndarray],
+    binary: bool,
+    concurrency: int,
+    bounds: SweepBounds,
+    deadline: float,
+    point: Point,
+) -> Point:
     """Measure one point (fills and returns ``point``)."""
     body, headers = encode_request(inputs, binary=binary)
     states = len(next(iter(inputs.values())))
     log, stop, budget = _Log(), asyncio.Event(), [bounds.max_requests]
-    workers = [asyncio.create_task(_worker(client, endpoint, body, headers, log, stop, budget))
-               for _ in range(concurrency)]
+    workers = [
+        asyncio.create_task(_worker(client, endpoint, body, headers, log, stop, budget))
+        for _ in range(concurrency)
+    ]
     windows: list[tuple[float, float]] = []
     rates: list[float] = []
     p50s: list[float] = []
@@ -212,8 +236,11 @@ async def run_point(client: httpx.AsyncClient, endpoint: str, inputs: dict[str, 
             limit = w_start + 4 * bounds.window_s
             await asyncio.sleep(bounds.window_s)
             # Extend a window that saw too few answers (slow points), within 4× its length.
-            while (len(log.answers) - seen < bounds.min_window_requests
-                   and time.perf_counter() < min(limit, deadline) and not _done(workers)):
+            while (
+                len(log.answers) - seen < bounds.min_window_requests
+                and time.perf_counter() < min(limit, deadline)
+                and not _done(workers)
+            ):
                 await asyncio.sleep(bounds.window_s / 4)
             w_end = time.perf_counter()
             got = [a for a in log.answers[seen:] if a.end <= w_end]
@@ -239,7 +266,10 @@ async def run_point(client: httpx.AsyncClient, endpoint: str, inputs: dict[str, 
     point.payload_mb_s = point.requests_s * point.payload_bytes / 1e6
     point.body_mb_s = point.requests_s * (point.request_bytes + point.response_bytes) / 1e6
     point.latency_p50_ms, point.latency_p90_ms, point.latency_p99_ms = (
-        _percentile(lat, 50), _percentile(lat, 90), _percentile(lat, 99))
+        _percentile(lat, 50),
+        _percentile(lat, 90),
+        _percentile(lat, 99),
+    )
     point.errors, point.error_sample = log.errors, log.error_sample
     point.server_queue_ms = _mean([a.queue_ms for a in sel])
     point.server_compute_ms = _mean([a.compute_ms for a in sel])

@@ -50,7 +50,9 @@ RETRY_AFTER_S = "1"
 #: (teacher, inputs, deadline) -> answer; HTTP pool or Ray handles
 TeacherCall = fanout.TeacherCall
 #: passthrough: (teacher, raw body, headers, deadline) -> (status, body, headers)
-Passthrough = Callable[[Teacher, bytes, dict[str, str], float], Awaitable[tuple[int, bytes, dict[str, str]]]]
+Passthrough = Callable[
+    [Teacher, bytes, dict[str, str], float], Awaitable[tuple[int, bytes, dict[str, str]]]
+]
 #: discovery for the registry API: spec -> teacher
 Discover = Callable[[TeacherSpec], Awaitable[Teacher]]
 
@@ -73,7 +75,9 @@ class RouterCore:
     _admin: asyncio.Lock | None = None
 
     def set_registry(self, reg: Registry) -> None:
-        self.registry = reg  # one reference assignment: requests already holding the old one keep it
+        self.registry = (
+            reg  # one reference assignment: requests already holding the old one keep it
+        )
         for t in reg.all():
             self.metrics.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
 
@@ -86,7 +90,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) more than ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise StarletteHTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+        raise StarletteHTTPException(
+            413, f"body of {declared} bytes exceeds the limit of {limit} bytes"
+        )
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -98,15 +104,26 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def router_metadata(reg: Registry) -> dict[str, Any]:
     """``GET /v2/models/opd-router``: the virtual model's contract and current registry."""
-    return {"name": fanout.MODEL_NAME, "versions": [fanout.MODEL_VERSION], "platform": "opd-router",
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]},
-                       {"name": "t", "datatype": "FP32", "shape": [-1]},
-                       {"name": "route", "datatype": "INT32", "shape": [-1], "optional": True}],
-            "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, -1]},
-                        {"name": "teacher", "datatype": "INT32", "shape": [-1]},
-                        {"name": "v_anchor", "datatype": "FP32", "shape": [-1, -1]}],
-            "parameters": {"policy": reg.policy, "teachers": ",".join(reg.names),
-                           "anchors": ",".join(a.name for a in reg.anchors)}}
+    return {
+        "name": fanout.MODEL_NAME,
+        "versions": [fanout.MODEL_VERSION],
+        "platform": "opd-router",
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "t", "datatype": "FP32", "shape": [-1]},
+            {"name": "route", "datatype": "INT32", "shape": [-1], "optional": True},
+        ],
+        "outputs": [
+            {"name": "v", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "teacher", "datatype": "INT32", "shape": [-1]},
+            {"name": "v_anchor", "datatype": "FP32", "shape": [-1, -1]},
+        ],
+        "parameters": {
+            "policy": reg.policy,
+            "teachers": ",".join(reg.names),
+            "anchors": ",".join(a.name for a in reg.anchors),
+        },
+    }
 
 
 def build_api(core: RouterCore) -> FastAPI:
@@ -126,8 +143,14 @@ def build_api(core: RouterCore) -> FastAPI:
             with suppress(Exception):
                 await close()
 
-    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title=SERVER_NAME,
+        version=SERVER_VERSION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.core = core
 
     @app.exception_handler(StarletteHTTPException)
@@ -149,7 +172,11 @@ def build_api(core: RouterCore) -> FastAPI:
 
     @app.get("/v2")
     async def server_metadata() -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+        return {
+            "name": SERVER_NAME,
+            "version": SERVER_VERSION,
+            "extensions": ["binary_tensor_data"],
+        }
 
     def teacher_or_404(name: str) -> Teacher:
         teacher = core.registry.get(name)
@@ -163,10 +190,19 @@ def build_api(core: RouterCore) -> FastAPI:
         if name == fanout.MODEL_NAME:
             return router_metadata(core.registry)
         t = teacher_or_404(name)
-        return {"name": name, "versions": [t.version] if t.version else [], "platform": "opd-teacher",
-                "parameters": {"version": t.version, "digest": t.digest, "modes": t.modes,
-                               "mode_centers": None if t.centers is None else t.centers.tolist(),
-                               "role": t.role, "replicas": len(t.replicas)}}
+        return {
+            "name": name,
+            "versions": [t.version] if t.version else [],
+            "platform": "opd-teacher",
+            "parameters": {
+                "version": t.version,
+                "digest": t.digest,
+                "modes": t.modes,
+                "mode_centers": None if t.centers is None else t.centers.tolist(),
+                "role": t.role,
+                "replicas": len(t.replicas),
+            },
+        }
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> JSONResponse:
@@ -180,8 +216,13 @@ def build_api(core: RouterCore) -> FastAPI:
         entries = [{"name": fanout.MODEL_NAME, "version": fanout.MODEL_VERSION, "state": "READY"}]
         for t in core.registry.all():
             up = any(r.live for r in t.replicas)
-            entries.append({"name": t.name, "version": t.version or "",
-                            "state": "READY" if up else "UNAVAILABLE"})
+            entries.append(
+                {
+                    "name": t.name,
+                    "version": t.version or "",
+                    "state": "READY" if up else "UNAVAILABLE",
+                }
+            )
         return entries
 
     async def infer_route(request: Request) -> Response:
@@ -194,8 +235,11 @@ def build_api(core: RouterCore) -> FastAPI:
         if core.pending >= s.max_inflight + s.max_queue:
             m.queue_full.inc()
             m.requests.labels(name, "503").inc()
-            return _error(503, f"router queue is full ({core.pending} requests admitted); retry later",
-                          {"Retry-After": RETRY_AFTER_S})
+            return _error(
+                503,
+                f"router queue is full ({core.pending} requests admitted); retry later",
+                {"Retry-After": RETRY_AFTER_S},
+            )
         core.pending += 1
         m.pending.set(core.pending)
         status = 500
@@ -205,7 +249,9 @@ def build_api(core: RouterCore) -> FastAPI:
                 deadline = time.monotonic() + s.deadline_s
                 body = await read_body(request, max_body)
                 if name == fanout.MODEL_NAME:
-                    resp = await _virtual(reg, body, request.headers.get(HEADER_LENGTH), deadline, received)
+                    resp = await _virtual(
+                        reg, body, request.headers.get(HEADER_LENGTH), deadline, received
+                    )
                 else:
                     resp = await _passthrough(reg, name, body, request.headers, deadline)
             status = resp.status_code
@@ -237,22 +283,32 @@ def build_api(core: RouterCore) -> FastAPI:
     app.add_route("/v2/models/{name}/infer", infer_route, methods=["POST"])
     app.add_route("/v2/models/{name}/versions/{version}/infer", infer_route, methods=["POST"])
 
-    async def _virtual(reg: Registry, body: bytes, header_length: str | None, deadline: float,
-                       received: float) -> Response:
+    async def _virtual(
+        reg: Registry, body: bytes, header_length: str | None, deadline: float, received: float
+    ) -> Response:
         if not body:
-            raise InputError("empty body; send an OIP v2 infer document with inputs x [B, D] and t [B]")
+            raise InputError(
+                "empty body; send an OIP v2 infer document with inputs x [B, D] and t [B]"
+            )
         msg = decode_request(body, header_length)
         result = await fanout.route_and_call(msg, reg, core.call, deadline, received)
         params = result.parameters
         params["server_ms"] = round((time.perf_counter() - received) * 1e3, 4)
         binary = {k for k in result.outputs if wants_binary(msg, k)}
-        content, headers = encode_response(result.outputs, fanout.MODEL_NAME, fanout.MODEL_VERSION,
-                                           binary=binary, request_id=msg.id, parameters=params)
+        content, headers = encode_response(
+            result.outputs,
+            fanout.MODEL_NAME,
+            fanout.MODEL_VERSION,
+            binary=binary,
+            request_id=msg.id,
+            parameters=params,
+        )
         m.states.inc(len(result.outputs.get("teacher", result.outputs.get("v", ()))))
         return Response(content, headers=headers)
 
-    async def _passthrough(reg: Registry, name: str, body: bytes, req_headers: Any,
-                           deadline: float) -> Response:
+    async def _passthrough(
+        reg: Registry, name: str, body: bytes, req_headers: Any, deadline: float
+    ) -> Response:
         if core.passthrough is None:
             raise StarletteHTTPException(501, "passthrough is not available in this deployment")
         teacher = reg.get(name)
@@ -268,12 +324,18 @@ def build_api(core: RouterCore) -> FastAPI:
 
     def check_admin(request: Request) -> None:
         if core.admin_token is None:
-            raise StarletteHTTPException(403, "registry changes are disabled: start the router with "
-                                              f"{ADMIN_TOKEN_ENV} set to enable them")
+            raise StarletteHTTPException(
+                403,
+                "registry changes are disabled: start the router with "
+                f"{ADMIN_TOKEN_ENV} set to enable them",
+            )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            raise StarletteHTTPException(401, "registry changes need 'Authorization: Bearer <token>'",
-                                         headers={"WWW-Authenticate": "Bearer"})
+            raise StarletteHTTPException(
+                401,
+                "registry changes need 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(given.strip().encode(), core.admin_token.encode()):
             raise StarletteHTTPException(403, "wrong admin token")
 
@@ -292,8 +354,11 @@ def build_api(core: RouterCore) -> FastAPI:
         try:
             doc = json.loads(raw or b"{}")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(400, f"body is not valid JSON ({exc}); send "
-                               '{"endpoints": ["http://host:port[#MODEL]", ...], "modes": [...]}')
+            return _error(
+                400,
+                f"body is not valid JSON ({exc}); send "
+                '{"endpoints": ["http://host:port[#MODEL]", ...], "modes": [...]}',
+            )
         current = core.registry.get(name)
         try:
             spec = spec_from_doc(name, doc, current.role if current else "teacher")
@@ -307,7 +372,9 @@ def build_api(core: RouterCore) -> FastAPI:
         m.registry_changes.labels("put").inc()
         reg = core.registry
         index = reg.names.index(name) if name in reg.names else None
-        return JSONResponse({"index": index, **teacher.describe()}, status_code=200 if current else 201)
+        return JSONResponse(
+            {"index": index, **teacher.describe()}, status_code=200 if current else 201
+        )
 
     @app.delete("/v1/teachers/{name}")
     async def delete_teacher(name: str, request: Request) -> JSONResponse:
@@ -336,27 +403,38 @@ def build_api(core: RouterCore) -> FastAPI:
 def specs_from_settings(s: RouterSettings) -> tuple[list[TeacherSpec], str]:
     """Teacher specs from the registry file, then flags/env (which override by name); policy."""
     file_specs, file_policy = read_registry_file(s.registry) if s.registry else ([], None)
-    flag_specs = [parse_flag(f, "teacher") for f in s.teacher] + [parse_flag(f, "anchor") for f in s.anchor]
+    flag_specs = [parse_flag(f, "teacher") for f in s.teacher] + [
+        parse_flag(f, "anchor") for f in s.anchor
+    ]
     specs = merge_specs(file_specs, flag_specs)
     if not any(sp.role == "teacher" for sp in specs):
-        raise RegistryError("no teachers given: use --teacher NAME=URL (repeatable), "
-                            "OPD_ROUTER_TEACHER or a --registry file")
+        raise RegistryError(
+            "no teachers given: use --teacher NAME=URL (repeatable), "
+            "OPD_ROUTER_TEACHER or a --registry file"
+        )
     return specs, s.policy or file_policy or "nearest"
 
 
-def create_app(settings: RouterSettings, registry: Registry | None = None,
-               admin_token: str | None = None) -> FastAPI:
+def create_app(
+    settings: RouterSettings, registry: Registry | None = None, admin_token: str | None = None
+) -> FastAPI:
     """The uvicorn router: HTTP pool to teachers, background health checks.
 
     Without ``registry`` the teachers in ``settings`` are discovered at start-up (the app's
     lifespan); ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
     """
     m = RouterMetrics()
-    pool = Pool(settings.connect_timeout_s, settings.attempt_timeout_s, settings.max_connections,
-                on_retry=lambda t, _: m.retries.labels(t).inc(),
-                on_eject=lambda t, r: m.ejections.labels(t, r).inc())
+    pool = Pool(
+        settings.connect_timeout_s,
+        settings.attempt_timeout_s,
+        settings.max_connections,
+        on_retry=lambda t, _: m.retries.labels(t).inc(),
+        on_eject=lambda t, r: m.ejections.labels(t, r).inc(),
+    )
 
-    async def call(teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float) -> TeacherAnswer:
+    async def call(
+        teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float
+    ) -> TeacherAnswer:
         ans = await infer(pool, teacher, inputs, deadline)
         m.teacher_seconds.labels(teacher.name).observe(ans.latency_ms / 1e3)
         m.teacher_rows.labels(teacher.name).inc(len(ans.v))
@@ -369,15 +447,23 @@ def create_app(settings: RouterSettings, registry: Registry | None = None,
     async def discover(spec: TeacherSpec) -> Teacher:
         return await build_teacher(pool.client, spec, settings.attempt_timeout_s)
 
-    token = admin_token if admin_token is not None else (os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None)
+    token = (
+        admin_token
+        if admin_token is not None
+        else (os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None)
+    )
     core = RouterCore(registry or Registry(), call, passthrough, discover, settings, token, m)
     health: list[asyncio.Task] = []
 
     async def start() -> None:
         if registry is None:
             specs, policy = specs_from_settings(settings)
-            core.registry = await build_registry(pool.client, specs, policy, settings.attempt_timeout_s)
-        health.append(asyncio.create_task(pool.health_loop(lambda: core.registry, settings.health_interval_s)))
+            core.registry = await build_registry(
+                pool.client, specs, policy, settings.attempt_timeout_s
+            )
+        health.append(
+            asyncio.create_task(pool.health_loop(lambda: core.registry, settings.health_interval_s))
+        )
 
     async def close() -> None:
         for task in health:

@@ -32,12 +32,22 @@ def _start(args: list[str], env: dict[str, str] | None = None) -> Service:
 
 def _stats(lat_s: list[float], states: int, wall_s: float) -> dict[str, float]:
     ms = np.asarray(lat_s) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "mean_ms": round(float(ms.mean()), 3), "states_per_s": round(states * len(ms) / wall_s)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "states_per_s": round(states * len(ms) / wall_s),
+    }
 
 
-async def _run(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-               n: int, concurrency: int) -> tuple[list[float], list[dict], float]:
+async def _run(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    n: int,
+    concurrency: int,
+) -> tuple[list[float], list[dict], float]:
     lat: list[float] = []
     params: list[dict] = []
     todo = iter(range(n))
@@ -57,14 +67,20 @@ async def _run(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
     return lat, params, time.perf_counter() - start
 
 
-async def _bench(targets: dict[str, tuple[str, bool]], states: int, n: int, concurrency: int) -> dict:
+async def _bench(
+    targets: dict[str, tuple[str, bool]], states: int, n: int, concurrency: int
+) -> dict:
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(states, 2)) * 4).astype(np.float32)
     t = rng.uniform(size=states).astype(np.float32)
     results: dict[str, dict] = {}
     async with aiohttp.ClientSession() as session:
         for label, (url, anchor) in targets.items():
-            outputs = ["v", "teacher", "v_anchor"] if anchor else (["v", "teacher"] if "opd-router" in url else ["v"])
+            outputs = (
+                ["v", "teacher", "v_anchor"]
+                if anchor
+                else (["v", "teacher"] if "opd-router" in url else ["v"])
+            )
             body, headers = encode_request({"x": x, "t": t}, outputs=outputs)
             await _run(session, url, body, headers, 50, 1)  # warm-up: connections, allocator, JIT
             lat, params, wall = await _run(session, url, body, headers, n, 1)
@@ -73,18 +89,25 @@ async def _bench(targets: dict[str, tuple[str, bool]], states: int, n: int, conc
                 res["route_ms_p50"] = round(float(np.median([p["route_ms"] for p in params])), 3)
                 res["server_ms_p50"] = round(float(np.median([p["server_ms"] for p in params])), 3)
             if "compute_ms" in params[0]:
-                res["teacher_compute_ms_p50"] = round(float(np.median([p["compute_ms"] for p in params])), 3)
+                res["teacher_compute_ms_p50"] = round(
+                    float(np.median([p["compute_ms"] for p in params])), 3
+                )
             lat_c, _, wall_c = await _run(session, url, body, headers, n, concurrency)
             res[f"concurrent{concurrency}"] = _stats(lat_c, states, wall_c)
             results[label] = res
-            print(f"{label:<28} p50 {res['p50_ms']:7.3f} ms  p99 {res['p99_ms']:7.3f} ms  "
-                  f"{res['states_per_s']:>9} states/s  (x{concurrency}: "
-                  f"{res[f'concurrent{concurrency}']['states_per_s']} states/s)", flush=True)
+            print(
+                f"{label:<28} p50 {res['p50_ms']:7.3f} ms  p99 {res['p99_ms']:7.3f} ms  "
+                f"{res['states_per_s']:>9} states/s  (x{concurrency}: "
+                f"{res[f'concurrent{concurrency}']['states_per_s']} states/s)",
+                flush=True,
+            )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.router.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m services.router.bench", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--models", type=Path, default=Path("models"))
     p.add_argument("--states", type=int, default=1536)
     p.add_argument("--requests", type=int, default=400)
@@ -96,15 +119,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         teachers = {}
         for name, f in [("a", "teacher-a"), ("b", "teacher-b"), ("base", "base")]:
-            svc = _start(["serve", "teacher", "--checkpoint", str(a.models / f"{f}.safetensors"),
-                          "--name", name, "--port", "0"], env)
+            svc = _start(
+                [
+                    "serve",
+                    "teacher",
+                    "--checkpoint",
+                    str(a.models / f"{f}.safetensors"),
+                    "--name",
+                    name,
+                    "--port",
+                    "0",
+                ],
+                env,
+            )
             services.append(svc)
             teachers[name] = svc.url
         routers = {}
-        for label, flags in [("a", ["--teacher", f"a={teachers['a']}"]),
-                             ("ab", ["--teacher", f"a={teachers['a']}", "--teacher", f"b={teachers['b']}"]),
-                             ("ab+anchor", ["--teacher", f"a={teachers['a']}", "--teacher", f"b={teachers['b']}",
-                                            "--anchor", f"base={teachers['base']}"])]:
+        for label, flags in [
+            ("a", ["--teacher", f"a={teachers['a']}"]),
+            ("ab", ["--teacher", f"a={teachers['a']}", "--teacher", f"b={teachers['b']}"]),
+            (
+                "ab+anchor",
+                [
+                    "--teacher",
+                    f"a={teachers['a']}",
+                    "--teacher",
+                    f"b={teachers['b']}",
+                    "--anchor",
+                    f"base={teachers['base']}",
+                ],
+            ),
+        ]:
             svc = _start(["serve", "router", "--port", "0", *flags])
             services.append(svc)
             routers[label] = f"{svc.url}/v2/models/opd-router/infer"
@@ -119,10 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         for svc in services:
             svc.stop()
     direct, hop = results["direct teacher a"], results["router -> a (one hop)"]
-    summary = {"states_per_request": a.states, "requests": a.requests, "results": results,
-               "router_added_p50_ms": round(hop["p50_ms"] - direct["p50_ms"], 3)}
-    print(f"router adds {summary['router_added_p50_ms']} ms p50 over a direct call "
-          f"(router's own work p50 {hop.get('route_ms_p50')} ms)")
+    summary = {
+        "states_per_request": a.states,
+        "requests": a.requests,
+        "results": results,
+        "router_added_p50_ms": round(hop["p50_ms"] - direct["p50_ms"], 3),
+    }
+    print(
+        f"router adds {summary['router_added_p50_ms']} ms p50 over a direct call "
+        f"(router's own work p50 {hop.get('route_ms_p50')} ms)"
+    )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(summary, indent=2))

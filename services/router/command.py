@@ -55,5 +55,6 @@ def run_router(settings: RouterSettings) -> int:
     return 0
 
 
-ROUTER = Command("route states to teachers over OIP v2 (registry, policies, fan-out)", RouterSettings,
-                 run_router)
+ROUTER = Command(
+    "route states to teachers over OIP v2 (registry, policies, fan-out)", RouterSettings, run_router
+)

@@ -37,7 +37,9 @@ OUTPUTS = ("v", "teacher", "v_anchor")
 
 # Binary tensors decode as read-only views of the body; torch only reads them here (routing and
 # merge write into fresh tensors), so wrapping them without a copy is safe.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning
+)
 
 
 class InputError(ValueError):
@@ -70,12 +72,16 @@ class RouterResult:
     parameters: dict[str, Any]
 
 
-def _validate(msg: InferMessage) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+def _validate(
+    msg: InferMessage,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``x [B, D]``, ``t [B]``, ``route [B]`` or None, ``c`` or None; raises :class:`InputError`."""
     unknown = sorted(set(msg.tensors) - {"x", "t", "route", "c"})
     if unknown:
-        raise InputError(f"unknown input(s) {unknown}; opd-router takes x [B, D], t [B] (FP32) "
-                         "and optionally route [B] (INT32, -1 = policy decides)")
+        raise InputError(
+            f"unknown input(s) {unknown}; opd-router takes x [B, D], t [B] (FP32) "
+            "and optionally route [B] (INT32, -1 = policy decides)"
+        )
     for name in ("x", "t"):
         if name not in msg.tensors:
             raise InputError(f"missing input {name!r}; opd-router takes x [B, D] and t [B] (FP32)")
@@ -114,8 +120,10 @@ def _anchor_request(msg: InferMessage, reg: Registry) -> Teacher | None:
     anchor = reg.anchor(name)
     if anchor is None:
         have = ", ".join(a.name for a in reg.anchors) or "none"
-        raise InputError(f"the request asks for v_anchor from {name or 'the anchor'!r}, but the "
-                         f"registered anchors are: {have}")
+        raise InputError(
+            f"the request asks for v_anchor from {name or 'the anchor'!r}, but the "
+            f"registered anchors are: {have}"
+        )
     return anchor
 
 
@@ -130,8 +138,14 @@ def call_parameters(prefix: str, rows: int, ans: TeacherAnswer | None) -> dict[s
     out: dict[str, Any] = {f"{prefix}.rows": rows}
     if ans is None:
         return out
-    out.update({f"{prefix}.latency_ms": round(ans.latency_ms, 4), f"{prefix}.version": ans.version,
-                f"{prefix}.replica": ans.replica, f"{prefix}.attempts": ans.attempts})
+    out.update(
+        {
+            f"{prefix}.latency_ms": round(ans.latency_ms, 4),
+            f"{prefix}.version": ans.version,
+            f"{prefix}.replica": ans.replica,
+            f"{prefix}.attempts": ans.attempts,
+        }
+    )
     if ans.queue_ms is not None:
         out[f"{prefix}.queue_ms"] = ans.queue_ms
     if ans.compute_ms is not None:
@@ -141,8 +155,13 @@ def call_parameters(prefix: str, rows: int, ans: TeacherAnswer | None) -> dict[s
     return out
 
 
-async def route_and_call(msg: InferMessage, reg: Registry, call: TeacherCall, deadline: float,
-                         received: float | None = None) -> RouterResult:
+async def route_and_call(
+    msg: InferMessage,
+    reg: Registry,
+    call: TeacherCall,
+    deadline: float,
+    received: float | None = None,
+) -> RouterResult:
     """Answer one ``opd-router`` infer request against registry snapshot ``reg``.
 
     Args:
@@ -169,8 +188,12 @@ async def route_and_call(msg: InferMessage, reg: Registry, call: TeacherCall, de
     b, d = x.shape
 
     try:
-        assignment = routing.assign(policy, torch.from_numpy(x), reg.centers,
-                                    None if route is None else torch.from_numpy(route))
+        assignment = routing.assign(
+            policy,
+            torch.from_numpy(x),
+            reg.centers,
+            None if route is None else torch.from_numpy(route),
+        )
     except routing.RoutingError as exc:
         raise InputError(str(exc)) from None
     rows = routing.rows_by_teacher(assignment, len(reg.teachers))
@@ -200,17 +223,25 @@ async def route_and_call(msg: InferMessage, reg: Registry, call: TeacherCall, de
     answers: list[TeacherAnswer] = list(results)  # type: ignore[arg-type]
     for (name, _, n), ans in zip(called, answers, strict=True):
         if ans.v.shape != (n, d):
-            raise TeacherFault(f"teacher {name!r} answered v of shape {list(ans.v.shape)} for "
-                               f"{n} rows of dimension {d}")
+            raise TeacherFault(
+                f"teacher {name!r} answered v of shape {list(ans.v.shape)} for "
+                f"{n} rows of dimension {d}"
+            )
 
     by_index = {k: ans for (_, k, _), ans in zip(called, answers, strict=True) if k >= 0}
     if policy != "average" and len(by_index) == 1:
         v_np = next(iter(by_index.values())).v  # one teacher has every row, in order: no merge copy
     else:
         empty = torch.empty(0, d)
-        v_np = routing.merge_answers(assignment, rows,
-                                     [torch.from_numpy(by_index[k].v) if k in by_index else empty
-                                      for k in range(len(reg.teachers))], d).numpy()
+        v_np = routing.merge_answers(
+            assignment,
+            rows,
+            [
+                torch.from_numpy(by_index[k].v) if k in by_index else empty
+                for k in range(len(reg.teachers))
+            ],
+            d,
+        ).numpy()
     outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": assignment.to(torch.int32).numpy()}
     if anchor is not None:
         outputs["v_anchor"] = answers[-1].v
@@ -231,13 +262,17 @@ async def route_and_call(msg: InferMessage, reg: Registry, call: TeacherCall, de
         queue += ans.queue_ms or 0.0
         compute += ans.compute_ms or 0.0
     done = time.perf_counter()
-    params.update({
-        "requests": len(calls),
-        "queue_ms": round(queue, 4),  # sum over teacher calls of the teachers' own queue time
-        "compute_ms": round(compute, 4),  # ... and of their forward time
-        "fanout_ms": round((fanned - routed) * 1e3, 4),  # wall time of the concurrent calls
-        "route_ms": round((routed - received) * 1e3 + (done - fanned) * 1e3, 4),  # router's own work
-    })
+    params.update(
+        {
+            "requests": len(calls),
+            "queue_ms": round(queue, 4),  # sum over teacher calls of the teachers' own queue time
+            "compute_ms": round(compute, 4),  # ... and of their forward time
+            "fanout_ms": round((fanned - routed) * 1e3, 4),  # wall time of the concurrent calls
+            "route_ms": round(
+                (routed - received) * 1e3 + (done - fanned) * 1e3, 4
+            ),  # router's own work
+        }
+    )
     return RouterResult(outputs, params)
 
 

@@ -11,7 +11,22 @@ from prometheus_client import (
     generate_latest,
 )
 
-_TIME_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0, 10.0)
+_TIME_BUCKETS = (
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+)
 
 
 class RouterMetrics:
@@ -21,23 +36,51 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("opd_router_requests", "infer requests by model and HTTP status",
-                                ["model", "status"], registry=r)
+        self.requests = Counter(
+            "opd_router_requests",
+            "infer requests by model and HTTP status",
+            ["model", "status"],
+            registry=r,
+        )
         self.states = Counter("opd_router_states", "states routed", registry=r)
-        self.seconds = Histogram("opd_router_request_seconds", "router receipt → response",
-                                 ["model"], buckets=_TIME_BUCKETS, registry=r)
-        self.teacher_seconds = Histogram("opd_router_teacher_seconds", "one teacher call, router side",
-                                         ["teacher"], buckets=_TIME_BUCKETS, registry=r)
-        self.teacher_rows = Counter("opd_router_teacher_rows", "rows sent per teacher", ["teacher"], registry=r)
-        self.retries = Counter("opd_router_retries", "teacher calls retried on another replica",
-                               ["teacher"], registry=r)
-        self.ejections = Counter("opd_router_ejections", "replicas ejected", ["teacher", "replica"], registry=r)
-        self.queue_full = Counter("opd_router_queue_full", "requests refused with 503 (queue full)", registry=r)
-        self.pending = Gauge("opd_router_pending", "requests admitted (running + waiting)", registry=r)
-        self.live_replicas = Gauge("opd_router_live_replicas", "live replicas per teacher", ["teacher"],
-                                   registry=r)
-        self.registry_changes = Counter("opd_router_registry_changes", "registry API changes", ["op"],
-                                        registry=r)
+        self.seconds = Histogram(
+            "opd_router_request_seconds",
+            "router receipt → response",
+            ["model"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.teacher_seconds = Histogram(
+            "opd_router_teacher_seconds",
+            "one teacher call, router side",
+            ["teacher"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.teacher_rows = Counter(
+            "opd_router_teacher_rows", "rows sent per teacher", ["teacher"], registry=r
+        )
+        self.retries = Counter(
+            "opd_router_retries",
+            "teacher calls retried on another replica",
+            ["teacher"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "opd_router_ejections", "replicas ejected", ["teacher", "replica"], registry=r
+        )
+        self.queue_full = Counter(
+            "opd_router_queue_full", "requests refused with 503 (queue full)", registry=r
+        )
+        self.pending = Gauge(
+            "opd_router_pending", "requests admitted (running + waiting)", registry=r
+        )
+        self.live_replicas = Gauge(
+            "opd_router_live_replicas", "live replicas per teacher", ["teacher"], registry=r
+        )
+        self.registry_changes = Counter(
+            "opd_router_registry_changes", "registry API changes", ["op"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -82,18 +82,29 @@ class Reply:
 class Pool:
     """HTTP client side of the router: one keep-alive pool over all replicas."""
 
-    def __init__(self, connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
-                 max_connections: int = 256, on_retry: Callable[[str, str], None] | None = None,
-                 on_eject: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        connect_timeout_s: float = 1.0,
+        attempt_timeout_s: float = 5.0,
+        max_connections: int = 256,
+        on_retry: Callable[[str, str], None] | None = None,
+        on_eject: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.attempt_timeout_s = attempt_timeout_s
         self.connect_timeout_s = connect_timeout_s
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                              keepalive_expiry=30.0)
+        limits = httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        )
         # TCP_NODELAY: h11 writes headers and body separately; with Nagle on, a small body waits
         # for the ACK of the headers, which the server delays by up to 40 ms.
         transport = httpx.AsyncHTTPTransport(limits=limits, retries=0, socket_options=NODELAY)
-        self.client = httpx.AsyncClient(limits=limits, transport=transport,
-                                        timeout=httpx.Timeout(attempt_timeout_s, connect=connect_timeout_s))
+        self.client = httpx.AsyncClient(
+            limits=limits,
+            transport=transport,
+            timeout=httpx.Timeout(attempt_timeout_s, connect=connect_timeout_s),
+        )
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None  # made on first use, inside the loop
         self._on_retry = on_retry or (lambda teacher, cause: None)
@@ -101,10 +112,17 @@ class Pool:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0,
-                                             keepalive_timeout=30.0, ttl_dns_cache=None)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                                  skip_auto_headers=("User-Agent", "Accept-Encoding"))
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                limit_per_host=0,
+                keepalive_timeout=30.0,
+                ttl_dns_cache=None,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
         return self._session
 
     async def aclose(self) -> None:
@@ -123,7 +141,11 @@ class Pool:
         for live in (True, False):
             for k in range(n):
                 r = teacher.replicas[(start + k) % n]
-                if r.live is live and id(r) not in tried and (best is None or r.inflight < best.inflight):
+                if (
+                    r.live is live
+                    and id(r) not in tried
+                    and (best is None or r.inflight < best.inflight)
+                ):
                     best = r
             if best is not None:
                 return best
@@ -136,8 +158,14 @@ class Pool:
             self._on_eject(teacher.name, replica.endpoint.url)
             log.warning("ejected %s replica %s: %s", teacher.name, replica.endpoint.url, cause)
 
-    async def post(self, teacher: Teacher, body: bytes, headers: dict[str, str], deadline: float,
-                   path: str = "infer") -> Reply:
+    async def post(
+        self,
+        teacher: Teacher,
+        body: bytes,
+        headers: dict[str, str],
+        deadline: float,
+        path: str = "infer",
+    ) -> Reply:
         """POST ``body`` to ``.../v2/models/{model}/{path}`` of one replica of ``teacher``.
 
         Args:
@@ -160,20 +188,35 @@ class Pool:
             attempts += 1
             if attempts > 1:
                 self._on_retry(teacher.name, causes[-1] if causes else "")
-            url = replica.infer_url if path == "infer" else f"{replica.endpoint.url}/v2/models/{replica.endpoint.model}/{path}"
-            timeout = aiohttp.ClientTimeout(total=min(remaining, self.attempt_timeout_s),
-                                            sock_connect=min(remaining, self.connect_timeout_s))
+            url = (
+                replica.infer_url
+                if path == "infer"
+                else f"{replica.endpoint.url}/v2/models/{replica.endpoint.model}/{path}"
+            )
+            timeout = aiohttp.ClientTimeout(
+                total=min(remaining, self.attempt_timeout_s),
+                sock_connect=min(remaining, self.connect_timeout_s),
+            )
             replica.inflight += 1
             start = time.perf_counter()
             try:
-                async with self.session().post(url, data=body, headers=headers, timeout=timeout) as resp:
+                async with self.session().post(
+                    url, data=body, headers=headers, timeout=timeout
+                ) as resp:
                     content = await resp.read()
                     status, resp_headers = resp.status, resp.headers
             except asyncio.TimeoutError:
-                self._fail(teacher, replica, f"timed out after {min(remaining, self.attempt_timeout_s):.3g} s", causes)
+                self._fail(
+                    teacher,
+                    replica,
+                    f"timed out after {min(remaining, self.attempt_timeout_s):.3g} s",
+                    causes,
+                )
                 continue
             except (aiohttp.ClientError, OSError) as exc:
-                self._fail(teacher, replica, f"{type(exc).__name__}: {exc or 'connection failed'}", causes)
+                self._fail(
+                    teacher, replica, f"{type(exc).__name__}: {exc or 'connection failed'}", causes
+                )
                 continue
             finally:
                 replica.inflight -= 1
@@ -206,8 +249,10 @@ class Pool:
         params = meta.get("parameters") or {} if isinstance(meta, dict) else {}
         digest = params.get("digest")
         if teacher.digest and digest and digest != teacher.digest:
-            replica.cause = (f"serves checkpoint digest {digest}, teacher {teacher.name!r} serves "
-                             f"{teacher.digest}; not admitted")
+            replica.cause = (
+                f"serves checkpoint digest {digest}, teacher {teacher.name!r} serves "
+                f"{teacher.digest}; not admitted"
+            )
             return
         version = params.get("version")
         replica.version = str(version) if version is not None else replica.version
@@ -229,7 +274,9 @@ def _ms(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-async def infer(pool: Pool, teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float) -> TeacherAnswer:
+async def infer(
+    pool: Pool, teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float
+) -> TeacherAnswer:
     """One binary OIP v2 infer call of ``teacher`` over HTTP: ``inputs`` → ``v [n, D]``.
 
     Raises:
@@ -238,20 +285,32 @@ async def infer(pool: Pool, teacher: Teacher, inputs: dict[str, np.ndarray], dea
     """
     body, headers = encode_request(inputs, outputs=["v"], binary=True)
     reply = await pool.post(teacher, body, headers, deadline)
-    header_length = next((v for k, v in reply.headers.items() if k.lower() == HEADER_LENGTH.lower()), None)
+    header_length = next(
+        (v for k, v in reply.headers.items() if k.lower() == HEADER_LENGTH.lower()), None
+    )
     try:
         msg = decode_response(reply.content, header_length)
     except CodecError as exc:
-        raise TeacherFault(f"teacher {teacher.name!r} ({reply.replica.endpoint.url}) sent an "
-                           f"undecodable response: {exc}") from None
+        raise TeacherFault(
+            f"teacher {teacher.name!r} ({reply.replica.endpoint.url}) sent an "
+            f"undecodable response: {exc}"
+        ) from None
     v = msg.tensors.get("v")
     if v is None or v.dtype != np.float32:
-        raise TeacherFault(f"teacher {teacher.name!r} ({reply.replica.endpoint.url}) answered "
-                           f"without an FP32 output 'v' (got {sorted(msg.tensors)})")
+        raise TeacherFault(
+            f"teacher {teacher.name!r} ({reply.replica.endpoint.url}) answered "
+            f"without an FP32 output 'v' (got {sorted(msg.tensors)})"
+        )
     p = msg.parameters
     version = p.get("version", msg.model_version)
     batch = p.get("batch_size")
-    return TeacherAnswer(v, str(version) if version is not None else "", reply.latency_s * 1e3,
-                         _ms(p.get("queue_ms")), _ms(p.get("compute_ms")),
-                         batch if isinstance(batch, int) else None,
-                         reply.replica.endpoint.url, reply.attempts)
+    return TeacherAnswer(
+        v,
+        str(version) if version is not None else "",
+        reply.latency_s * 1e3,
+        _ms(p.get("queue_ms")),
+        _ms(p.get("compute_ms")),
+        batch if isinstance(batch, int) else None,
+        reply.replica.endpoint.url,
+        reply.attempts,
+    )

@@ -50,8 +50,11 @@ def _plain_teacher_class() -> type:
     """The teacher deployment's own class, without Serve's ASGI ingress wrapper around it: Serve
     allows one ingress per application, and here the router is that ingress."""
     wrapped = TeacherDeployment.func_or_class
-    return next(c for c in wrapped.__mro__[1:]
-                if c.__name__ == wrapped.__name__ and not issubclass(c, ASGIAppReplicaWrapper))
+    return next(
+        c
+        for c in wrapped.__mro__[1:]
+        if c.__name__ == wrapped.__name__ and not issubclass(c, ASGIAppReplicaWrapper)
+    )
 
 
 class HandleTeacher(_plain_teacher_class()):  # type: ignore[misc]
@@ -63,8 +66,13 @@ class HandleTeacher(_plain_teacher_class()):  # type: ignore[misc]
         if model is None:
             raise RuntimeError(f"model {self.repository.name!r} is unloaded")
         res = await self._run(model, x, t)
-        return {"v": res.v, "version": str(res.version), "queue_ms": res.queue_s * 1e3,
-                "compute_ms": res.compute_s * 1e3, "batch_size": res.batch_states}
+        return {
+            "v": res.v,
+            "version": str(res.version),
+            "queue_ms": res.queue_s * 1e3,
+            "compute_ms": res.compute_s * 1e3,
+            "batch_size": res.batch_states,
+        }
 
     async def describe(self) -> dict[str, Any]:
         """The model-metadata ``parameters`` (version, digest, modes, mode centers)."""
@@ -72,14 +80,17 @@ class HandleTeacher(_plain_teacher_class()):  # type: ignore[misc]
         return model.parameters() if model is not None else {}
 
 
-HandleTeacherDeployment = serve.deployment(HandleTeacher, max_ongoing_requests=256,
-                                           ray_actor_options={"num_cpus": 0.5})
+HandleTeacherDeployment = serve.deployment(
+    HandleTeacher, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5}
+)
 
 
 class RayRouterArgs(BaseModel):
     """``args`` of the router application."""
 
-    teachers: dict[str, dict[str, Any]] = Field(description="name -> teacher args (checkpoint, threads, ...)")
+    teachers: dict[str, dict[str, Any]] = Field(
+        description="name -> teacher args (checkpoint, threads, ...)"
+    )
     anchors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     policy: str = "nearest"
     deadline_s: float = Field(10.0, gt=0)
@@ -89,9 +100,17 @@ class RayRouterArgs(BaseModel):
 
 def _teacher(name: str, role: str, params: dict[str, Any]) -> Teacher:
     centers = params.get("mode_centers")
-    replica = Replica(Endpoint(f"ray://{name}", name), str(params.get("version")), params.get("digest"))
-    return Teacher(name, [replica], role, params.get("digest"), list(params.get("modes") or []),  # type: ignore[arg-type]
-                   torch.tensor(centers, dtype=torch.float32) if centers else None)
+    replica = Replica(
+        Endpoint(f"ray://{name}", name), str(params.get("version")), params.get("digest")
+    )
+    return Teacher(
+        name,
+        [replica],
+        role,
+        params.get("digest"),
+        list(params.get("modes") or []),  # type: ignore[arg-type]
+        torch.tensor(centers, dtype=torch.float32) if centers else None,
+    )
 
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
@@ -99,43 +118,65 @@ def _teacher(name: str, role: str, params: dict[str, Any]) -> Teacher:
 class RayRouter:
     """The router replica: :func:`build_api` over handles to the teacher deployments."""
 
-    def __init__(self, handles: dict[str, tuple[str, DeploymentHandle]], policy: str,
-                 deadline_s: float, max_inflight: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        handles: dict[str, tuple[str, DeploymentHandle]],
+        policy: str,
+        deadline_s: float,
+        max_inflight: int,
+        max_queue: int,
+    ) -> None:
         import os
 
         torch.set_num_threads(1)
         self.handles = {name: h for name, (_, h) in handles.items()}
         roles = {name: role for name, (role, _) in handles.items()}
-        settings = RouterSettings(policy=policy, deadline_s=deadline_s, max_inflight=max_inflight,
-                                  max_queue=max_queue)
+        settings = RouterSettings(
+            policy=policy, deadline_s=deadline_s, max_inflight=max_inflight, max_queue=max_queue
+        )
 
-        async def call(teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float) -> TeacherAnswer:
+        async def call(
+            teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float
+        ) -> TeacherAnswer:
             start = time.perf_counter()
             try:
                 out = await asyncio.wait_for(
                     self.handles[teacher.name].infer_arrays.remote(inputs["x"], inputs["t"]),
-                    timeout=max(0.0, deadline - time.monotonic()))
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
             except asyncio.TimeoutError:
                 raise TeacherUnavailable(teacher.name, ["deadline exceeded"]) from None
             except Exception as exc:  # Ray wraps replica errors; the cause is what matters
                 raise TeacherUnavailable(teacher.name, [f"{type(exc).__name__}: {exc}"]) from None
-            return TeacherAnswer(out["v"], out["version"], (time.perf_counter() - start) * 1e3,
-                                 out["queue_ms"], out["compute_ms"], out["batch_size"],
-                                 f"ray://{teacher.name}")
+            return TeacherAnswer(
+                out["v"],
+                out["version"],
+                (time.perf_counter() - start) * 1e3,
+                out["queue_ms"],
+                out["compute_ms"],
+                out["batch_size"],
+                f"ray://{teacher.name}",
+            )
 
         async def discover(spec: TeacherSpec) -> Teacher:
-            raise RegistryError("the Ray Serve router's registry comes from its Serve config; "
-                                "change it with `serve deploy` (or use the uvicorn router)")
+            raise RegistryError(
+                "the Ray Serve router's registry comes from its Serve config; "
+                "change it with `serve deploy` (or use the uvicorn router)"
+            )
 
         token = os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None
-        self.core = RouterCore(Registry(policy=policy), call, None, discover, settings, token,
-                               RouterMetrics())
+        self.core = RouterCore(
+            Registry(policy=policy), call, None, discover, settings, token, RouterMetrics()
+        )
 
         async def build_registry() -> None:
             params = await asyncio.gather(*(h.describe.remote() for h in self.handles.values()))
             teachers = [_teacher(n, roles[n], p) for n, p in zip(self.handles, params, strict=True)]
-            reg = Registry(tuple(t for t in teachers if t.role == "teacher"),
-                           tuple(t for t in teachers if t.role == "anchor"), policy)
+            reg = Registry(
+                tuple(t for t in teachers if t.role == "teacher"),
+                tuple(t for t in teachers if t.role == "anchor"),
+                policy,
+            )
             reg.check()
             self.core.registry = reg
 
@@ -143,7 +184,6 @@ class RayRouter:
 
     def __serve_build_asgi_app__(self):
         return build_api(self.core)
-
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -157,7 +197,13 @@ def app_builder(args: dict[str, Any]) -> Application:
             fixed["checkpoint"] = str(t.checkpoint.resolve())
             if t.model_root is not None:
                 fixed["model_root"] = str(t.model_root.resolve())
-            fixed["name"] = name  # the child deployment and its served model carry the registry name
-            handles[name] = (role, HandleTeacherDeployment.options(name=f"teacher-{name}").bind(**fixed))
-    return RayRouter.bind(handles, parsed.policy, parsed.deadline_s, parsed.max_inflight,
-                          parsed.max_queue)
+            fixed["name"] = (
+                name  # the child deployment and its served model carry the registry name
+            )
+            handles[name] = (
+                role,
+                HandleTeacherDeployment.options(name=f"teacher-{name}").bind(**fixed),
+            )
+    return RayRouter.bind(
+        handles, parsed.policy, parsed.deadline_s, parsed.max_inflight, parsed.max_queue
+    )

@@ -38,10 +38,14 @@ class TeacherUnreachable(RegistryError):
 def check_name(name: str) -> str:
     """Teacher names appear in URLs and response parameter keys: keep them plain."""
     if not _NAME.match(name):
-        raise RegistryError(f"teacher name {name!r} must be 1-64 characters of letters, digits, "
-                            "'_', '-' or '.', starting with a letter or digit")
+        raise RegistryError(
+            f"teacher name {name!r} must be 1-64 characters of letters, digits, "
+            "'_', '-' or '.', starting with a letter or digit"
+        )
     if name == "opd-router":
-        raise RegistryError("'opd-router' is the router's own model name; pick another teacher name")
+        raise RegistryError(
+            "'opd-router' is the router's own model name; pick another teacher name"
+        )
     return name
 
 
@@ -59,8 +63,10 @@ class Endpoint:
         url, _, model = text.partition("#")
         url = url.rstrip("/")
         if not re.match(r"^https?://[^/\s]+", url):
-            raise RegistryError(f"endpoint {text!r} is not an http(s) base URL "
-                                "(write e.g. http://127.0.0.1:8001 or http://host:8001#teacher-a)")
+            raise RegistryError(
+                f"endpoint {text!r} is not an http(s) base URL "
+                "(write e.g. http://127.0.0.1:8001 or http://host:8001#teacher-a)"
+            )
         return cls(url, model or None)
 
     def __str__(self) -> str:
@@ -91,9 +97,16 @@ class Replica:
         self.live, self.cause = True, None
 
     def describe(self) -> dict[str, Any]:
-        return {"url": self.endpoint.url, "model": self.endpoint.model, "live": self.live,
-                "cause": self.cause, "version": self.version, "digest": self.digest,
-                "inflight": self.inflight, "failures": self.failures}
+        return {
+            "url": self.endpoint.url,
+            "model": self.endpoint.model,
+            "live": self.live,
+            "cause": self.cause,
+            "version": self.version,
+            "digest": self.digest,
+            "inflight": self.inflight,
+            "failures": self.failures,
+        }
 
 
 @dataclass(eq=False)
@@ -114,10 +127,15 @@ class Teacher:
         return ",".join(versions) or None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "digest": self.digest, "version": self.version,
-                "modes": self.modes,
-                "mode_centers": None if self.centers is None else self.centers.tolist(),
-                "replicas": [r.describe() for r in self.replicas]}
+        return {
+            "name": self.name,
+            "role": self.role,
+            "digest": self.digest,
+            "version": self.version,
+            "modes": self.modes,
+            "mode_centers": None if self.centers is None else self.centers.tolist(),
+            "replicas": [r.describe() for r in self.replicas],
+        }
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,9 @@ class Registry:
 
     def __post_init__(self) -> None:
         if self.policy not in routing.POLICIES:
-            raise RegistryError(f"unknown policy {self.policy!r}; choose one of {', '.join(routing.POLICIES)}")
+            raise RegistryError(
+                f"unknown policy {self.policy!r}; choose one of {', '.join(routing.POLICIES)}"
+            )
 
     @property
     def names(self) -> list[str]:
@@ -167,7 +187,8 @@ class Registry:
             raise RegistryError(
                 f"policy 'nearest' needs mode centers for every teacher, but {', '.join(missing)} "
                 "has none (its metadata lists no mode_centers); register it with modes, or use "
-                "policy 'label' or 'average'")
+                "policy 'label' or 'average'"
+            )
         dims = {int(t.centers.shape[1]) for t in self.teachers if t.centers is not None}
         if len(dims) > 1:
             raise RegistryError(f"teachers' mode centers have different dimensions {sorted(dims)}")
@@ -177,8 +198,10 @@ class Registry:
         group = "anchors" if teacher.role == "anchor" else "teachers"
         other = "teachers" if group == "anchors" else "anchors"
         if any(t.name == teacher.name for t in getattr(self, other)):
-            raise RegistryError(f"{teacher.name!r} is registered as {other[:-1]}; delete it first "
-                                f"to register it as {group[:-1]}")
+            raise RegistryError(
+                f"{teacher.name!r} is registered as {other[:-1]}; delete it first "
+                f"to register it as {group[:-1]}"
+            )
         current = list(getattr(self, group))
         idx = next((i for i, t in enumerate(current) if t.name == teacher.name), None)
         if idx is None:
@@ -193,13 +216,18 @@ class Registry:
         """A snapshot without ``name``; later teachers' indices shift down by one."""
         if self.get(name) is None:
             raise KeyError(name)
-        return replace(self, teachers=tuple(t for t in self.teachers if t.name != name),
-                       anchors=tuple(t for t in self.anchors if t.name != name))
+        return replace(
+            self,
+            teachers=tuple(t for t in self.teachers if t.name != name),
+            anchors=tuple(t for t in self.anchors if t.name != name),
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": self.policy,
-                "teachers": [{"index": i, **t.describe()} for i, t in enumerate(self.teachers)],
-                "anchors": [a.describe() for a in self.anchors]}
+        return {
+            "policy": self.policy,
+            "teachers": [{"index": i, **t.describe()} for i, t in enumerate(self.teachers)],
+            "anchors": [a.describe() for a in self.anchors],
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,8 +249,14 @@ def parse_flag(text: str, role: Role = "teacher") -> TeacherSpec:
     """``NAME=URL[,URL...]`` → spec."""
     name, sep, urls = text.partition("=")
     if not sep or not urls.strip():
-        raise RegistryError(f"--{role} {text!r}: write NAME=URL[,URL...], e.g. a=http://127.0.0.1:8001")
-    return TeacherSpec(check_name(name.strip()), tuple(Endpoint.parse(u) for u in urls.split(",") if u.strip()), role)
+        raise RegistryError(
+            f"--{role} {text!r}: write NAME=URL[,URL...], e.g. a=http://127.0.0.1:8001"
+        )
+    return TeacherSpec(
+        check_name(name.strip()),
+        tuple(Endpoint.parse(u) for u in urls.split(",") if u.strip()),
+        role,
+    )
 
 
 def spec_from_doc(name: str, doc: Any, role: Role = "teacher") -> TeacherSpec:
@@ -234,7 +268,9 @@ def spec_from_doc(name: str, doc: Any, role: Role = "teacher") -> TeacherSpec:
     elif isinstance(doc, list):
         doc = {"endpoints": doc}
     if not isinstance(doc, dict):
-        raise RegistryError(f"teacher {name!r}: expected a URL, a list of URLs or a mapping, got {doc!r}")
+        raise RegistryError(
+            f"teacher {name!r}: expected a URL, a list of URLs or a mapping, got {doc!r}"
+        )
     eps = doc.get("endpoints", doc.get("urls"))
     if isinstance(eps, str):
         eps = [u for u in eps.split(",") if u.strip()]
@@ -244,7 +280,9 @@ def spec_from_doc(name: str, doc: Any, role: Role = "teacher") -> TeacherSpec:
     if unknown:
         raise RegistryError(f"teacher {name!r}: unknown keys {sorted(unknown)}")
     modes = doc.get("modes")
-    if modes is not None and (not isinstance(modes, list) or not all(isinstance(m, int) for m in modes)):
+    if modes is not None and (
+        not isinstance(modes, list) or not all(isinstance(m, int) for m in modes)
+    ):
         raise RegistryError(f"teacher {name!r}: 'modes' must be a list of ring mode indices")
     centers = doc.get("mode_centers")
     if centers is not None:
@@ -258,19 +296,24 @@ def spec_from_doc(name: str, doc: Any, role: Role = "teacher") -> TeacherSpec:
     role = doc.get("role", role)
     if role not in ("teacher", "anchor"):
         raise RegistryError(f"teacher {name!r}: role must be 'teacher' or 'anchor'")
-    return TeacherSpec(name, tuple(Endpoint.parse(u) for u in eps), role,
-                       tuple(modes) if modes is not None else None, centers)
+    return TeacherSpec(
+        name,
+        tuple(Endpoint.parse(u) for u in eps),
+        role,
+        tuple(modes) if modes is not None else None,
+        centers,
+    )
 
 
 def read_registry_file(path: Path) -> tuple[list[TeacherSpec], str | None]:
     """Specs and policy from a YAML or JSON file::
 
-        policy: nearest
-        teachers:
-          a: [http://127.0.0.1:8001, http://127.0.0.1:8002]
-          b: {endpoints: [http://127.0.0.1:8003#teacher-b], modes: [1, 3]}
-        anchors:
-          base: http://127.0.0.1:8004
+    policy: nearest
+    teachers:
+      a: [http://127.0.0.1:8001, http://127.0.0.1:8002]
+      b: {endpoints: [http://127.0.0.1:8003#teacher-b], modes: [1, 3]}
+    anchors:
+      base: http://127.0.0.1:8004
     """
     if not path.is_file():
         raise RegistryError(f"registry file {path} does not exist")
@@ -283,7 +326,9 @@ def read_registry_file(path: Path) -> tuple[list[TeacherSpec], str | None]:
 
             doc = yaml.safe_load(text)
     except Exception as exc:  # yaml and json raise different types; both mean "unreadable"
-        raise RegistryError(f"registry file {path} is not valid {path.suffix or 'YAML'}: {exc}") from None
+        raise RegistryError(
+            f"registry file {path} is not valid {path.suffix or 'YAML'}: {exc}"
+        ) from None
     if not isinstance(doc, dict):
         raise RegistryError(f"registry file {path} must hold a mapping with 'teachers'")
     specs: list[TeacherSpec] = []
@@ -360,31 +405,48 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
     try:
         model = endpoint.model
         if model is None:
-            resp = await client.post(f"{endpoint.url}/v2/repository/index", json={}, timeout=timeout)
+            resp = await client.post(
+                f"{endpoint.url}/v2/repository/index", json={}, timeout=timeout
+            )
             if resp.status_code != 200:
-                raise RegistryError(f"{endpoint.url}: POST /v2/repository/index answered "
-                                    f"{resp.status_code} ({_error_text(resp)}); name the model "
-                                    "with URL#MODEL")
+                raise RegistryError(
+                    f"{endpoint.url}: POST /v2/repository/index answered "
+                    f"{resp.status_code} ({_error_text(resp)}); name the model "
+                    "with URL#MODEL"
+                )
             entries = resp.json()
-            names = [e.get("name") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+            names = (
+                [e.get("name") for e in entries if isinstance(e, dict)]
+                if isinstance(entries, list)
+                else []
+            )
             if len(names) != 1:
-                raise RegistryError(f"{endpoint.url} serves {len(names)} models ({', '.join(map(str, names))}); "
-                                    "name the one to use with URL#MODEL")
+                raise RegistryError(
+                    f"{endpoint.url} serves {len(names)} models ({', '.join(map(str, names))}); "
+                    "name the one to use with URL#MODEL"
+                )
             model = names[0]
         resp = await client.get(f"{endpoint.url}/v2/models/{model}", timeout=timeout)
         if resp.status_code != 200:
-            raise RegistryError(f"{endpoint.url}: model {model!r} metadata answered {resp.status_code} "
-                                f"({_error_text(resp)})")
+            raise RegistryError(
+                f"{endpoint.url}: model {model!r} metadata answered {resp.status_code} "
+                f"({_error_text(resp)})"
+            )
         meta = resp.json()
     except httpx.HTTPError as exc:
-        raise TeacherUnreachable(f"{endpoint}: unreachable ({type(exc).__name__}: {exc or 'no detail'})") from None
+        raise TeacherUnreachable(
+            f"{endpoint}: unreachable ({type(exc).__name__}: {exc or 'no detail'})"
+        ) from None
     except ValueError as exc:  # JSON decode
         raise RegistryError(f"{endpoint}: not an OIP v2 server (bad JSON: {exc})") from None
     params = meta.get("parameters") or {} if isinstance(meta, dict) else {}
     version = params.get("version") or (meta.get("versions") or [None])[-1]
     digest = params.get("digest")
-    replica = Replica(Endpoint(endpoint.url, model), str(version) if version is not None else None,
-                      str(digest) if digest else None)
+    replica = Replica(
+        Endpoint(endpoint.url, model),
+        str(version) if version is not None else None,
+        str(digest) if digest else None,
+    )
     return _Discovered(replica, _modes_from(params), _centers_from(params))
 
 
@@ -397,8 +459,9 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
     Raises:
         RegistryError: no replica answered, or two replicas serve different digests.
     """
-    found = await asyncio.gather(*(discover(client, e, timeout) for e in spec.endpoints),
-                                 return_exceptions=True)
+    found = await asyncio.gather(
+        *(discover(client, e, timeout) for e in spec.endpoints), return_exceptions=True
+    )
     for f in found:
         if isinstance(f, BaseException) and not isinstance(f, RegistryError):
             raise f
@@ -406,7 +469,11 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
     if not ok:
         causes = "; ".join(str(f) for f in found)
         # Only "nobody answered at all" is worth waiting out; a wrong server is not.
-        kind = TeacherUnreachable if all(isinstance(f, TeacherUnreachable) for f in found) else RegistryError
+        kind = (
+            TeacherUnreachable
+            if all(isinstance(f, TeacherUnreachable) for f in found)
+            else RegistryError
+        )
         raise kind(f"teacher {spec.name!r}: no replica answered: {causes}")
     ref = ok[0]
     for other in ok[1:]:
@@ -414,7 +481,8 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
             raise RegistryError(
                 f"teacher {spec.name!r}: replica {other.replica.endpoint} serves checkpoint digest "
                 f"{other.replica.digest} but replica {ref.replica.endpoint} serves "
-                f"{ref.replica.digest}; replicas of one teacher must serve the same checkpoint")
+                f"{ref.replica.digest}; replicas of one teacher must serve the same checkpoint"
+            )
     replicas = []
     for e, f in zip(spec.endpoints, found, strict=True):
         if isinstance(f, _Discovered):
@@ -433,11 +501,15 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
     return Teacher(spec.name, replicas, spec.role, ref.replica.digest, modes, centers)
 
 
-async def build_registry(client: httpx.AsyncClient, specs: Sequence[TeacherSpec], policy: str,
-                         timeout: float) -> Registry:
+async def build_registry(
+    client: httpx.AsyncClient, specs: Sequence[TeacherSpec], policy: str, timeout: float
+) -> Registry:
     """Discover every teacher concurrently and check the result against ``policy``."""
     teachers = await asyncio.gather(*(build_teacher(client, s, timeout) for s in specs))
-    reg = Registry(tuple(t for t in teachers if t.role == "teacher"),
-                   tuple(t for t in teachers if t.role == "anchor"), policy)
+    reg = Registry(
+        tuple(t for t in teachers if t.role == "teacher"),
+        tuple(t for t in teachers if t.role == "anchor"),
+        policy,
+    )
     reg.check()
     return reg

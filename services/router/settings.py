@@ -31,17 +31,27 @@ class RouterSettings(BaseSettings):
     teacher: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="NAME=URL[,URL...] (repeatable); URL#MODEL names the served model, else the "
-        "server's repository index must hold exactly one")
+        "server's repository index must hold exactly one",
+    )
     anchor: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="NAME=URL[,URL...]: extra teacher asked on every row (v_anchor)")
-    registry: Path | None = Field(None, description="YAML or JSON registry file (teachers, anchors, policy)")
+        default_factory=list,
+        description="NAME=URL[,URL...]: extra teacher asked on every row (v_anchor)",
+    )
+    registry: Path | None = Field(
+        None, description="YAML or JSON registry file (teachers, anchors, policy)"
+    )
     policy: Literal["nearest", "label", "average"] | None = Field(
-        None, description="routing policy (default: the registry file's, else nearest)")
+        None, description="routing policy (default: the registry file's, else nearest)"
+    )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port (0 = any free port)")
     deadline_s: float = Field(10.0, gt=0, description="per-request deadline, retries included")
-    startup_timeout_s: float = Field(30.0, ge=0, description="how long start-up retries reaching "
-                                     "unreachable teachers (they may still be starting)")
+    startup_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="how long start-up retries reaching "
+        "unreachable teachers (they may still be starting)",
+    )
     attempt_timeout_s: float = Field(5.0, gt=0, description="timeout of one call to one replica")
     connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout to a replica")
     health_interval_s: float = Field(0.5, gt=0, description="how often ejected replicas are probed")
@@ -51,6 +61,7 @@ class RouterSettings(BaseSettings):
     max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body (MiB)")
     threads: int = Field(1, ge=1, description="torch CPU threads (routing math only)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "warning", description="uvicorn log level")
+        "warning", description="uvicorn log level"
+    )
 
     _split_teacher = field_validator("teacher", "anchor", mode="before")(_split_specs)

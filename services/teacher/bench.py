@@ -83,8 +83,11 @@ def over_http(url: str, model: str, n: int, binary: bool, min_s: float, concurre
     endpoint = f"{url}/v2/models/{model}/infer"
 
     async def run() -> float:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
-                                         skip_auto_headers=("User-Agent", "Accept-Encoding")) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        ) as session:
+
             async def call() -> None:
                 async with session.post(endpoint, data=body, headers=headers) as r:
                     content = await r.read()
@@ -116,32 +119,53 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and servers")
     p.add_argument("--concurrency", type=int, default=1, help="HTTP requests in flight")
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell")
-    p.add_argument("--rounds", type=int, default=3, help="alternating repetitions; medians reported")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="alternating repetitions; medians reported"
+    )
     p.add_argument("--ray", action="store_true", help="also measure the Ray Serve deployment")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = a.checkpoint.stem
-    svc = start_service([sys.executable, "-m", "common.cli", "serve", "teacher", "--checkpoint",
-                         str(a.checkpoint), "--port", "0", "--threads", str(a.threads)])
+    svc = start_service(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "serve",
+            "teacher",
+            "--checkpoint",
+            str(a.checkpoint),
+            "--port",
+            "0",
+            "--threads",
+            str(a.threads),
+        ]
+    )
     # Rounds alternate in-process and HTTP cells: this VM's speed drifts by up to ±30% from one
     # minute to the next, so a ratio of cells measured minutes apart says little. Each figure is
     # the median over rounds, and each round's ratio is taken between adjacent cells.
-    cells: dict[str, dict[int, list[float]]] = {k: {n: [] for n in SIZES}
-                                                for k in ("in-process", "uvicorn binary", "uvicorn JSON")}
+    cells: dict[str, dict[int, list[float]]] = {
+        k: {n: [] for n in SIZES} for k in ("in-process", "uvicorn binary", "uvicorn JSON")
+    }
     ratios: list[float] = []
     try:
         for _ in range(a.rounds):
             for n in SIZES:
                 cells["in-process"][n].append(in_process(a.checkpoint, n, a.seconds))
-                cells["uvicorn binary"][n].append(over_http(svc.url, model, n, True, a.seconds, a.concurrency))
-                cells["uvicorn JSON"][n].append(over_http(svc.url, model, n, False, a.seconds, a.concurrency))
+                cells["uvicorn binary"][n].append(
+                    over_http(svc.url, model, n, True, a.seconds, a.concurrency)
+                )
+                cells["uvicorn JSON"][n].append(
+                    over_http(svc.url, model, n, False, a.seconds, a.concurrency)
+                )
                 if n == 1536:
                     ratios.append(cells["uvicorn binary"][n][-1] / cells["in-process"][n][-1])
     finally:
         svc.stop()
     results: dict[str, dict[int, float]] = {
-        k: {n: statistics.median(v) for n, v in row.items()} for k, row in cells.items()}
+        k: {n: statistics.median(v) for n, v in row.items()} for k, row in cells.items()
+    }
     if a.ray:
         from services.teacher.ray_deployment import local_ray_teacher
 
@@ -157,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results.items():
         print(f"{name:<18}" + "".join(f"{row[n]:>14,.0f}" for n in SIZES))
     ratio = statistics.median(ratios)
-    print(f"uvicorn binary / in-process at 1,536 states: median {ratio:.2f} over {a.rounds} rounds "
-          f"(each round: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 0.75)")
+    print(
+        f"uvicorn binary / in-process at 1,536 states: median {ratio:.2f} over {a.rounds} rounds "
+        f"(each round: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 0.75)"
+    )
     if a.out:
         a.out.write_text(
             json.dumps(

@@ -66,9 +66,14 @@ class LoadedModel:
             "mode_centers": [list(c) for c in self.meta.mode_centers],
             "data_dim": self.data_dim,
             **(
-                {"synthetic": True, "width": self.meta.arch.width,
-                 "depth": self.meta.arch.depth, "seed": self.meta.seed}
-                if self.meta.training.get("synthetic") else {}
+                {
+                    "synthetic": True,
+                    "width": self.meta.arch.width,
+                    "depth": self.meta.arch.depth,
+                    "seed": self.meta.seed,
+                }
+                if self.meta.training.get("synthetic")
+                else {}
             ),
         }
 

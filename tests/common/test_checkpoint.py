@@ -17,8 +17,13 @@ def test_velocity_net_has_spec_size_and_shapes():
 
 def test_roundtrip_keeps_weights_metadata_and_digest(tmp_path):
     net = VelocityNet(NetConfig(width=16, depth=2))
-    meta = save_model(tmp_path / "m.safetensors", net, CheckpointMeta(name="m", role="teacher", modes=[0, 2],
-                                                                        mode_centers=[[4.0, 0.0], [0.0, 4.0]]))
+    meta = save_model(
+        tmp_path / "m.safetensors",
+        net,
+        CheckpointMeta(
+            name="m", role="teacher", modes=[0, 2], mode_centers=[[4.0, 0.0], [0.0, 4.0]]
+        ),
+    )
     loaded, got = read_model(tmp_path / "m.safetensors")
     assert got.digest == meta.digest and got.digest.startswith("sha256:")
     assert got.arch == NetConfig(width=16, depth=2) and got.modes == [0, 2]
@@ -33,7 +38,9 @@ def test_corrupt_or_foreign_files_are_refused_with_reason(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         read_model(tmp_path / "junk.safetensors")
     path = tmp_path / "m.safetensors"
-    save_model(path, VelocityNet(NetConfig(width=8, depth=1)), CheckpointMeta(name="m", role="base"))
+    save_model(
+        path, VelocityNet(NetConfig(width=8, depth=1)), CheckpointMeta(name="m", role="base")
+    )
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # flip bits inside the weights
     path.write_bytes(bytes(data))
@@ -50,7 +57,12 @@ def test_pretrain_is_byte_identical_per_seed_and_keeps_files(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes()
         assert (a / f).read_bytes() != (c / f).read_bytes()
     _, meta = read_model(a / "teacher-b.safetensors")
-    assert meta.modes == [1, 3] and meta.role == "teacher" and meta.steps == 20 and len(meta.mode_centers) == 2
+    assert (
+        meta.modes == [1, 3]
+        and meta.role == "teacher"
+        and meta.steps == 20
+        and len(meta.mode_centers) == 2
+    )
     before = (a / "base.safetensors").stat().st_mtime_ns
     assert pretrain_all(a, seed=5, steps=20, log=lambda *_: None) == []  # kept without --force
     assert (a / "base.safetensors").stat().st_mtime_ns == before

@@ -21,14 +21,18 @@ def test_roundtrip(binary):
     msg = decode_request(body, headers.get(HEADER_LENGTH))
     assert np.array_equal(msg.tensors["x"], x) and msg.tensors["route"].dtype == np.int32
     assert msg.outputs == {"v": binary}
-    body, headers = encode_response({"v": x}, "a", "3", binary=binary, parameters={"compute_ms": 1.0})
+    body, headers = encode_response(
+        {"v": x}, "a", "3", binary=binary, parameters={"compute_ms": 1.0}
+    )
     resp = decode_response(body, headers.get(HEADER_LENGTH))
     assert np.array_equal(resp.tensors["v"], x) and resp.model_version == "3"
     assert resp.parameters["compute_ms"] == 1.0
 
 
 def _doc(**entry):
-    return json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], **entry}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], **entry}]}
+    ).encode()
 
 
 @pytest.mark.parametrize(
@@ -43,7 +47,11 @@ def _doc(**entry):
         (_doc(data=["a", "b", "c", "d"]), None, "numbers"),
         (_doc(), None, "neither 'data' nor binary_data_size"),
         (_doc(parameters={"binary_data_size": 16}), None, "no Inference-Header"),
-        (_doc(shape=[1_000_000_000, 2], parameters={"binary_data_size": 8_000_000_000}), "X", "integer"),
+        (
+            _doc(shape=[1_000_000_000, 2], parameters={"binary_data_size": 8_000_000_000}),
+            "X",
+            "integer",
+        ),
     ],
 )
 def test_malformed_requests_name_the_problem(body, header, match):
@@ -52,8 +60,18 @@ def test_malformed_requests_name_the_problem(body, header, match):
 
 
 def test_declared_size_beyond_body_is_refused_without_allocating():
-    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1_000_000_000, 2],
-                                   "parameters": {"binary_data_size": 8_000_000_000}}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1_000_000_000, 2],
+                    "parameters": {"binary_data_size": 8_000_000_000},
+                }
+            ]
+        }
+    ).encode()
     with pytest.raises(CodecError, match="needs 8000000000 bytes"):
         decode_request(head + b"\0" * 16, str(len(head)))
     with pytest.raises(CodecError, match="does not match shape"):

@@ -32,18 +32,26 @@ def test_target_logp_is_log_mean_of_teacher_densities():
     x = torch.randn(20, 2)
     a, b = ring.TEACHER_MODES["a"], ring.TEACHER_MODES["b"]
     x = torch.cat([x, ring.ring_centers()[:4] + 0.2])
-    p = (ring.mixture_logp(x, ring.centers_of(a)).exp() + ring.mixture_logp(x, ring.centers_of(b)).exp()) / 2
+    p = (
+        ring.mixture_logp(x, ring.centers_of(a)).exp()
+        + ring.mixture_logp(x, ring.centers_of(b)).exp()
+    ) / 2
     assert torch.allclose(ring.target_logp(x, [a, b]), torch.log(p + ring.DENSITY_FLOOR), atol=1e-9)
     assert torch.allclose(ring.target_logp(x, [a, b], floor=0)[-4:], p[-4:].log(), atol=1e-9)
     # two teachers with two modes each = one uniform 4-mode mixture
-    assert torch.allclose(ring.target_logp(x, [a, b], floor=0),
-                          ring.mixture_logp(x, ring.centers_of([0, 1, 2, 3])), atol=1e-9)
+    assert torch.allclose(
+        ring.target_logp(x, [a, b], floor=0),
+        ring.mixture_logp(x, ring.centers_of([0, 1, 2, 3])),
+        atol=1e-9,
+    )
 
 
 def test_density_floor_bounds_far_points():
     far = torch.tensor([[-4.0, 0.0], [100.0, 100.0]])  # mode 4, and nowhere
     got = ring.target_logp(far, [ring.TEACHER_MODES["a"]])
-    assert torch.allclose(got, torch.full((2,), math.log(ring.DENSITY_FLOOR), dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        got, torch.full((2,), math.log(ring.DENSITY_FLOOR), dtype=torch.float64), atol=1e-6
+    )
 
 
 def test_effective_modes_of_even_sample_equals_k():

@@ -3,4 +3,5 @@
 
 def pytest_configure(config) -> None:
     config.addinivalue_line(
-        "markers", "compose: builds images and runs docker-compose.yml for real (podman)")
+        "markers", "compose: builds images and runs docker-compose.yml for real (podman)"
+    )

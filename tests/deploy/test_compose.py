@@ -36,10 +36,17 @@ STEPS, BATCH, METHOD, RUN = 20, 128, "danceopd", "compose-test"
 def _compose_config(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose, "
-                    "or run deploy/podman-setup.sh as root)")
-    return subprocess.run([exe, "-f", str(COMPOSE), *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
+        pytest.skip(
+            "docker-compose is not installed (apt-get install docker-compose, "
+            "or run deploy/podman-setup.sh as root)"
+        )
+    return subprocess.run(
+        [exe, "-f", str(COMPOSE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_compose_file_is_valid() -> None:
@@ -71,17 +78,21 @@ def test_compose_file_shape() -> None:
     assert trainer["OPD_TRAIN_BACKEND"] == "http"
     assert trainer["OPD_TRAIN_ROUTER_URL"] == "http://router:8000"
     assert "OPD_ADMIN_TOKEN" not in (REPO / "deploy" / "Dockerfile").read_text().replace(
-        "OPD_ADMIN_TOKEN at run time", "")
+        "OPD_ADMIN_TOKEN at run time", ""
+    )
 
 
 # --- the real run ------------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], env: dict, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], env: dict, timeout: float, check: bool = True
+) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout[-3000:]}\n"
-                             f"{res.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
     return res
 
 
@@ -105,9 +116,26 @@ def _setup_env() -> dict:
 def _build_context(dest: Path) -> Path:
     """The repository's sources, the local CPU torch wheel (if any) and the CA bundle."""
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "--", "pyproject.toml", "constraints.txt",
-         "README.md", ".dockerignore", "common", "services", "student", "deploy"],
-        cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        [
+            "git",
+            "ls-files",
+            "-co",
+            "--exclude-standard",
+            "--",
+            "pyproject.toml",
+            "constraints.txt",
+            "README.md",
+            ".dockerignore",
+            "common",
+            "services",
+            "student",
+            "deploy",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for rel in files:
         src = REPO / rel
         if src.is_file() and "__pycache__" not in rel:
@@ -117,9 +145,22 @@ def _build_context(dest: Path) -> Path:
     (dest / "deploy" / "certs").mkdir(parents=True, exist_ok=True)
     # the CPU wheel from the machine's local wheel directory (pip config find-links); never the
     # registry: PyPI's torch is the CUDA build (GBs), the Dockerfile's TORCH_INDEX handles that
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-index",
-                    "--no-deps", "torch==2.13.0", "-d", str(dest / "deploy" / "wheels")],
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "torch==2.13.0",
+            "-d",
+            str(dest / "deploy" / "wheels"),
+        ],
+        capture_output=True,
+        timeout=300,
+    )
     bundle = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"))
     if bundle.is_file():  # a TLS-intercepting proxy's CA, when this machine trusts one
         shutil.copy(bundle, dest / "deploy" / "certs" / "host.crt")
@@ -143,8 +184,13 @@ def _ready(url: str) -> bool:
 def _logs(env: dict, project: str) -> str:
     out = []
     for svc in ("pretrain", *SERVERS, "trainer"):
-        res = subprocess.run(["podman", "logs", "--tail", "25", f"{project}_{svc}_1"], env=env,
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["podman", "logs", "--tail", "25", f"{project}_{svc}_1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         out.append(f"--- {svc} ---\n{res.stdout[-2500:]}{res.stderr[-2500:]}")
     return "\n".join(out)
 
@@ -155,13 +201,23 @@ def _teardown(env: dict, project: str) -> None:
     # whatever `down` left (a failed start): containers, pod, volumes, network of this project
     label = f"label=io.podman.compose.project={project}"
     for kind in ("container", "pod", "volume"):
-        ids = subprocess.run(["podman", kind, "ls", "-q", "--filter", label], env=env,
-                             capture_output=True, text=True, timeout=60).stdout.split()
+        ids = subprocess.run(
+            ["podman", kind, "ls", "-q", "--filter", label],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
         if ids:
-            subprocess.run(["podman", kind, "rm", "-f", *ids], env=env, capture_output=True,
-                           timeout=120)
-    subprocess.run(["podman", "network", "rm", "-f", f"{project}_default"], env=env,
-                   capture_output=True, timeout=60)
+            subprocess.run(
+                ["podman", kind, "rm", "-f", *ids], env=env, capture_output=True, timeout=120
+            )
+    subprocess.run(
+        ["podman", "network", "rm", "-f", f"{project}_default"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.compose
@@ -172,21 +228,41 @@ def test_compose_cluster_runs_a_job(tmp_path: Path) -> None:
     env = _setup_env()
     image = "localhost/opd-serve:compose-test"
     ctx = _build_context(tmp_path / "ctx")
-    _run(["podman", "build", "-q", "-f", "deploy/Dockerfile", "--build-arg",
-          "BASE_IMAGE=localhost/debian-py", "-t", image, str(ctx)], env, timeout=1200)
+    _run(
+        [
+            "podman",
+            "build",
+            "-q",
+            "-f",
+            "deploy/Dockerfile",
+            "--build-arg",
+            "BASE_IMAGE=localhost/debian-py",
+            "-t",
+            image,
+            str(ctx),
+        ],
+        env,
+        timeout=1200,
+    )
     t_build = time.monotonic()
 
     project = f"opdtest{os.getpid()}"
     ports = {svc: _free_port() for svc in SERVERS}
-    env.update({
-        "OPD_IMAGE": image, "OPD_BASE_IMAGE": "localhost/debian-py",
-        "OPD_PRETRAIN_STEPS": "50", "OPD_TRAIN_METHOD": METHOD, "OPD_TRAIN_STEPS": str(STEPS),
-        "OPD_TRAIN_BATCH": str(BATCH), "OPD_RUN_NAME": RUN,
-        "OPD_ROUTER_PUBLISH": f"127.0.0.1:{ports['router']}",
-        "OPD_TEACHER_A_PUBLISH": f"127.0.0.1:{ports['teacher-a']}",
-        "OPD_TEACHER_B_PUBLISH": f"127.0.0.1:{ports['teacher-b']}",
-        "OPD_BASE_PUBLISH": f"127.0.0.1:{ports['base']}",
-    })
+    env.update(
+        {
+            "OPD_IMAGE": image,
+            "OPD_BASE_IMAGE": "localhost/debian-py",
+            "OPD_PRETRAIN_STEPS": "50",
+            "OPD_TRAIN_METHOD": METHOD,
+            "OPD_TRAIN_STEPS": str(STEPS),
+            "OPD_TRAIN_BATCH": str(BATCH),
+            "OPD_RUN_NAME": RUN,
+            "OPD_ROUTER_PUBLISH": f"127.0.0.1:{ports['router']}",
+            "OPD_TEACHER_A_PUBLISH": f"127.0.0.1:{ports['teacher-a']}",
+            "OPD_TEACHER_B_PUBLISH": f"127.0.0.1:{ports['teacher-b']}",
+            "OPD_BASE_PUBLISH": f"127.0.0.1:{ports['base']}",
+        }
+    )
     env.pop("OPD_ADMIN_TOKEN", None)
     compose = ["podman-compose", "-f", str(COMPOSE), "-p", project]
     try:
@@ -195,8 +271,9 @@ def test_compose_cluster_runs_a_job(tmp_path: Path) -> None:
         deadline = time.monotonic() + 420
         waiting = set(SERVERS)
         while waiting and time.monotonic() < deadline:
-            waiting = {s for s in waiting
-                       if not _ready(f"http://127.0.0.1:{ports[s]}/v2/health/ready")}
+            waiting = {
+                s for s in waiting if not _ready(f"http://127.0.0.1:{ports[s]}/v2/health/ready")
+            }
             time.sleep(1)
         assert not waiting, f"not ready after 420 s: {sorted(waiting)}\n{_logs(env, project)}"
         t_ready = time.monotonic()
@@ -210,9 +287,13 @@ def test_compose_cluster_runs_a_job(tmp_path: Path) -> None:
         t_job = time.monotonic()
     finally:
         _teardown(env, project)
-    left = subprocess.run(["podman", "ps", "-aq", "--filter",
-                           f"label=io.podman.compose.project={project}"],
-                          env=env, capture_output=True, text=True, timeout=60).stdout.split()
+    left = subprocess.run(
+        ["podman", "ps", "-aq", "--filter", f"label=io.podman.compose.project={project}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
     assert not left, f"containers left behind: {left}"
 
     assert report["backend"] == "http" and report["method"] == METHOD
@@ -223,6 +304,8 @@ def test_compose_cluster_runs_a_job(tmp_path: Path) -> None:
     assert counts["bytes_sent"] > 0 and counts["bytes_received"] > 0
     for key in ("avg_target_logp", "teacher_mode_mass", "effective_modes"):
         assert math.isfinite(report["metrics"][key]), key
-    timing = (f"setup+build {t_build - t0:.0f} s, up+ready {t_ready - t_build:.0f} s, "
-              f"job {t_job - t_ready:.0f} s, total {time.monotonic() - t0:.0f} s")
+    timing = (
+        f"setup+build {t_build - t0:.0f} s, up+ready {t_ready - t_build:.0f} s, "
+        f"job {t_job - t_ready:.0f} s, total {time.monotonic() - t0:.0f} s"
+    )
     print(f"\ncompose test: {timing}")

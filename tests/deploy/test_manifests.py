@@ -44,6 +44,7 @@ def test_kuberay_args_match_the_builders() -> None:
 
 def test_prometheus_scrapes_every_service() -> None:
     doc = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    targets = {t for job in doc["scrape_configs"] for sc in job["static_configs"]
-               for t in sc["targets"]}
+    targets = {
+        t for job in doc["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
     assert targets == {"teacher-a:8000", "teacher-b:8000", "base:8000", "router:8000"}

@@ -18,12 +18,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 def start_teacher(checkpoint: Path, name: str, *flags: str, token: str | None = TOKEN) -> Service:
     env = {"OPD_ADMIN_TOKEN": token or "", "OPD_TEACHER_THREADS": "1"}
-    cmd = [sys.executable, "-m", "common.cli", "serve", "teacher", "--checkpoint", str(checkpoint),
-           "--name", name, "--port", "0", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "serve",
+        "teacher",
+        "--checkpoint",
+        str(checkpoint),
+        "--name",
+        name,
+        "--port",
+        "0",
+        *flags,
+    ]
     return start_service(cmd, env=env, cwd=str(REPO))
 
 
-def start_router(*flags: str, token: str | None = TOKEN, env: dict[str, str] | None = None) -> Service:
+def start_router(
+    *flags: str, token: str | None = TOKEN, env: dict[str, str] | None = None
+) -> Service:
     full_env = {"OPD_ADMIN_TOKEN": token or "", **(env or {})}
     cmd = [sys.executable, "-m", "common.cli", "serve", "router", "--port", "0", *flags]
     return start_service(cmd, env=full_env, cwd=str(REPO))
@@ -41,15 +55,22 @@ def states(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (rng.normal(size=(n, 2)) * 4).astype(np.float32), rng.uniform(size=n).astype(np.float32)
 
 
-def call_router(client: httpx.Client, url: str, x: np.ndarray, t: np.ndarray,
-                route: np.ndarray | None = None, outputs: list[str] | None = None,
-                parameters: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def call_router(
+    client: httpx.Client,
+    url: str,
+    x: np.ndarray,
+    t: np.ndarray,
+    route: np.ndarray | None = None,
+    outputs: list[str] | None = None,
+    parameters: dict | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
     """One binary opd-router call; asserts 200 and returns (outputs, response parameters)."""
     inputs = {"x": x, "t": t}
     if route is not None:
         inputs["route"] = route.astype(np.int32)
-    body, headers = encode_request(inputs, outputs=outputs or ["v", "teacher"], binary=True,
-                                   parameters=parameters)
+    body, headers = encode_request(
+        inputs, outputs=outputs or ["v", "teacher"], binary=True, parameters=parameters
+    )
     r = client.post(f"{url}/v2/models/opd-router/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text
     msg = decode_response(r.content, r.headers.get(HEADER_LENGTH))

@@ -29,17 +29,42 @@ DIM, WIDTH = 256, 16
 
 @pytest.fixture(scope="module")
 def synthetic_teacher():
-    svc = start_service([*PYTHON, "serve", "teacher", "--synthetic", "--state-dim", str(DIM),
-                         "--width", str(WIDTH), "--seed", "3", "--name", "syn", "--port", "0",
-                         "--threads", "1"])
+    svc = start_service(
+        [
+            *PYTHON,
+            "serve",
+            "teacher",
+            "--synthetic",
+            "--state-dim",
+            str(DIM),
+            "--width",
+            str(WIDTH),
+            "--seed",
+            "3",
+            "--name",
+            "syn",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+        ]
+    )
     yield svc
     svc.stop()
 
 
 def quick(url: str, model: str, out: Path, **kw) -> BenchServeSettings:
     """A sweep bounded to a few seconds a point."""
-    base = dict(url=url, model=model, concurrency="1,3", states="4,32", window_s=0.2,
-                max_windows=4, max_seconds=60, out=out)
+    base = dict(
+        url=url,
+        model=model,
+        concurrency="1,3",
+        states="4,32",
+        window_s=0.2,
+        max_windows=4,
+        max_seconds=60,
+        out=out,
+    )
     return BenchServeSettings(**{**base, **kw})
 
 
@@ -76,8 +101,9 @@ def test_synthetic_teacher_answers_like_its_net(synthetic_teacher):
     v = decode_response(r.content, r.headers.get(HEADER_LENGTH)).tensors["v"]
     net = synthetic_net(m.arch, seed=3)
     with torch.inference_mode():
-        np.testing.assert_allclose(v, net(torch.from_numpy(x), torch.from_numpy(t)).numpy(),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            v, net(torch.from_numpy(x), torch.from_numpy(t)).numpy(), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_sweep_against_teacher_writes_files_and_matches_prometheus(synthetic_teacher, tmp_path):
@@ -103,8 +129,16 @@ def test_sweep_against_router(synthetic_teacher, tmp_path):
 
 
 def test_sweep_bounded_by_total_time(synthetic_teacher, tmp_path):
-    s = quick(synthetic_teacher.url, "syn", tmp_path, concurrency="1,2,4,8", states="4",
-              max_seconds=0.5, limits=False, metrics_url="none")
+    s = quick(
+        synthetic_teacher.url,
+        "syn",
+        tmp_path,
+        concurrency="1,2,4,8",
+        states="4",
+        max_seconds=0.5,
+        limits=False,
+        metrics_url="none",
+    )
     assert run_bench_serve(s) == 0
     doc = json.loads((tmp_path / "sweep.json").read_text())
     assert 1 <= len(doc["points"]) < 4  # later points skipped once the bound was reached
@@ -112,19 +146,28 @@ def test_sweep_bounded_by_total_time(synthetic_teacher, tmp_path):
 
 
 def test_states_counter_parses_teacher_and_router_pages():
-    teacher = ('# TYPE opd_teacher_states counter\nopd_teacher_states_total{model="a"} 12.0\n'
-               'opd_teacher_states_total{model="b"} 5.0\n')
+    teacher = (
+        '# TYPE opd_teacher_states counter\nopd_teacher_states_total{model="a"} 12.0\n'
+        'opd_teacher_states_total{model="b"} 5.0\n'
+    )
     assert states_counter(teacher, "a") == 12.0
-    assert states_counter("# TYPE opd_router_states counter\nopd_router_states_total 7.0\n",
-                          "opd-router") == 7.0
+    assert (
+        states_counter(
+            "# TYPE opd_router_states counter\nopd_router_states_total 7.0\n", "opd-router"
+        )
+        == 7.0
+    )
     assert states_counter("# TYPE other counter\nother_total 1.0\n", "a") is None
     fresh = "# HELP opd_teacher_states states answered\n# TYPE opd_teacher_states counter\n"
     assert states_counter(fresh, "a") == 0.0  # declared, never incremented
 
 
 def test_make_inputs_fills_free_dims():
-    specs = [InputSpec("x", "FP32", (-1, -1)), InputSpec("t", "FP32", (-1,)),
-             InputSpec("k", "INT32", (-1, 3))]
+    specs = [
+        InputSpec("x", "FP32", (-1, -1)),
+        InputSpec("t", "FP32", (-1,)),
+        InputSpec("k", "INT32", (-1, 3)),
+    ]
     got = make_inputs(specs, 6, 10)
     assert got["x"].shape == (6, 10) and got["t"].shape == (6,) and got["k"].shape == (6, 3)
     assert got["x"].dtype == np.float32 and got["k"].dtype == np.int32
@@ -132,9 +175,25 @@ def test_make_inputs_fills_free_dims():
 
 def test_bench_cost_synthetic_writes_table_and_figure(tmp_path):
     out = tmp_path / "cost"
-    cmd = [*PYTHON, "bench", "cost", "--methods", "diffusionopd,flowopd", "--steps", "2",
-           "--state-dim", "64", "--teacher-width", "8", "--batch", "4", "--rollout-steps", "4",
-           "--out", str(out)]
+    cmd = [
+        *PYTHON,
+        "bench",
+        "cost",
+        "--methods",
+        "diffusionopd,flowopd",
+        "--steps",
+        "2",
+        "--state-dim",
+        "64",
+        "--teacher-width",
+        "8",
+        "--batch",
+        "4",
+        "--rollout-steps",
+        "4",
+        "--out",
+        str(out),
+    ]
     import subprocess
 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -150,6 +209,10 @@ def test_bench_cost_synthetic_writes_table_and_figure(tmp_path):
 def test_teacher_needs_checkpoint_or_synthetic():
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "serve", "teacher", "--port", "0"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.cli", "serve", "teacher", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "--synthetic" in proc.stderr

@@ -18,9 +18,17 @@ from student.models import checkpoint_path
 OPD = [sys.executable, "-m", "common.cli"]
 
 
-def opd(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([*OPD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def opd(
+    *args: str, cwd: Path, env: dict | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*OPD, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cluster_up_status_down_leaves_no_process(tiny_models, tmp_path):
@@ -56,21 +64,46 @@ def test_swapping_teacher_a_during_training_completes_and_shows_the_version(tiny
         # version (2) tells its answers apart from the original's (1).
         new = start_service(teacher_cmd(checkpoint_path(tiny_models, "a")), env=env)
         c.services["a-new"] = new
-        r = httpx.post(f"{new.url}/v2/repository/models/teacher-a/load", headers=auth, timeout=30,
-                       json={"parameters": {"checkpoint": "teacher-a.safetensors"}})
+        r = httpx.post(
+            f"{new.url}/v2/repository/models/teacher-a/load",
+            headers=auth,
+            timeout=30,
+            json={"parameters": {"checkpoint": "teacher-a.safetensors"}},
+        )
         assert r.status_code == 200, r.text
         out = tmp_path / "run"
-        proc = subprocess.Popen([*OPD, "train", "--method", "diffusionopd", "--backend", "http",
-                                 "--router-url", c.router_url, "--models", str(tiny_models),
-                                 "--out", str(out), "--steps", "80", "--no-progress", "--threads", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                *OPD,
+                "train",
+                "--method",
+                "diffusionopd",
+                "--backend",
+                "http",
+                "--router-url",
+                c.router_url,
+                "--models",
+                str(tiny_models),
+                "--out",
+                str(out),
+                "--steps",
+                "80",
+                "--no-progress",
+                "--threads",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         steps = out / "steps.jsonl"
         deadline = time.monotonic() + 120
         while not (steps.exists() and len(steps.read_text().splitlines()) >= 15):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.05)
-        r = httpx.put(f"{c.router_url}/v1/teachers/a", headers=auth, timeout=30,
-                      json={"endpoints": [new.url]})
+        r = httpx.put(
+            f"{c.router_url}/v1/teachers/a", headers=auth, timeout=30, json={"endpoints": [new.url]}
+        )
         assert r.status_code == 200, r.text
         c.services["a"].stop()  # the old endpoint goes away for good
         assert proc.wait(300) == 0, proc.stdout.read()

@@ -27,9 +27,14 @@ from tests.services.router_helpers import (
 @pytest.fixture(scope="module")
 def teachers(tiny_models: Path):
     """Teachers a, b and the base anchor, one process each."""
-    svcs = {n: start_teacher(tiny_models / f, n)
-            for n, f in [("a", "teacher-a.safetensors"), ("b", "teacher-b.safetensors"),
-                         ("base", "base.safetensors")]}
+    svcs = {
+        n: start_teacher(tiny_models / f, n)
+        for n, f in [
+            ("a", "teacher-a.safetensors"),
+            ("b", "teacher-b.safetensors"),
+            ("base", "base.safetensors"),
+        ]
+    }
     yield svcs
     for s in svcs.values():
         s.stop()
@@ -37,8 +42,14 @@ def teachers(tiny_models: Path):
 
 @pytest.fixture(scope="module")
 def router(teachers: dict[str, Service]):
-    svc = start_router("--teacher", f"a={teachers['a'].url}", "--teacher", f"b={teachers['b'].url}#b",
-                       "--anchor", f"base={teachers['base'].url}")
+    svc = start_router(
+        "--teacher",
+        f"a={teachers['a'].url}",
+        "--teacher",
+        f"b={teachers['b'].url}#b",
+        "--anchor",
+        f"base={teachers['base'].url}",
+    )
     yield svc
     assert svc.stop() == 0, svc.output()
 
@@ -59,8 +70,9 @@ def test_policy_equals_in_process_client(router: Service, local: dict, policy: s
     in_process.submit(torch.from_numpy(x), torch.from_numpy(t))
     [want], _ = in_process.collect()
     with client() as c:
-        out, params = call_router(c, router.url, x, t, outputs=["v", "teacher", "v_anchor"],
-                                  parameters={"policy": policy})
+        out, params = call_router(
+            c, router.url, x, t, outputs=["v", "teacher", "v_anchor"], parameters={"policy": policy}
+        )
     np.testing.assert_array_equal(out["teacher"], want.teacher.numpy())
     np.testing.assert_allclose(out["v"], want.v.numpy(), atol=1e-6, rtol=0)
     np.testing.assert_allclose(out["v_anchor"], want.v_anchor.numpy(), atol=1e-6, rtol=0)
@@ -100,12 +112,18 @@ def test_label_policy_and_route_overrides(router: Service, local: dict) -> None:
         np.testing.assert_allclose(got["v"], want.numpy(), atol=1e-6, rtol=0)
 
 
-def test_json_request_anchor_parameter_and_passthrough(router: Service, teachers: dict, local: dict) -> None:
+def test_json_request_anchor_parameter_and_passthrough(
+    router: Service, teachers: dict, local: dict
+) -> None:
     x, t = states(20, seed=4)
     with client() as c:
-        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [20, 2], "data": x.ravel().tolist()},
-                           {"name": "t", "datatype": "FP32", "shape": [20], "data": t.tolist()}],
-                "parameters": {"anchor": True}}
+        body = {
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [20, 2], "data": x.ravel().tolist()},
+                {"name": "t", "datatype": "FP32", "shape": [20], "data": t.tolist()},
+            ],
+            "parameters": {"anchor": True},
+        }
         r = c.post(f"{router.url}/v2/models/opd-router/infer", json=body)
         assert r.status_code == 200, r.text
         outs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
@@ -129,28 +147,67 @@ def test_bad_input_is_a_clear_4xx_and_router_keeps_serving(router: Service) -> N
         url = f"{router.url}/v2/models/opd-router/infer"
         cases = [
             (c.post(url, content=b"not json"), "JSON"),
-            (c.post(url, json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}),
-             "missing input 't'"),
-            (c.post(url, content=encode_request({"x": x.astype(np.float64), "t": t})[0],
-                    headers=encode_request({"x": x.astype(np.float64), "t": t})[1]), "FP32"),
-            (c.post(url, content=encode_request({"x": x, "t": t[:3]})[0],
-                    headers=encode_request({"x": x, "t": t[:3]})[1]), "rows"),
-            (c.post(url, content=encode_request({"x": x, "t": t, "route": np.full(8, 5, np.int32)})[0],
-                    headers=encode_request({"x": x, "t": t, "route": np.full(8, 5, np.int32)})[1]),
-             "route labels"),
-            (c.post(url, content=encode_request({"x": x, "t": t}, parameters={"policy": "label"})[0],
-                    headers=encode_request({"x": x, "t": t}, parameters={"policy": "label"})[1]),
-             "needs the 'route' input"),
-            (c.post(url, content=encode_request({"x": x, "t": t}, parameters={"anchor": "nope"})[0],
-                    headers=encode_request({"x": x, "t": t}, parameters={"anchor": "nope"})[1]),
-             "registered anchors are: base"),
+            (
+                c.post(
+                    url,
+                    json={
+                        "inputs": [
+                            {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}
+                        ]
+                    },
+                ),
+                "missing input 't'",
+            ),
+            (
+                c.post(
+                    url,
+                    content=encode_request({"x": x.astype(np.float64), "t": t})[0],
+                    headers=encode_request({"x": x.astype(np.float64), "t": t})[1],
+                ),
+                "FP32",
+            ),
+            (
+                c.post(
+                    url,
+                    content=encode_request({"x": x, "t": t[:3]})[0],
+                    headers=encode_request({"x": x, "t": t[:3]})[1],
+                ),
+                "rows",
+            ),
+            (
+                c.post(
+                    url,
+                    content=encode_request({"x": x, "t": t, "route": np.full(8, 5, np.int32)})[0],
+                    headers=encode_request({"x": x, "t": t, "route": np.full(8, 5, np.int32)})[1],
+                ),
+                "route labels",
+            ),
+            (
+                c.post(
+                    url,
+                    content=encode_request({"x": x, "t": t}, parameters={"policy": "label"})[0],
+                    headers=encode_request({"x": x, "t": t}, parameters={"policy": "label"})[1],
+                ),
+                "needs the 'route' input",
+            ),
+            (
+                c.post(
+                    url,
+                    content=encode_request({"x": x, "t": t}, parameters={"anchor": "nope"})[0],
+                    headers=encode_request({"x": x, "t": t}, parameters={"anchor": "nope"})[1],
+                ),
+                "registered anchors are: base",
+            ),
         ]
         for resp, needle in cases:
             assert 400 <= resp.status_code < 500, resp.text
             assert needle in resp.json()["error"], resp.json()
         x3 = np.zeros((4, 3), np.float32)  # wrong dimension: nearest cannot route it
-        r = c.post(url, content=encode_request({"x": x3, "t": t[:4]})[0],
-                   headers=encode_request({"x": x3, "t": t[:4]})[1])
+        r = c.post(
+            url,
+            content=encode_request({"x": x3, "t": t[:4]})[0],
+            headers=encode_request({"x": x3, "t": t[:4]})[1],
+        )
         assert r.status_code == 400 and "dimension" in r.json()["error"]
         assert c.post(f"{router.url}/v2/models/nobody/infer", json={}).status_code == 404
         call_router(c, router.url, x, t)  # still serving
@@ -163,23 +220,38 @@ def test_registry_api_auth_and_refusals(router: Service, teachers: dict) -> None
         assert reg["anchors"][0]["name"] == "base" and reg["teachers"][0]["mode_centers"]
         body = {"endpoints": [teachers["a"].url]}
         assert c.put(f"{router.url}/v1/teachers/a", json=body).status_code == 401
-        assert c.put(f"{router.url}/v1/teachers/a", json=body, headers=admin("wrong")).status_code == 403
+        assert (
+            c.put(f"{router.url}/v1/teachers/a", json=body, headers=admin("wrong")).status_code
+            == 403
+        )
         # replicas of one teacher with different checkpoints: refused, registry unchanged
-        bad = c.put(f"{router.url}/v1/teachers/a", headers=admin(),
-                    json={"endpoints": [teachers["a"].url, teachers["b"].url]})
+        bad = c.put(
+            f"{router.url}/v1/teachers/a",
+            headers=admin(),
+            json={"endpoints": [teachers["a"].url, teachers["b"].url]},
+        )
         assert bad.status_code == 422
         msg = bad.json()["error"]
         assert teachers["b"].url in msg and "digest" in msg and "same checkpoint" in msg
-        unreachable = c.put(f"{router.url}/v1/teachers/c", headers=admin(),
-                            json={"endpoints": ["http://127.0.0.1:9"]})
-        assert unreachable.status_code == 422 and "no replica answered" in unreachable.json()["error"]
+        unreachable = c.put(
+            f"{router.url}/v1/teachers/c",
+            headers=admin(),
+            json={"endpoints": ["http://127.0.0.1:9"]},
+        )
+        assert (
+            unreachable.status_code == 422 and "no replica answered" in unreachable.json()["error"]
+        )
         # add, then delete, a third teacher (b's server under another name)
-        added = c.put(f"{router.url}/v1/teachers/c", headers=admin(),
-                      json={"endpoints": [f"{teachers['b'].url}#b"], "modes": [5]})
+        added = c.put(
+            f"{router.url}/v1/teachers/c",
+            headers=admin(),
+            json={"endpoints": [f"{teachers['b'].url}#b"], "modes": [5]},
+        )
         assert added.status_code == 201 and added.json()["index"] == 2
         x, t = states(64)
-        out, params = call_router(c, router.url, x, t, parameters={"policy": "label"},
-                                  route=np.full(64, 2, np.int32))
+        out, params = call_router(
+            c, router.url, x, t, parameters={"policy": "label"}, route=np.full(64, 2, np.int32)
+        )
         assert (out["teacher"] == 2).all() and params["c.rows"] == 64
         assert c.delete(f"{router.url}/v1/teachers/c", headers=admin()).status_code == 200
         assert c.delete(f"{router.url}/v1/teachers/c", headers=admin()).status_code == 404
@@ -206,7 +278,9 @@ def test_bad_registries_refused_at_start(teachers: dict, tmp_path: Path) -> None
     assert teachers["b"].url in str(err.value)
     # a registry file whose teacher has no mode centers for nearest: refused with the reason
     f = tmp_path / "reg.yaml"
-    f.write_text(f"policy: nearest\nteachers:\n  a: [{teachers['a'].url}]\n  c: {{endpoints: ['{teachers['b'].url}'], mode_centers: [[0.0, 0.0, 0.0]]}}\n")
+    f.write_text(
+        f"policy: nearest\nteachers:\n  a: [{teachers['a'].url}]\n  c: {{endpoints: ['{teachers['b'].url}'], mode_centers: [[0.0, 0.0, 0.0]]}}\n"
+    )
     with pytest.raises(RuntimeError) as err:
         start_router("--registry", str(f))
     assert "different dimensions" in str(err.value)

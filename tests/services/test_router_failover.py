@@ -45,11 +45,18 @@ def _stream(url: str, n: int, workers: int, on_done=None) -> list[dict]:
                     r = c.post(f"{url}/v2/models/opd-router/infer", content=body, headers=headers)
                     rec = {"status": r.status_code, "start": start, "end": time.monotonic()}
                     if r.status_code == 200:
-                        rec["params"] = decode_response(r.content, r.headers.get(HEADER_LENGTH)).parameters
+                        rec["params"] = decode_response(
+                            r.content, r.headers.get(HEADER_LENGTH)
+                        ).parameters
                     else:
                         rec["error"] = r.text
                 except httpx.HTTPError as exc:
-                    rec = {"status": -1, "start": start, "end": time.monotonic(), "error": repr(exc)}
+                    rec = {
+                        "status": -1,
+                        "start": start,
+                        "end": time.monotonic(),
+                        "error": repr(exc),
+                    }
                 with lock:
                     records.append(rec)
                     done = len(records)
@@ -77,7 +84,9 @@ def test_swap_mid_stream_no_failures_and_new_version(tiny_models: Path, teacher_
         def swap_at_300(done: int) -> None:
             if done == 300 and not swapped:
                 swapped["start"] = time.monotonic()
-                r = httpx.put(f"{router.url}/v1/teachers/a", json={"endpoints": [new.url]}, headers=admin())
+                r = httpx.put(
+                    f"{router.url}/v1/teachers/a", json={"endpoints": [new.url]}, headers=admin()
+                )
                 assert r.status_code == 200, r.text
                 swapped["end"] = time.monotonic()
 
@@ -92,7 +101,9 @@ def test_swap_mid_stream_no_failures_and_new_version(tiny_models: Path, teacher_
     before = [r["params"] for r in records if r["end"] < swapped["start"]]
     after = [r["params"] for r in records if r["start"] > swapped["end"]]
     assert before and after
-    assert {p["a.version"] for p in before} == {"1"} and {p["a.replica"] for p in before} == {old.url}
+    assert {p["a.version"] for p in before} == {"1"} and {p["a.replica"] for p in before} == {
+        old.url
+    }
     assert {p["a.version"] for p in after} == {"2"} and {p["a.replica"] for p in after} == {new.url}
     assert all(p["b.version"] == "1" for p in before + after)
 
@@ -102,12 +113,21 @@ def test_replica_killed_mid_stream_then_all_down(tiny_models: Path, teacher_b: S
     ckpt = tiny_models / "teacher-a.safetensors"
     a1, a2 = start_teacher(ckpt, "a"), start_teacher(ckpt, "a")
     deadline_s = 3.0
-    router = start_router("--teacher", f"a={a1.url},{a2.url}", "--teacher", f"b={teacher_b.url}",
-                          "--deadline-s", str(deadline_s), "--health-interval-s", "0.2")
+    router = start_router(
+        "--teacher",
+        f"a={a1.url},{a2.url}",
+        "--teacher",
+        f"b={teacher_b.url}",
+        "--deadline-s",
+        str(deadline_s),
+        "--health-interval-s",
+        "0.2",
+    )
     extra: list[Service] = []
     try:
-        records = _stream(router.url, 400, workers=4,
-                          on_done=lambda done: a1.kill() if done == 100 else None)
+        records = _stream(
+            router.url, 400, workers=4, on_done=lambda done: a1.kill() if done == 100 else None
+        )
         failures = [r for r in records if r["status"] != 200]
         assert not failures, failures[:3]
         replicas = {p["a.replica"] for p in (r["params"] for r in records[-100:])}
@@ -131,14 +151,24 @@ def test_replica_killed_mid_stream_then_all_down(tiny_models: Path, teacher_b: S
             x, t = states(len(ROUTE))
             body, headers = encode_request({"x": x, "t": t, "route": ROUTE})
             start = time.monotonic()
-            r = c.post(f"{router.url}/v2/models/opd-router/infer", content=body, headers=headers, timeout=30)
+            r = c.post(
+                f"{router.url}/v2/models/opd-router/infer",
+                content=body,
+                headers=headers,
+                timeout=30,
+            )
             elapsed = time.monotonic() - start
             assert r.status_code == 503 and "Retry-After" in r.headers
             assert "teacher 'a'" in r.json()["error"], r.json()
             assert elapsed < deadline_s + 1.0
             # teacher b alone still answers
             body, headers = encode_request({"x": x, "t": t, "route": np.ones(len(ROUTE), np.int32)})
-            assert c.post(f"{router.url}/v2/models/opd-router/infer", content=body, headers=headers).status_code == 200
+            assert (
+                c.post(
+                    f"{router.url}/v2/models/opd-router/infer", content=body, headers=headers
+                ).status_code
+                == 200
+            )
             assert c.get(f"{router.url}/v2/health/ready").status_code == 503
     finally:
         for s in (a1, a2, router, *extra):
@@ -147,15 +177,27 @@ def test_replica_killed_mid_stream_then_all_down(tiny_models: Path, teacher_b: S
 
 def test_full_queue_answers_503_with_retry_after(tiny_models: Path) -> None:
     slow = start_teacher(tiny_models / "teacher-a.safetensors", "a", "--max-delay-ms", "300")
-    router = start_router("--teacher", f"a={slow.url}", "--policy", "average",
-                          "--max-inflight", "1", "--max-queue", "1")
+    router = start_router(
+        "--teacher",
+        f"a={slow.url}",
+        "--policy",
+        "average",
+        "--max-inflight",
+        "1",
+        "--max-queue",
+        "1",
+    )
     try:
         x, t = states(16)
         body, headers = encode_request({"x": x, "t": t})
 
         def one(_: int) -> httpx.Response:
-            return httpx.post(f"{router.url}/v2/models/opd-router/infer", content=body, headers=headers,
-                              timeout=30)
+            return httpx.post(
+                f"{router.url}/v2/models/opd-router/infer",
+                content=body,
+                headers=headers,
+                timeout=30,
+            )
 
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(one, range(8)))

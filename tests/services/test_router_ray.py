@@ -34,23 +34,37 @@ def test_ray_router_answers_like_in_process(tiny_models: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {"policy": "nearest",
-                "teachers": {"a": {"checkpoint": str(tiny_models / "teacher-a.safetensors")},
-                             "b": {"checkpoint": str(tiny_models / "teacher-b.safetensors")}},
-                "anchors": {"base": {"checkpoint": str(tiny_models / "base.safetensors")}}}
+        args = {
+            "policy": "nearest",
+            "teachers": {
+                "a": {"checkpoint": str(tiny_models / "teacher-a.safetensors")},
+                "b": {"checkpoint": str(tiny_models / "teacher-b.safetensors")},
+            },
+            "anchors": {"base": {"checkpoint": str(tiny_models / "base.safetensors")}},
+        }
         serve.run(app_builder(args), name="router", route_prefix="/router")
         url = f"http://127.0.0.1:{port}/router"
         with client(timeout=60) as c:
             assert c.get(f"{url}/v2/health/ready").status_code == 200
             for policy in ("nearest", "average"):
-                reference = LocalTeacherClient([local["a"], local["b"]], policy=policy, anchor=local["base"])
+                reference = LocalTeacherClient(
+                    [local["a"], local["b"]], policy=policy, anchor=local["base"]
+                )
                 reference.submit(torch.from_numpy(x), torch.from_numpy(t))
                 [want], _ = reference.collect()
-                out, params = call_router(c, url, x, t, outputs=["v", "teacher", "v_anchor"],
-                                          parameters={"policy": policy})
+                out, params = call_router(
+                    c,
+                    url,
+                    x,
+                    t,
+                    outputs=["v", "teacher", "v_anchor"],
+                    parameters={"policy": policy},
+                )
                 np.testing.assert_array_equal(out["teacher"], want.teacher.numpy())
                 np.testing.assert_allclose(out["v"], want.v.numpy(), atol=1e-6, rtol=0)
-                np.testing.assert_allclose(out["v_anchor"], want.v_anchor.numpy(), atol=1e-6, rtol=0)
+                np.testing.assert_allclose(
+                    out["v_anchor"], want.v_anchor.numpy(), atol=1e-6, rtol=0
+                )
                 assert params["teachers"] == "a,b" and params["a.version"] == "1"
             reg = c.get(f"{url}/v1/teachers").json()
             assert [t["name"] for t in reg["teachers"]] == ["a", "b"]

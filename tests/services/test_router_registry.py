@@ -21,20 +21,27 @@ from services.router.settings import RouterSettings
 
 
 def _teacher(name: str, centers: torch.Tensor | None = None, n: int = 1) -> Teacher:
-    return Teacher(name, [Replica(Endpoint(f"http://h{i}:1", name)) for i in range(n)], centers=centers)
+    return Teacher(
+        name, [Replica(Endpoint(f"http://h{i}:1", name)) for i in range(n)], centers=centers
+    )
 
 
 def test_flags_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = parse_flag("a=http://h:1,http://h:2/#teacher-a")
-    assert spec.name == "a" and spec.endpoints == (Endpoint("http://h:1"), Endpoint("http://h:2", "teacher-a"))
+    assert spec.name == "a" and spec.endpoints == (
+        Endpoint("http://h:1"),
+        Endpoint("http://h:2", "teacher-a"),
+    )
     for bad in ("a", "a=", "a=ftp://x", "opd-router=http://h:1", "bad name=http://h:1"):
         with pytest.raises(RegistryError):
             parse_flag(bad)
     monkeypatch.setenv("OPD_ROUTER_TEACHER", "a=http://h:1;b=http://h:2,http://h:3")
     assert RouterSettings().teacher == ["a=http://h:1", "b=http://h:2,http://h:3"]
     f = tmp_path / "reg.yaml"
-    f.write_text("policy: label\nteachers:\n  a: http://h:1\n  b: {endpoints: [http://h:2], modes: [1, 3]}\n"
-                 "anchors:\n  base: [http://h:4]\n")
+    f.write_text(
+        "policy: label\nteachers:\n  a: http://h:1\n  b: {endpoints: [http://h:2], modes: [1, 3]}\n"
+        "anchors:\n  base: [http://h:4]\n"
+    )
     specs, policy = read_registry_file(f)
     assert policy == "label" and [s.name for s in specs] == ["a", "b", "base"]
     assert specs[1].modes == (1, 3) and specs[2].role == "anchor"

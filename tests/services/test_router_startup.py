@@ -25,11 +25,17 @@ def test_router_start_waits_for_a_late_teacher(tiny_models):
     url = f"http://127.0.0.1:{port}"
     late: list = []
     # The teacher comes up a few seconds after the router has started asking for it.
-    timer = threading.Timer(3.0, lambda: late.append(
-        start_service(teacher_cmd(checkpoint_path(tiny_models, "a"), port=port))))
+    timer = threading.Timer(
+        3.0,
+        lambda: late.append(
+            start_service(teacher_cmd(checkpoint_path(tiny_models, "a"), port=port))
+        ),
+    )
     timer.start()
     try:
-        router = start_service(router_cmd({"a": url}, {}, extra=["--startup-timeout-s", "60"]), timeout_s=90)
+        router = start_service(
+            router_cmd({"a": url}, {}, extra=["--startup-timeout-s", "60"]), timeout_s=90
+        )
         try:
             assert "retrying" in router.output()
             doc = httpx.get(f"{router.url}/v1/teachers", timeout=10).json()
@@ -44,6 +50,22 @@ def test_router_start_waits_for_a_late_teacher(tiny_models):
 
 def test_router_gives_up_on_a_teacher_that_never_comes(tiny_models):
     url = f"http://127.0.0.1:{free_port()}"
-    p = subprocess.run([sys.executable, "-m", "common.cli", "serve", "router", "--teacher", f"a={url}",
-                        "--port", "0", "--startup-timeout-s", "1"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "serve",
+            "router",
+            "--teacher",
+            f"a={url}",
+            "--port",
+            "0",
+            "--startup-timeout-s",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "unreachable" in p.stderr and url in p.stderr

@@ -25,10 +25,13 @@ def test_serve_config_on_local_ray_answers_v2_and_hot_swaps(
     tiny_models: Path, tmp_path: Path
 ) -> None:
     doc = yaml.safe_load((REPO / "deploy/serve_config.yaml").read_text())
+
     def use_test_models(args: dict) -> None:  # same config, the test's checkpoints
         if "checkpoint" in args:
-            args.update(checkpoint=str(tiny_models / Path(args["checkpoint"]).name),
-                        model_root=str(tiny_models))
+            args.update(
+                checkpoint=str(tiny_models / Path(args["checkpoint"]).name),
+                model_root=str(tiny_models),
+            )
         for value in args.values():
             if isinstance(value, dict):
                 use_test_models(value)

@@ -10,11 +10,15 @@ def test_gaussian_kl_equals_weighted_velocity_gap():
     dt, sigma = 1 / 12, 0.3
     mu_s, mu_t = x - dt * vs, x - dt * vt
     cov = sigma**2 * torch.eye(2)
-    direct = torch.stack([
-        torch.distributions.kl_divergence(
-            torch.distributions.MultivariateNormal(mu_s[i].double(), cov.double()),
-            torch.distributions.MultivariateNormal(mu_t[i].double(), cov.double()))
-        for i in range(6)])
+    direct = torch.stack(
+        [
+            torch.distributions.kl_divergence(
+                torch.distributions.MultivariateNormal(mu_s[i].double(), cov.double()),
+                torch.distributions.MultivariateNormal(mu_t[i].double(), cov.double()),
+            )
+            for i in range(6)
+        ]
+    )
     w = dt**2 / (2 * sigma**2)
     assert torch.allclose(gaussian_step_kl(vs, vt, dt, sigma).double(), direct, rtol=1e-5)
     assert torch.allclose(direct, w * (vs - vt).double().pow(2).sum(1), rtol=1e-5)

@@ -34,8 +34,14 @@ def train(models, out, **kw) -> dict:
 def test_http_backend_equals_local(cluster, tiny_models, tmp_path, method):
     kw = {"method": method, "steps": 12, "checkpoint_every": 0}
     local = train(tiny_models, tmp_path / "local", **kw)
-    http = train(tiny_models, tmp_path / "http", backend="http", router_url=cluster.router_url,
-                 stream_chunk=3, **kw)
+    http = train(
+        tiny_models,
+        tmp_path / "http",
+        backend="http",
+        router_url=cluster.router_url,
+        stream_chunk=3,
+        **kw,
+    )
     for key in ("avg_target_logp", "teacher_mode_mass", "effective_modes"):
         assert abs(http["metrics"][key] - local["metrics"][key]) <= 0.02, key
     for key in ("rollouts", "teacher_queries"):
@@ -54,14 +60,35 @@ def test_http_backend_equals_local(cluster, tiny_models, tmp_path, method):
 def test_average_supervision_over_http(cluster, tiny_models, tmp_path):
     kw = {"method": "danceopd", "steps": 6, "supervise": "average", "checkpoint_every": 0}
     local = train(tiny_models, tmp_path / "local", **kw)
-    http = train(tiny_models, tmp_path / "http", backend="http", router_url=cluster.router_url, **kw)
+    http = train(
+        tiny_models, tmp_path / "http", backend="http", router_url=cluster.router_url, **kw
+    )
     assert abs(http["metrics"]["avg_target_logp"] - local["metrics"]["avg_target_logp"]) <= 0.02
 
 
 def _train_proc(models, out, router_url, steps, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "common.cli", "train", "--method", "diffusionopd", "--backend", "http",
-           "--router-url", router_url, "--models", str(models), "--out", str(out), "--steps", str(steps),
-           "--no-progress", "--threads", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "train",
+        "--method",
+        "diffusionopd",
+        "--backend",
+        "http",
+        "--router-url",
+        router_url,
+        "--models",
+        str(models),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -85,15 +112,21 @@ def test_sigkill_and_resume_equals_uninterrupted(cluster, tiny_models, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert not (part / "report.json").exists()
-    resumed = _train_proc(tiny_models, part, cluster.router_url, steps, "--checkpoint-every", "5", "--resume")
+    resumed = _train_proc(
+        tiny_models, part, cluster.router_url, steps, "--checkpoint-every", "5", "--resume"
+    )
     assert resumed.wait(300) == 0, resumed.stdout.read()
     a, _ = read_model(tmp_path / "full" / "student.safetensors")
     b, _ = read_model(part / "student.safetensors")
-    diff = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    diff = max(
+        float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
     assert diff <= 1e-6
     report = json.loads((part / "report.json").read_text())
     assert report["counts"]["teacher_queries"] == steps * 1536
-    assert [json.loads(x)["step"] for x in (part / "steps.jsonl").read_text().splitlines()] == list(range(steps))
+    assert [json.loads(x)["step"] for x in (part / "steps.jsonl").read_text().splitlines()] == list(
+        range(steps)
+    )
 
 
 def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path):
@@ -105,7 +138,9 @@ def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path):
         c.services["a"].kill()
         time.sleep(0.5)
         port = url.rsplit(":", 1)[1]
-        c.services["a"] = start_service(teacher_cmd(checkpoint_path(tiny_models, "a"), port=int(port)))
+        c.services["a"] = start_service(
+            teacher_cmd(checkpoint_path(tiny_models, "a"), port=int(port))
+        )
         assert proc.wait(300) == 0, proc.stdout.read()
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 60
@@ -115,8 +150,9 @@ def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path):
 def test_unreachable_router_fails_loudly_with_checkpoint(tiny_models, tmp_path):
     with start_cluster(tiny_models, teachers=("a", "b"), anchor=None) as c:
         out = tmp_path / "run"
-        proc = _train_proc(tiny_models, out, c.router_url, 100_000, "--retries", "2",
-                           "--request-timeout-s", "2")
+        proc = _train_proc(
+            tiny_models, out, c.router_url, 100_000, "--retries", "2", "--request-timeout-s", "2"
+        )
         _wait_for_lines(out / "steps.jsonl", 5, proc)
         c.services["router"].kill()
         code = proc.wait(120)
@@ -127,7 +163,23 @@ def test_unreachable_router_fails_loudly_with_checkpoint(tiny_models, tmp_path):
 
 
 def test_http_backend_without_router_url_is_a_clear_cli_error(tiny_models, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "common.cli", "train", "--method", "danceopd", "--backend",
-                        "http", "--models", str(tiny_models), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "train",
+            "--method",
+            "danceopd",
+            "--backend",
+            "http",
+            "--models",
+            str(tiny_models),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "--router-url" in p.stderr

@@ -11,13 +11,17 @@ from student.trainer import TrainConfig, train
 
 
 def run(models, out, method, steps, supervise="router", teachers=("a", "b"), **kw):
-    cfg = TrainConfig(method=method, teachers=list(teachers), supervise=supervise, steps=steps, **kw)
+    cfg = TrainConfig(
+        method=method, teachers=list(teachers), supervise=supervise, steps=steps, **kw
+    )
     student, base_meta = load_named(models, BASE_NAME)
     with local_client(models, list(teachers), supervise, anchor=method == "flowopd") as client:
         return train(cfg, student, client, out, base_meta=base_meta, progress=False)
 
 
-@pytest.mark.parametrize(("method", "per_step"), [("diffusionopd", 1536), ("flowopd", 1536), ("danceopd", 128)])
+@pytest.mark.parametrize(
+    ("method", "per_step"), [("diffusionopd", 1536), ("flowopd", 1536), ("danceopd", 128)]
+)
 def test_counts_and_report_files(tiny_models, tmp_path, method, per_step):
     rep = run(tiny_models, tmp_path, method, steps=3, eval_samples=200)
     assert rep["counts"]["teacher_queries"] == 3 * per_step
@@ -57,16 +61,23 @@ def test_short_training_reaches_teacher_modes(models, tmp_path):
         assert 3.3 <= rep["metrics"]["effective_modes"] <= 4.3, rep["metrics"]
         assert rep["param_change_l2"] > 0
     student, _ = read_model(tmp_path / "dense" / "student.safetensors")
-    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), base.parameters(), strict=True))
+    assert any(
+        not torch.equal(p, q) for p, q in zip(student.parameters(), base.parameters(), strict=True)
+    )
     # averaging teachers pulls the modes toward their midpoints: far worse target density
-    assert avg["metrics"]["avg_target_logp"] <= dense["metrics"]["avg_target_logp"] - 3.0, (avg["metrics"], dense["metrics"])
+    assert avg["metrics"]["avg_target_logp"] <= dense["metrics"]["avg_target_logp"] - 3.0, (
+        avg["metrics"],
+        dense["metrics"],
+    )
 
 
 def test_resume_ends_with_the_same_student(tiny_models, tmp_path):
     """A run stopped at a checkpoint and resumed equals an uninterrupted one (in-process)."""
     full = run(tiny_models, tmp_path / "full", "flowopd", steps=8, eval_samples=100)
     part = tmp_path / "part"
-    run(tiny_models, part, "flowopd", steps=5, eval_samples=100, checkpoint_every=2)  # saved at step 4
+    run(
+        tiny_models, part, "flowopd", steps=5, eval_samples=100, checkpoint_every=2
+    )  # saved at step 4
     assert (part / "checkpoint.safetensors").exists()
     cfg = TrainConfig(method="flowopd", teachers=["a", "b"], steps=8, eval_samples=100)
     student, _ = load_named(tiny_models, BASE_NAME)
@@ -74,7 +85,9 @@ def test_resume_ends_with_the_same_student(tiny_models, tmp_path):
         resumed = train(cfg, student, client, part, progress=False, resume=True)
     a, _ = read_model(tmp_path / "full" / "student.safetensors")
     b, _ = read_model(part / "student.safetensors")
-    diff = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    diff = max(
+        float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
     assert diff <= 1e-6
     assert resumed["counts"]["teacher_queries"] == full["counts"]["teacher_queries"] == 8 * 1536
     assert len((part / "steps.jsonl").read_text().splitlines()) == 8
@@ -84,6 +97,8 @@ def test_resume_refuses_a_different_recipe(tiny_models, tmp_path):
     run(tiny_models, tmp_path, "danceopd", steps=3, eval_samples=100, checkpoint_every=1)
     cfg = TrainConfig(method="danceopd", teachers=["a", "b"], steps=5, seed=9, eval_samples=100)
     student, _ = load_named(tiny_models, BASE_NAME)
-    with local_client(tiny_models, ["a", "b"], "router", anchor=False) as client, \
-            pytest.raises(Exception, match="differs in seed"):
+    with (
+        local_client(tiny_models, ["a", "b"], "router", anchor=False) as client,
+        pytest.raises(Exception, match="differs in seed"),
+    ):
         train(cfg, student, client, tmp_path, progress=False, resume=True)
