@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.codec import HEADER_LENGTH, CodecError, decode_request, encode_response, wants_binary
+from common.httpapi import bare_app, error_response
 from services.router import fanout
 from services.router.fanout import InputError, TeacherAnswer, TeacherFault
 from services.router.metrics import RouterMetrics
@@ -80,10 +81,6 @@ class RouterCore:
         )
         for t in reg.all():
             self.metrics.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -143,19 +140,12 @@ def build_api(core: RouterCore) -> FastAPI:
             with suppress(Exception):
                 await close()
 
-    app = FastAPI(
-        title=SERVER_NAME,
-        version=SERVER_VERSION,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
+    app = bare_app(SERVER_NAME, SERVER_VERSION, lifespan)
     app.state.core = core
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.get("/v2/health/live")
     async def live() -> dict:
@@ -235,7 +225,7 @@ def build_api(core: RouterCore) -> FastAPI:
         if core.pending >= s.max_inflight + s.max_queue:
             m.queue_full.inc()
             m.requests.labels(name, "503").inc()
-            return _error(
+            return error_response(
                 503,
                 f"router queue is full ({core.pending} requests admitted); retry later",
                 {"Retry-After": RETRY_AFTER_S},
@@ -261,19 +251,19 @@ def build_api(core: RouterCore) -> FastAPI:
             raise
         except (CodecError, InputError) as exc:
             status = 400
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         except TeacherRejected as exc:
             status = exc.status
-            return _error(exc.status, str(exc))
+            return error_response(exc.status, str(exc))
         except TeacherUnavailable as exc:
             status = 503
-            return _error(503, str(exc), {"Retry-After": RETRY_AFTER_S})
+            return error_response(503, str(exc), {"Retry-After": RETRY_AFTER_S})
         except RegistryError as exc:
             status = 503
-            return _error(503, str(exc), {"Retry-After": RETRY_AFTER_S})
+            return error_response(503, str(exc), {"Retry-After": RETRY_AFTER_S})
         except TeacherFault as exc:
             status = 502
-            return _error(502, str(exc))
+            return error_response(502, str(exc))
         finally:
             core.pending -= 1
             m.pending.set(core.pending)
@@ -354,7 +344,7 @@ def build_api(core: RouterCore) -> FastAPI:
         try:
             doc = json.loads(raw or b"{}")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(
+            return error_response(
                 400,
                 f"body is not valid JSON ({exc}); send "
                 '{"endpoints": ["http://host:port[#MODEL]", ...], "modes": [...]}',
@@ -368,7 +358,7 @@ def build_api(core: RouterCore) -> FastAPI:
             async with core._admin:
                 core.set_registry(core.registry.with_teacher(teacher))
         except RegistryError as exc:
-            return _error(422, f"registry unchanged: {exc}")
+            return error_response(422, f"registry unchanged: {exc}")
         m.registry_changes.labels("put").inc()
         reg = core.registry
         index = reg.names.index(name) if name in reg.names else None

@@ -11,22 +11,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-_TIME_BUCKETS = (
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    1e-2,
-    2.5e-2,
-    5e-2,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    5.0,
-    10.0,
-)
+from common.httpapi import LATENCY_BUCKETS_S
 
 
 class RouterMetrics:
@@ -47,14 +32,14 @@ class RouterMetrics:
             "opd_router_request_seconds",
             "router receipt → response",
             ["model"],
-            buckets=_TIME_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.teacher_seconds = Histogram(
             "opd_router_teacher_seconds",
             "one teacher call, router side",
             ["teacher"],
-            buckets=_TIME_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.teacher_rows = Counter(

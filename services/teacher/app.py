@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.httpapi import bare_app, error_response
 from services.teacher.batcher import Batcher, ForwardResult
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.protocol import (
@@ -55,41 +56,30 @@ class TeacherCore:
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
     """The FastAPI app serving ``core`` over OIP v2 (+ repository extension, ``/metrics``)."""
     repo, metrics = core.repository, core.metrics
-    app = FastAPI(
-        title=SERVER_NAME,
-        version=SERVER_VERSION,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
+    app = bare_app(SERVER_NAME, SERVER_VERSION, lifespan)
     app.state.core = core
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             metrics.error("not_found")
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, f"invalid request: {exc.errors()}")
+        return error_response(400, f"invalid request: {exc.errors()}")
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(_: Request, exc: ProtocolError) -> JSONResponse:
         metrics.error(exc.kind)
-        return _error(exc.status, exc.message)
+        return error_response(exc.status, exc.message)
 
     @app.exception_handler(RepositoryError)
     async def _repository_error(_: Request, exc: RepositoryError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        return error_response(exc.status, str(exc))
 
     def served(name: str) -> LoadedModel:
         """The current snapshot of model ``name``; 404 unknown, 503 unloaded."""
@@ -171,7 +161,7 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
             res = await core.run(model, req.x, req.t)
         except Exception as exc:
             metrics.error("internal")
-            return _error(500, f"forward failed: {type(exc).__name__}: {exc}")
+            return error_response(500, f"forward failed: {type(exc).__name__}: {exc}")
         content, headers = encode_infer(req, res, name)
         metrics.answered(req.protocol, len(req.x))
         return Response(content, headers=headers)
@@ -229,7 +219,7 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
             metrics.loads.labels(repo.name, "failed").inc()
             current = repo.current
             kept = f"; still serving version {current.version}" if current else ""
-            return _error(exc.status, f"load failed: {exc}{kept}")
+            return error_response(exc.status, f"load failed: {exc}{kept}")
         metrics.loads.labels(repo.name, "ok").inc()
         metrics.version.labels(repo.name).set(model.version)
         return JSONResponse(

@@ -11,24 +11,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from common.httpapi import LATENCY_BUCKETS_S
+
 _STATE_BUCKETS = (1, 16, 64, 128, 256, 512, 1024, 1536, 2048, 4096, 8192, 16384, 65536)
 _REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
-_TIME_BUCKETS = (
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    1e-2,
-    2.5e-2,
-    5e-2,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    5.0,
-)
 
 
 class TeacherMetrics:
@@ -67,14 +53,14 @@ class TeacherMetrics:
             "opd_teacher_queue_seconds",
             "accepted → forward start",
             ["model"],
-            buckets=_TIME_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.compute_seconds = Histogram(
             "opd_teacher_compute_seconds",
             "forward pass duration",
             ["model"],
-            buckets=_TIME_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.version = Gauge(

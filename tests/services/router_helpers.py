@@ -11,6 +11,7 @@ import numpy as np
 
 from common.codec import HEADER_LENGTH, decode_response, encode_request
 from common.procs import Service, start_service
+from services.cluster import teacher_cmd
 
 TOKEN = "router-test-token"
 REPO = Path(__file__).resolve().parents[2]
@@ -18,20 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def start_teacher(checkpoint: Path, name: str, *flags: str, token: str | None = TOKEN) -> Service:
     env = {"OPD_ADMIN_TOKEN": token or "", "OPD_TEACHER_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "common.cli",
-        "serve",
-        "teacher",
-        "--checkpoint",
-        str(checkpoint),
-        "--name",
-        name,
-        "--port",
-        "0",
-        *flags,
-    ]
+    cmd = teacher_cmd(checkpoint, name=name, extra=flags)
     return start_service(cmd, env=env, cwd=str(REPO))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ import tritonclient.http as triton
 from common.checkpoint import read_model
 from common.codec import HEADER_LENGTH, decode_response, encode_request
 from common.procs import Service, start_service
+from services.cluster import teacher_cmd
 
 TOKEN = "test-admin-token"
 REPO = Path(__file__).resolve().parents[2]
@@ -26,18 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def start_teacher(checkpoint: Path, *flags: str, token: str | None = None) -> Service:
     env = {"OPD_ADMIN_TOKEN": token or "", "OPD_TEACHER_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "common.cli",
-        "serve",
-        "teacher",
-        "--checkpoint",
-        str(checkpoint),
-        "--port",
-        "0",
-        *flags,
-    ]
+    cmd = teacher_cmd(checkpoint, extra=flags)
     return start_service(cmd, env=env, cwd=str(REPO))
 
 
