@@ -14,6 +14,7 @@ import httpx
 from common.procs import pid_alive, start_service
 from services.cluster import start_cluster, teacher_cmd
 from student.models import checkpoint_path
+from tests.trainer_proc import train_proc, wait_for_lines
 
 OPD = [sys.executable, "-m", "common.cli"]
 
@@ -72,35 +73,9 @@ def test_swapping_teacher_a_during_training_completes_and_shows_the_version(tiny
         )
         assert r.status_code == 200, r.text
         out = tmp_path / "run"
-        proc = subprocess.Popen(
-            [
-                *OPD,
-                "train",
-                "--method",
-                "diffusionopd",
-                "--backend",
-                "http",
-                "--router-url",
-                c.router_url,
-                "--models",
-                str(tiny_models),
-                "--out",
-                str(out),
-                "--steps",
-                "80",
-                "--no-progress",
-                "--threads",
-                "1",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = train_proc(tiny_models, out, c.router_url, 80)
         steps = out / "steps.jsonl"
-        deadline = time.monotonic() + 120
-        while not (steps.exists() and len(steps.read_text().splitlines()) >= 15):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.05)
+        wait_for_lines(steps, 15, proc)
         r = httpx.put(
             f"{c.router_url}/v1/teachers/a", headers=auth, timeout=30, json={"endpoints": [new.url]}
         )

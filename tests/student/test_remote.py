@@ -16,6 +16,7 @@ from common.procs import start_service
 from services.cluster import start_cluster, teacher_cmd
 from student.commands import TrainSettings, run_train
 from student.models import checkpoint_path
+from tests.trainer_proc import train_proc, wait_for_lines
 
 
 @pytest.fixture(scope="module")
@@ -66,53 +67,17 @@ def test_average_supervision_over_http(cluster, tiny_models, tmp_path):
     assert abs(http["metrics"]["avg_target_logp"] - local["metrics"]["avg_target_logp"]) <= 0.02
 
 
-def _train_proc(models, out, router_url, steps, *extra) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "common.cli",
-        "train",
-        "--method",
-        "diffusionopd",
-        "--backend",
-        "http",
-        "--router-url",
-        router_url,
-        "--models",
-        str(models),
-        "--out",
-        str(out),
-        "--steps",
-        str(steps),
-        "--no-progress",
-        "--threads",
-        "1",
-        *extra,
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, limit_s: float = 120) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not reach {n} lines")
-
-
 def test_sigkill_and_resume_equals_uninterrupted(cluster, tiny_models, tmp_path):
     steps = 40
-    full = _train_proc(tiny_models, tmp_path / "full", cluster.router_url, steps)
+    full = train_proc(tiny_models, tmp_path / "full", cluster.router_url, steps)
     assert full.wait(300) == 0, full.stdout.read()
     part = tmp_path / "part"
-    proc = _train_proc(tiny_models, part, cluster.router_url, steps, "--checkpoint-every", "5")
-    _wait_for_lines(part / "steps.jsonl", 17, proc)
+    proc = train_proc(tiny_models, part, cluster.router_url, steps, "--checkpoint-every", "5")
+    wait_for_lines(part / "steps.jsonl", 17, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert not (part / "report.json").exists()
-    resumed = _train_proc(
+    resumed = train_proc(
         tiny_models, part, cluster.router_url, steps, "--checkpoint-every", "5", "--resume"
     )
     assert resumed.wait(300) == 0, resumed.stdout.read()
@@ -132,8 +97,8 @@ def test_sigkill_and_resume_equals_uninterrupted(cluster, tiny_models, tmp_path)
 def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path):
     with start_cluster(tiny_models) as c:
         out = tmp_path / "run"
-        proc = _train_proc(tiny_models, out, c.router_url, 60, "--retries", "8")
-        _wait_for_lines(out / "steps.jsonl", 10, proc)
+        proc = train_proc(tiny_models, out, c.router_url, 60, "--retries", "8")
+        wait_for_lines(out / "steps.jsonl", 10, proc)
         url = c.services["a"].url
         c.services["a"].kill()
         time.sleep(0.5)
@@ -150,10 +115,10 @@ def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path):
 def test_unreachable_router_fails_loudly_with_checkpoint(tiny_models, tmp_path):
     with start_cluster(tiny_models, teachers=("a", "b"), anchor=None) as c:
         out = tmp_path / "run"
-        proc = _train_proc(
+        proc = train_proc(
             tiny_models, out, c.router_url, 100_000, "--retries", "2", "--request-timeout-s", "2"
         )
-        _wait_for_lines(out / "steps.jsonl", 5, proc)
+        wait_for_lines(out / "steps.jsonl", 5, proc)
         c.services["router"].kill()
         code = proc.wait(120)
         text = proc.stdout.read()
