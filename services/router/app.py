@@ -432,7 +432,7 @@ def create_app(
 
     async def passthrough(teacher: Teacher, body: bytes, headers: dict[str, str], deadline: float):
         reply = await pool.post(teacher, body, headers, deadline)
-        return reply.status, reply.content, reply.headers
+        return reply.status, memoryview(reply.content), reply.headers
 
     async def discover(spec: TeacherSpec) -> Teacher:
         return await build_teacher(pool.client, spec, settings.attempt_timeout_s)

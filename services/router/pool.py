@@ -1,11 +1,11 @@
 """Calls to teacher replicas: keep-alive pool, replica choice, retries, ejection, health checks.
 
-Data plane (infer calls) on one ``aiohttp`` session: it keeps connections alive per replica and
-parses responses in C; measured on this project's 2-core box, an httpx call cost ~2.5 ms of CPU
-against ~0.5 ms for aiohttp, and the router makes two or three calls per request, so httpx alone
-would have blown the 0.5 ms overhead budget. httpx stays for the control plane (discovery,
-health probes), where speed does not matter. A registry swap needs no new session: connections
-to old endpoints simply age out.
+Data plane (infer calls) on one :class:`common.http1.Http1Client`: keep-alive connections per
+replica, responses parsed in C by httptools. Measured on this project's 2-core box, one round
+trip to a bare uvicorn app costs 0.13 ms p50 with it, 0.51 ms with aiohttp and ~2.5 ms of CPU
+with httpx; the router makes two or three calls per request on the same cores as the teachers.
+httpx stays for the control plane (discovery, health probes), where speed does not matter. A
+registry swap needs no new client: connections to old endpoints simply age out.
 
 A call goes to the live replica with the fewest requests in flight; a refused connection, a 5xx
 or a timeout ejects that replica and the call moves to another one of the same teacher, all
@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx
 import numpy as np
 
 from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
+from common.http1 import Http1Client, HttpClientError
 from services.router.fanout import TeacherAnswer, TeacherFault
 from services.router.registry import Registry, Replica, Teacher
 
@@ -105,30 +105,13 @@ class Pool:
             transport=transport,
             timeout=httpx.Timeout(attempt_timeout_s, connect=connect_timeout_s),
         )
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None  # made on first use, inside the loop
+        self.data = Http1Client(limit_per_host=max_connections, keepalive_s=30.0)
         self._on_retry = on_retry or (lambda teacher, cause: None)
         self._on_eject = on_eject or (lambda teacher, replica: None)
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                keepalive_timeout=30.0,
-                ttl_dns_cache=None,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            )
-        return self._session
-
     async def aclose(self) -> None:
         await self.client.aclose()
-        if self._session is not None:
-            await self._session.close()
+        await self.data.aclose()
 
     @staticmethod
     def pick(teacher: Teacher, tried: set[int]) -> Replica | None:
@@ -193,18 +176,17 @@ class Pool:
                 if path == "infer"
                 else f"{replica.endpoint.url}/v2/models/{replica.endpoint.model}/{path}"
             )
-            timeout = aiohttp.ClientTimeout(
-                total=min(remaining, self.attempt_timeout_s),
-                sock_connect=min(remaining, self.connect_timeout_s),
-            )
             replica.inflight += 1
             start = time.perf_counter()
             try:
-                async with self.session().post(
-                    url, data=body, headers=headers, timeout=timeout
-                ) as resp:
-                    content = await resp.read()
-                    status, resp_headers = resp.status, resp.headers
+                resp = await self.data.post(
+                    url,
+                    body,
+                    headers,
+                    timeout=min(remaining, self.attempt_timeout_s),
+                    connect_timeout=min(remaining, self.connect_timeout_s),
+                )
+                status, resp_headers, content = resp.status, resp.headers, resp.content
             except asyncio.TimeoutError:
                 self._fail(
                     teacher,
@@ -213,7 +195,7 @@ class Pool:
                     causes,
                 )
                 continue
-            except (aiohttp.ClientError, OSError) as exc:
+            except (HttpClientError, OSError) as exc:
                 self._fail(
                     teacher, replica, f"{type(exc).__name__}: {exc or 'connection failed'}", causes
                 )
@@ -221,7 +203,7 @@ class Pool:
             finally:
                 replica.inflight -= 1
             latency = time.perf_counter() - start
-            if status == 503 and "Retry-After" in resp_headers:
+            if status == 503 and "retry-after" in resp_headers:
                 # The replica is overloaded, not broken: try another without ejecting it.
                 causes.append(f"{replica.endpoint.url}: busy (503: {error_text(content)})")
                 continue
@@ -230,7 +212,7 @@ class Pool:
                 continue
             if status >= 400:
                 raise TeacherRejected(teacher.name, status, error_text(content))
-            out = {k: v for k, v in resp_headers.items() if k.lower() in _KEEP_HEADERS}
+            out = {k: v for k, v in resp_headers.items() if k in _KEEP_HEADERS}
             return Reply(status, out, content, replica, attempts, latency)
 
     async def probe(self, teacher: Teacher, replica: Replica) -> None:

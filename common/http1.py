@@ -1,0 +1,291 @@
+"""A lean HTTP/1.1 keep-alive client for the data plane (infer calls), on asyncio + httptools.
+
+Why not aiohttp: measured on this project's 2-vCPU box with 18 KB in / 12 KB out, one round
+trip to a bare uvicorn app took 0.51 ms p50 with aiohttp and 0.13 ms with this client; a router
+or trainer pays that on every teacher call, on the same cores as the teachers. This client does
+only what the data plane needs: ``GET``/``POST`` over plain HTTP/1.1 to a few hosts, keep-alive
+connections pooled per host with a cap on requests in flight, ``Content-Length`` or chunked
+responses (httptools parses both in C), a response-size cap, and per-call timeouts. No TLS,
+redirects, cookies or compression; the control plane keeps httpx.
+
+Bodies go out with one ``writelines`` of header and body (no concatenation copy), and a response
+with ``Content-Length`` is received into one preallocated ``bytearray``, so binary tensors decode
+into writable views without another copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = ["Http1Client", "HttpClientError", "Response"]
+
+
+class HttpClientError(ConnectionError):
+    """The exchange failed below HTTP: refused, reset, closed early, or a malformed response."""
+
+
+@dataclass
+class Response:
+    """A complete HTTP response; header names are lower-case."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytearray
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive TCP connection: at most one exchange at a time."""
+
+    def __init__(self, max_response_bytes: int) -> None:
+        self.max_response_bytes = max_response_bytes
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = time.monotonic()
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._headers: dict[str, str] = {}
+        self._body: bytearray = bytearray()
+        self._filled = 0
+        self._got_bytes = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Header and body leave in one write, but a response's ACK must not wait on Nagle.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(HttpClientError("server tried to upgrade the connection"))
+        except httptools.HttpParserError as exc:
+            self._fail(HttpClientError(f"malformed HTTP response: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None and not self._waiter.done():
+            why = f": {exc}" if exc else ""
+            self._waiter.set_exception(
+                HttpClientError(f"connection closed before the response was complete{why}")
+            )
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        declared = self._headers.get("content-length")
+        if declared is not None and declared.isdigit():
+            size = int(declared)
+            if size > self.max_response_bytes:
+                self._fail(self._too_large(size))
+                return
+            self._body = bytearray(size)  # filled in place: one copy from the socket buffer
+
+    def on_body(self, chunk: bytes) -> None:
+        end = self._filled + len(chunk)
+        if end > self.max_response_bytes:
+            self._fail(self._too_large(end))
+            return
+        if end <= len(self._body):
+            self._body[self._filled : end] = chunk
+        else:  # chunked, or more than declared (the parser stops at the declared length)
+            del self._body[self._filled :]
+            self._body += chunk
+        self._filled = end
+
+    def on_message_complete(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        status = self._parser.get_status_code()
+        keep = self._parser.should_keep_alive()
+        resp = Response(status, self._headers, self._body)
+        self._waiter = None
+        self._reset()
+        if not keep:
+            self.close()
+        waiter.set_result(resp)
+
+    # -- use --------------------------------------------------------------------------------
+    def _too_large(self, size: int) -> HttpClientError:
+        return HttpClientError(
+            f"response of {size} bytes exceeds the client's limit of {self.max_response_bytes}"
+        )
+
+    def _fail(self, exc: Exception) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def exchange(self, parts: list[bytes | bytearray | memoryview]) -> asyncio.Future[Response]:
+        """Send one request (already framed) and return the future of its response."""
+        assert self.transport is not None and self._waiter is None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._got_bytes = False
+        self.transport.writelines(parts)
+        return self._waiter
+
+    @property
+    def answered_nothing(self) -> bool:
+        """True while no byte of the current response has arrived (a retry cannot duplicate)."""
+        return not self._got_bytes
+
+
+class _Host:
+    """Idle connections to one ``host:port`` and the cap on requests in flight there."""
+
+    def __init__(self, limit: int) -> None:
+        self.idle: deque[_Connection] = deque()
+        self.slots = asyncio.Semaphore(limit)
+
+
+class Http1Client:
+    """Keep-alive HTTP/1.1 client: ``await client.post(url, body, headers, timeout=5)``.
+
+    Args:
+        limit_per_host: most requests in flight to one host; more wait for a free slot.
+        keepalive_s: an idle connection older than this is closed instead of reused.
+        max_response_bytes: a larger response fails with :class:`HttpClientError`.
+    """
+
+    def __init__(
+        self,
+        limit_per_host: int = 64,
+        keepalive_s: float = 30.0,
+        max_response_bytes: int = 1 << 30,
+    ) -> None:
+        self.limit_per_host = limit_per_host
+        self.keepalive_s = keepalive_s
+        self.max_response_bytes = max_response_bytes
+        self._hosts: dict[tuple[str, int], _Host] = {}
+        self._closed = False
+
+    async def post(
+        self,
+        url: str,
+        body: bytes | bytearray | memoryview,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> Response:
+        """POST ``body`` to ``url``; see :meth:`request`."""
+        return await self.request("POST", url, body, headers, timeout, connect_timeout)
+
+    async def get(self, url: str, timeout: float | None = None) -> Response:
+        """GET ``url``; see :meth:`request`."""
+        return await self.request("GET", url, b"", None, timeout)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | bytearray | memoryview = b"",
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> Response:
+        """One exchange; any status is returned as a :class:`Response` (no raise on 4xx/5xx).
+
+        Raises:
+            HttpClientError: refused, reset, closed early, malformed or oversized response.
+            TimeoutError: no complete response within ``timeout`` s (connecting included).
+        """
+        if self._closed:
+            raise HttpClientError("client is closed")
+        split = urlsplit(url)
+        if split.scheme != "http" or not split.hostname:
+            raise ValueError(f"Http1Client speaks plain http:// only, got {url!r}")
+        port = split.port or 80
+        target = (split.path or "/") + (f"?{split.query}" if split.query else "")
+        host_header = split.netloc
+        head = [f"{method} {target} HTTP/1.1", f"host: {host_header}"]
+        for k, v in (headers or {}).items():
+            if k.lower() not in ("host", "content-length", "connection", "transfer-encoding"):
+                head.append(f"{k}: {v}")
+        if body or method == "POST":
+            head.append(f"content-length: {len(body)}")
+        framed = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        parts = [framed, body] if body else [framed]
+        host = self._hosts.get((split.hostname, port))
+        if host is None:
+            host = self._hosts[(split.hostname, port)] = _Host(self.limit_per_host)
+        async with host.slots, asyncio.timeout(timeout):
+            return await self._exchange(host, split.hostname, port, parts, connect_timeout)
+
+    async def _exchange(
+        self,
+        host: _Host,
+        hostname: str,
+        port: int,
+        parts: list,
+        connect_timeout: float | None,
+    ) -> Response:
+        conn = self._idle(host)
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(hostname, port, connect_timeout)
+        try:
+            resp = await conn.exchange(parts)
+        except HttpClientError:
+            # A reused connection the server closed while idle fails before any byte comes
+            # back; the request never reached a handler, so one fresh attempt is safe.
+            if not (reused and conn.answered_nothing):
+                raise
+            conn.close()
+            conn = await self._connect(hostname, port, connect_timeout)
+            resp = await conn.exchange(parts)
+        except BaseException:
+            conn.close()  # cancelled or timed out mid-exchange: the stream is out of sync
+            raise
+        if not conn.closed:
+            conn.idle_since = time.monotonic()
+            host.idle.append(conn)
+        return resp
+
+    def _idle(self, host: _Host) -> _Connection | None:
+        now = time.monotonic()
+        while host.idle:
+            conn = host.idle.pop()  # most recently used first: warmest socket
+            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, hostname: str, port: int, timeout: float | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.max_response_bytes), hostname, port
+                )
+        except OSError as exc:
+            raise HttpClientError(f"cannot connect to {hostname}:{port}: {exc}") from None
+        return conn
+
+    async def aclose(self) -> None:
+        """Close every idle connection; the client refuses new requests afterwards."""
+        self._closed = True
+        for host in self._hosts.values():
+            while host.idle:
+                host.idle.pop().close()
+        await asyncio.sleep(0)  # let transports run their close callbacks
