@@ -44,6 +44,8 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
                 f"teacher {k} mode centers have dimension {centers.shape[-1]}, states have {x.shape[1]}"
             )
         owners.append(torch.full((centers.shape[0],), k, dtype=torch.long))
+    if len(owners) == 1:  # one teacher owns every state: no distances needed
+        return torch.zeros(x.shape[0], dtype=torch.long)
     # One distance matrix against every teacher's centers, in teacher order: argmin picks the
     # first minimum, so ties go to the lower teacher index, as a per-teacher min would.
     all_centers = torch.cat([c.float() for c in teacher_centers])  # type: ignore[union-attr]

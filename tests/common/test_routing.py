@@ -45,3 +45,10 @@ def test_merge_scatters_rows_and_average_takes_the_mean():
     assert all(len(r) == 4 for r in rows)
     out = routing.merge_answers(avg, rows, [torch.ones(4, 2), 3 * torch.ones(4, 2)], 2)
     assert torch.equal(out, torch.full((4, 2), 2.0))
+
+
+def test_nearest_with_one_teacher_gives_it_every_state_and_still_checks_centers():
+    x = torch.randn(50, 2) * 4
+    assert routing.assign("nearest", x, centers()[:1]).tolist() == [0] * 50
+    with pytest.raises(routing.RoutingError, match="dimension"):
+        routing.assign("nearest", torch.zeros(2, 3), centers()[:1])
