@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.cli import Command, UsageError
+from common.http1 import Http1Client
 from services.bench.echo import echo_rate
 from services.bench.limits import forward_rate, net_from_metadata
 from services.bench.prom import scrape_states
@@ -28,11 +29,15 @@ from services.bench.report import plot, write_csv, write_json
 from services.bench.sweep import (
     Point,
     SweepBounds,
+    data_client,
     make_inputs,
     model_inputs,
     nodelay_client,
     run_point,
 )
+
+#: seconds of raw TCP echo sampled right after each binary point, at its body size
+ECHO_SAMPLE_S = 0.5
 
 
 def int_list(value: str) -> list[int]:
@@ -95,8 +100,14 @@ class BenchServeSettings(BaseSettings):
         return v
 
 
-async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
-    """Every point of the sweep, in order, within ``s.max_seconds``; plus the model metadata."""
+async def sweep(
+    s: BenchServeSettings, echo_samples: dict[str, list[float]] | None = None
+) -> tuple[list[Point], dict[str, Any]]:
+    """Every point of the sweep, in order, within ``s.max_seconds``; plus the model metadata.
+
+    With ``echo_samples``, a raw TCP echo of each binary point's body size is sampled right
+    after the point (server idle, same minute), keyed by states per request.
+    """
     url = s.url.rstrip("/")
     concurrency = int_list(s.concurrency)
     bounds = SweepBounds(
@@ -110,8 +121,25 @@ async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
     metrics_url = (
         None if (s.metrics_url or "").lower() == "none" else (s.metrics_url or f"{url}/metrics")
     )
+    data = data_client(max(concurrency))  # the infer requests measured
+    try:
+        return await _sweep(s, url, concurrency, bounds, metrics_url, data, echo_samples)
+    finally:
+        await data.aclose()
+
+
+async def _sweep(
+    s: BenchServeSettings,
+    url: str,
+    concurrency: list[int],
+    bounds: SweepBounds,
+    metrics_url: str | None,
+    data: Http1Client,
+    echo_samples: dict[str, list[float]] | None,
+) -> tuple[list[Point], dict[str, Any]]:
     points: list[Point] = []
-    async with nodelay_client(max(concurrency), s.timeout_s) as client:
+    # control plane: metadata and /metrics
+    async with nodelay_client(2, s.timeout_s) as client:
         try:
             specs = await model_inputs(client, url, s.model)
             meta = (await client.get(f"{url}/v2/models/{s.model}")).json()
@@ -132,7 +160,7 @@ async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
                     point = Point(enc, states, c)
                     before = await scrape_states(client, metrics_url, s.model)
                     await run_point(
-                        client,
+                        data,
                         f"{url}/v2/models/{s.model}/infer",
                         inputs,
                         enc == "binary",
@@ -140,12 +168,18 @@ async def sweep(s: BenchServeSettings) -> tuple[list[Point], dict[str, Any]]:
                         bounds,
                         deadline,
                         point,
+                        timeout_s=s.timeout_s,
                     )
                     after = await scrape_states(client, metrics_url, s.model)
                     if before is not None and after is not None:
                         point.server_states = after - before
                     points.append(point)
                     print(_line(point), flush=True)
+                    if echo_samples is not None and enc == "binary":
+                        size = max(point.request_bytes, point.response_bytes)
+                        echo_samples.setdefault(str(states), []).append(
+                            echo_rate(size, seconds=ECHO_SAMPLE_S).mb_s
+                        )
     return points, meta
 
 
@@ -168,15 +202,28 @@ def _line(p: Point) -> str:
 
 
 def physical_limits(
-    s: BenchServeSettings, points: list[Point], meta: dict[str, Any]
+    s: BenchServeSettings,
+    points: list[Point],
+    meta: dict[str, Any],
+    echo_samples: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
-    """Echo MB/s at each request body size and the in-process forward states/s per size."""
+    """Echo MB/s at each request body size and the in-process forward states/s per size.
+
+    The echo of a size is the best of its samples in this run: those taken right after each
+    binary point (``echo_samples``) and one more of 1 s here. Taking the best keeps the
+    reference conservative on a noisy machine, as the sweep's best point is a best too.
+    """
     sizes = sorted({p.states_per_request for p in points})
-    echo: dict[str, float] = {}
+    samples = {k: list(v) for k, v in (echo_samples or {}).items()}
+    echo_bytes: dict[str, int] = {}
     for p in points:
-        if p.encoding == "binary" and str(p.states_per_request) not in echo:
-            size = max(p.request_bytes, p.response_bytes)
-            echo[str(p.states_per_request)] = echo_rate(size, seconds=1.0).mb_s
+        key = str(p.states_per_request)
+        if p.encoding == "binary" and key not in echo_bytes:
+            # body bytes each way; the echo moves this many both directions per round trip,
+            # at least the payload (tensor) bytes the sweep credits itself with
+            echo_bytes[key] = size = max(p.request_bytes, p.response_bytes)
+            samples.setdefault(key, []).append(echo_rate(size, seconds=1.0).mb_s)
+    echo = {k: max(v) for k, v in samples.items() if k in echo_bytes}
     net = net_from_metadata(meta.get("parameters") or {})
     if net is None and s.checkpoint is not None:
         from common.checkpoint import read_model
@@ -186,7 +233,12 @@ def physical_limits(
     best = max(
         (p for p in points if p.encoding == "binary"), key=lambda p: p.payload_mb_s, default=None
     )
-    out: dict[str, Any] = {"echo_mb_s": echo, "forward_states_s": forward}
+    out: dict[str, Any] = {
+        "echo_mb_s": echo,
+        "echo_samples_mb_s": {k: samples[k] for k in echo},
+        "echo_bytes": echo_bytes,
+        "forward_states_s": forward,
+    }
     if best is not None and str(best.states_per_request) in echo:
         ref = echo[str(best.states_per_request)]
         out["best_binary"] = {
@@ -197,6 +249,17 @@ def physical_limits(
             "fraction_of_echo": best.payload_mb_s / ref,
         }
     return out
+
+
+def _run(main: Any) -> Any:
+    """Run the sweep on uvloop when installed: its transports write the request body from the
+    caller's buffer (``writelines``) where asyncio's copy it, and its loop costs less CPU per
+    request, which the client shares with the server on a small box."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def machine() -> dict[str, Any]:
@@ -218,10 +281,11 @@ def run_bench_serve(s: BenchServeSettings) -> int:
         "machine_start": machine(),
         "settings": s.model_dump(mode="json"),
     }
-    points, meta = asyncio.run(sweep(s))
+    echo_samples: dict[str, list[float]] | None = {} if s.limits else None
+    points, meta = _run(sweep(s, echo_samples))
     context["model_parameters"] = meta.get("parameters") or {}
     if s.limits and points:
-        context["limits"] = lim = physical_limits(s, points, meta)
+        context["limits"] = lim = physical_limits(s, points, meta, echo_samples)
         for size, mb in lim["echo_mb_s"].items():
             fwd = lim["forward_states_s"].get(size)
             print(

@@ -2,7 +2,11 @@
 
 One *point* is (encoding, states per request, concurrency): ``concurrency`` asyncio workers each
 keep one request in flight, re-sending the same pre-encoded body (encoding is not what is
-measured, and a fresh body per request would make the client the bottleneck). The controller
+measured, and a fresh body per request would make the client the bottleneck). The data plane
+(the infer requests measured) goes through :class:`common.http1.Http1Client`, one keep-alive
+connection per worker: the body is handed to the transport as is (no per-request copy on
+uvloop) and a response is received into one preallocated buffer that binary tensors decode
+into as views. The control plane (metadata, ``/metrics``) keeps httpx. The controller
 cuts time into windows and stops when the last ``stable_windows`` agree on states/s and p50
 latency within ``stability`` (perf_analyzer's rule), or when the point's bounds (windows,
 requests) or the sweep's total time run out, in which case the point is marked unstable.
@@ -21,9 +25,13 @@ import httpx
 import numpy as np
 
 from common.codec import DATATYPES, HEADER_LENGTH, CodecError, decode_response, encode_request
+from common.http1 import Http1Client, HttpClientError
 
-#: TCP_NODELAY on client sockets: httpx writes headers and body separately, and with Nagle on,
-#: the body waits for the server's delayed ACK (~40 ms a request on Linux).
+#: Http1Client lower-cases response header names
+_HEADER_LENGTH = HEADER_LENGTH.lower()
+
+#: TCP_NODELAY on the control-plane (httpx) sockets: httpx writes headers and body separately,
+#: and with Nagle on, the body waits for the server's delayed ACK (~40 ms a request on Linux).
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
@@ -102,7 +110,8 @@ class _Log:
 
 
 def nodelay_client(connections: int, timeout_s: float = 60.0) -> httpx.AsyncClient:
-    """An async httpx client with ``connections`` NODELAY sockets and no retries."""
+    """An async httpx client with ``connections`` NODELAY sockets and no retries (control
+    plane: metadata and ``/metrics``)."""
     transport = httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         retries=0,
@@ -170,11 +179,17 @@ def _server_timing(params: dict[str, Any]) -> tuple[float | None, float | None, 
     return num("queue_ms"), num("compute_ms"), num("batch_size")
 
 
+def data_client(concurrency: int) -> Http1Client:
+    """The data-plane client: room for ``concurrency`` keep-alive connections to the server."""
+    return Http1Client(limit_per_host=max(1, concurrency))
+
+
 async def _worker(
-    client: httpx.AsyncClient,
+    client: Http1Client,
     endpoint: str,
     body: bytes,
     headers: dict[str, str],
+    timeout_s: float | None,
     log: _Log,
     stop: asyncio.Event,
     budget: list[int],
@@ -183,14 +198,14 @@ async def _worker(
         budget[0] -= 1
         start = time.perf_counter()
         try:
-            r = await client.post(endpoint, content=body, headers=headers)
+            r = await client.post(endpoint, body, headers, timeout=timeout_s)
             content = r.content
-            if r.status_code != 200:
-                raise CodecError(f"HTTP {r.status_code}: {content[:200]!r}")
-            # A real client decodes the answer; binary tensors stay views (no copy), JSON ones
-            # are parsed in full, which is part of what the JSON encoding costs.
-            msg = decode_response(content, r.headers.get(HEADER_LENGTH))
-        except (httpx.HTTPError, CodecError, json.JSONDecodeError) as exc:
+            if r.status != 200:
+                raise CodecError(f"HTTP {r.status}: {bytes(content[:200])!r}")
+            # A real client decodes the answer; binary tensors stay views of the received
+            # buffer (no copy), JSON ones are parsed in full, part of what JSON costs.
+            msg = decode_response(content, r.headers.get(_HEADER_LENGTH))
+        except (HttpClientError, TimeoutError, CodecError, json.JSONDecodeError) as exc:
             log.errors += 1
             log.error_sample = log.error_sample or f"{type(exc).__name__}: {exc}"[:300]
             continue
@@ -210,7 +225,7 @@ def _stable(rates: list[float], p50s: list[float], n: int, tol: float) -> bool:
 
 
 async def run_point(
-    client: httpx.AsyncClient,
+    client: Http1Client,
     endpoint: str,
     inputs: dict[str, np.ndarray],
     binary: bool,
@@ -218,13 +233,14 @@ async def run_point(
     bounds: SweepBounds,
     deadline: float,
     point: Point,
+    timeout_s: float | None = None,
 ) -> Point:
-    """Measure one point (fills and returns ``point``)."""
+    """Measure one point (fills and returns ``point``); the body is encoded once, here."""
     body, headers = encode_request(inputs, binary=binary)
     states = len(next(iter(inputs.values())))
     log, stop, budget = _Log(), asyncio.Event(), [bounds.max_requests]
     workers = [
-        asyncio.create_task(_worker(client, endpoint, body, headers, log, stop, budget))
+        asyncio.create_task(_worker(client, endpoint, body, headers, timeout_s, log, stop, budget))
         for _ in range(concurrency)
     ]
     windows: list[tuple[float, float]] = []
