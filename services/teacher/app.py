@@ -1,8 +1,9 @@
-"""The OIP v2 HTTP API of a teacher, as a FastAPI app.
+"""The OIP v2 HTTP API of a teacher: a FastAPI app behind the raw-ASGI infer path.
 
 :func:`build_api` holds the routes over a :class:`TeacherCore` (repository + how to run a forward
 + metrics), so the uvicorn process (:func:`create_app`) and the Ray Serve deployment serve the
-very same API; only the forward runner differs (own batcher here, ``@serve.batch`` there).
+very same API; only the forward runner differs (own batcher here, ``@serve.batch`` there). Infer
+itself is :class:`~services.teacher.fastpath.InferFastPath`, in front of the FastAPI routes.
 """
 
 from __future__ import annotations
@@ -24,14 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.httpapi import bare_app, error_response
 from services.teacher.batcher import Batcher, ForwardResult
+from services.teacher.fastpath import InferFastPath
 from services.teacher.metrics import TeacherMetrics
-from services.teacher.protocol import (
-    HEADER_LENGTH,
-    ProtocolError,
-    encode_infer,
-    parse_infer,
-    read_body,
-)
+from services.teacher.protocol import ProtocolError, read_body
 from services.teacher.repository import LoadedModel, ModelRepository, RepositoryError
 from services.teacher.settings import TeacherSettings, admin_token_from_env
 
@@ -56,8 +52,12 @@ class TeacherCore:
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
-def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
-    """The FastAPI app serving ``core`` over OIP v2 (+ repository extension, ``/metrics``)."""
+def build_api(core: TeacherCore, lifespan: Any = None) -> InferFastPath:
+    """The ASGI app serving ``core`` over OIP v2 (+ repository extension, ``/metrics``).
+
+    Infer is answered by :class:`InferFastPath` (raw ASGI, no middleware on the hot path); every
+    other route is a FastAPI route of the app it wraps (``.app``; its attributes show through).
+    """
     repo, metrics = core.repository, core.metrics
     app = bare_app(SERVER_NAME, SERVER_VERSION, lifespan)
     app.state.core = core
@@ -108,6 +108,12 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
                 f"served; the current version is {model.version}",
             )
 
+    def model_for(name: str, version: str | None) -> LoadedModel:
+        """The snapshot an infer request on ``name`` (and ``version``, if given) runs on."""
+        model = served(name)
+        check_version(model, version)
+        return model
+
     @app.get("/v2/health/live")
     async def live() -> dict:
         return {"live": True}
@@ -149,25 +155,6 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
         model = repo.current
         ok = model is not None and (version is None or version == str(model.version))
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
-
-    async def infer(request: Request) -> Response:
-        # A plain Starlette route (added below): no FastAPI dependency solving on the hot path.
-        name = request.path_params["name"]
-        model = served(name)  # the snapshot this request runs on, whatever loads meanwhile
-        check_version(model, request.path_params.get("version"))
-        body = await read_body(request, core.max_body_bytes)
-        req = parse_infer(body, request.headers.get(HEADER_LENGTH), model.data_dim)
-        try:
-            res = await core.run(model, req.x, req.t)
-        except Exception as exc:
-            metrics.error("internal")
-            return error_response(500, f"forward failed: {type(exc).__name__}: {exc}")
-        content, headers = encode_infer(req, res, name)
-        metrics.answered(req.protocol, len(req.x))
-        return Response(content, headers=headers)
-
-    app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
-    app.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
 
     @app.post("/v2/repository/index")
     async def repository_index() -> list:
@@ -246,10 +233,10 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    return app
+    return InferFastPath(app, core, model_for)
 
 
-def create_app(settings: TeacherSettings, admin_token: str | None = None) -> FastAPI:
+def create_app(settings: TeacherSettings, admin_token: str | None = None) -> InferFastPath:
     """The uvicorn teacher app: loads ``settings.checkpoint`` now (errors surface before binding).
 
     ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
@@ -257,7 +244,7 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Fas
     if settings.threads:
         torch.set_num_threads(settings.threads)
     name = settings.served_name()
-    repo = ModelRepository(name, settings.root(), settings.device)
+    repo = ModelRepository(name, settings.root(), settings.device, settings.forward_chunk_states)
     if settings.synthetic:
         from services.teacher.synthetic import synthetic_model
 

@@ -54,12 +54,8 @@ BatchObserver = Callable[[int, int, float, list[float]], None]
 def _run_group(model: LoadedModel, items: list[_Item]) -> tuple[np.ndarray, float, float]:
     """Forward of one model's items as one batch (worker thread). Returns ``v``, start, seconds."""
     start = time.perf_counter()
-    if len(items) == 1:
-        x, t = items[0].x, items[0].t  # no copy: the decoded views go straight to torch
-    else:
-        x = np.concatenate([i.x for i in items])
-        t = np.concatenate([i.t for i in items])
-    v = model.forward(x, t)
+    # No concatenation of the whole batch: the model runs cache-sized row chunks of the parts.
+    v = model.forward_parts([i.x for i in items], [i.t for i in items])
     return v, start, time.perf_counter() - start
 
 

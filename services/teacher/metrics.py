@@ -76,20 +76,30 @@ class TeacherMetrics:
             registry=r,
         )
         self.model = m
+        # The hot path's series, looked up once: ``labels()`` takes a lock and builds a key on
+        # every call (a few microseconds each, several per request).
+        self._requests = {p: self.requests.labels(m, p) for p in ("binary", "json")}
+        self._states = self.states.labels(m)
+        self._batch_states = self.batch_states.labels(m)
+        self._batch_requests = self.batch_requests.labels(m)
+        self._queue_seconds = self.queue_seconds.labels(m)
+        self._compute_seconds = self.compute_seconds.labels(m)
 
     def observe_batch(
         self, states: int, requests: int, compute_s: float, queue_s: list[float]
     ) -> None:
         """One forward pass (the batcher's observer)."""
-        self.batch_states.labels(self.model).observe(states)
-        self.batch_requests.labels(self.model).observe(requests)
-        self.compute_seconds.labels(self.model).observe(compute_s)
+        self._batch_states.observe(states)
+        self._batch_requests.observe(requests)
+        self._compute_seconds.observe(compute_s)
         for q in queue_s:
-            self.queue_seconds.labels(self.model).observe(q)
+            self._queue_seconds.observe(q)
 
     def answered(self, protocol: str, states: int) -> None:
-        self.requests.labels(self.model, protocol).inc()
-        self.states.labels(self.model).inc(states)
+        """One infer request answered (``protocol``: ``binary`` or ``json``) with ``states``."""
+        child = self._requests.get(protocol) or self.requests.labels(self.model, protocol)
+        child.inc()
+        self._states.inc(states)
 
     def error(self, kind: str) -> None:
         self.errors.labels(self.model, kind).inc()

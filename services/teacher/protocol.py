@@ -6,6 +6,7 @@ carrying the HTTP status, a metrics ``kind`` and a message that says what to fix
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,39 +42,51 @@ class InferRequest:
         return "binary" if self.binary_output else "json"
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The request body, refusing (413) more than ``limit`` bytes before and while reading.
+def check_declared_length(declared: str | None, limit: int) -> None:
+    """Refuse a ``Content-Length`` header that is not an integer (400) or over ``limit`` (413)."""
+    if declared is None:
+        return
+    try:
+        size = int(declared)
+    except ValueError:
+        raise ProtocolError(
+            400, "decode", f"Content-Length {declared!r} is not an integer"
+        ) from None
+    if size > limit:
+        raise ProtocolError(
+            413,
+            "too_large",
+            f"body of {size} bytes exceeds the limit of "
+            f"{limit} bytes; send fewer states per request or raise --max-body-mb",
+        )
 
-    Returned as a ``bytearray`` so binary tensors decode into *writable* numpy views that torch
-    can wrap without a copy (a ``bytes`` body would give read-only arrays).
+
+async def collect_body(chunks: AsyncIterator[bytes], limit: int) -> bytearray:
+    """Join ``chunks`` into one ``bytearray``, refusing (413) once more than ``limit`` arrived.
+
+    The running total bounds chunked uploads (no ``Content-Length``). A ``bytearray`` so binary
+    tensors decode into *writable* numpy views that torch can wrap without a copy (a ``bytes``
+    body would give read-only arrays).
     """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise ProtocolError(
-                400, "decode", f"Content-Length {declared!r} is not an integer"
-            ) from None
-        if size > limit:
-            raise ProtocolError(
-                413,
-                "too_large",
-                f"body of {size} bytes exceeds the limit of "
-                f"{limit} bytes; send fewer states per request or raise --max-body-mb",
-            )
-    chunks, total = [], 0
-    async for chunk in request.stream():
+    parts, total = [], 0
+    async for chunk in chunks:
         total += len(chunk)
-        if total > limit:  # chunked uploads (no Content-Length) are bounded here
+        if total > limit:
             raise ProtocolError(
                 413,
                 "too_large",
                 f"body exceeds the limit of {limit} bytes; send "
                 "fewer states per request or raise --max-body-mb",
             )
-        chunks.append(chunk)
-    return bytearray().join(chunks)
+        parts.append(chunk)
+    return bytearray(parts[0]) if len(parts) == 1 else bytearray().join(parts)
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The body of a Starlette ``request``, refusing (413) more than ``limit`` bytes before
+    (``Content-Length``) and while reading (see :func:`collect_body`)."""
+    check_declared_length(request.headers.get("content-length"), limit)
+    return await collect_body(request.stream(), limit)
 
 
 def parse_infer(body: bytearray, header_length: str | None, data_dim: int) -> InferRequest:
@@ -178,6 +191,8 @@ __all__ = [
     "HEADER_LENGTH",
     "InferRequest",
     "ProtocolError",
+    "check_declared_length",
+    "collect_body",
     "encode_infer",
     "parse_infer",
     "read_body",

@@ -45,6 +45,12 @@ class TeacherSettings(BaseSettings):
         description="longest a request waits for others to "
         "join its batch (0: only those already queued)",
     )
+    forward_chunk_states: int = Field(
+        4096,
+        ge=0,
+        description="CPU forwards run merged batches in row chunks of at most this many states "
+        "(cache-sized: faster per state than one big forward); 0 = one forward per batch",
+    )
     max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body (MiB)")
     model_root: Path | None = Field(
         None,
