@@ -40,25 +40,42 @@ class Response:
     content: bytearray
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive TCP connection: at most one exchange at a time."""
+#: bytes read per ``recv`` while parsing a status line and headers (and small bodies)
+SCRATCH_BYTES = 64 * 1024
+#: a body with at least this many bytes still to come is received straight into its buffer
+DIRECT_MIN_BYTES = 16 * 1024
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive TCP connection: at most one exchange at a time.
+
+    Status line and headers (and what arrives with them) are read into a scratch buffer and fed
+    to httptools. Once a ``Content-Length`` body has more than ``DIRECT_MIN_BYTES`` left, the
+    transport reads the rest straight into the response's buffer: no per-read ``bytes`` object
+    and no second copy, which at image-sized payloads is a fifth of the client's CPU.
+    """
 
     def __init__(self, max_response_bytes: int) -> None:
         self.max_response_bytes = max_response_bytes
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = time.monotonic()
-        self._parser = httptools.HttpResponseParser(self)
+        self._scratch = memoryview(bytearray(SCRATCH_BYTES))
         self._waiter: asyncio.Future[Response] | None = None
         self._reset()
 
     def _reset(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)  # a fresh one per response
         self._headers: dict[str, str] = {}
         self._body: bytearray = bytearray()
         self._filled = 0
+        self._declared: int | None = None
+        self._direct: memoryview | None = None  # the unfilled tail of _body, while reading into it
+        self._status = 0
+        self._keep = False
         self._got_bytes = False
 
-    # -- asyncio.Protocol -------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
@@ -66,14 +83,29 @@ class _Connection(asyncio.Protocol):
             # Header and body leave in one write, but a response's ACK must not wait on Nagle.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._direct if self._direct is not None else self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._got_bytes = True
+        if self._direct is not None:
+            self._filled += nbytes
+            self._direct = self._direct[nbytes:]
+            if self._filled == self._declared:
+                self._complete()
+            return
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(self._scratch[:nbytes])
         except httptools.HttpParserUpgrade:
             self._fail(HttpClientError("server tried to upgrade the connection"))
+            return
         except httptools.HttpParserError as exc:
             self._fail(HttpClientError(f"malformed HTTP response: {exc}"))
+            return
+        left = (self._declared or 0) - self._filled
+        if self._waiter is not None and self._status and left >= DIRECT_MIN_BYTES:
+            # The parser stays behind, mid-body; _complete() replaces it.
+            self._direct = memoryview(self._body)[self._filled :]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -88,12 +120,15 @@ class _Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._keep = self._parser.should_keep_alive()
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit():
             size = int(declared)
             if size > self.max_response_bytes:
                 self._fail(self._too_large(size))
                 return
+            self._declared = size
             self._body = bytearray(size)  # filled in place: one copy from the socket buffer
 
     def on_body(self, chunk: bytes) -> None:
@@ -109,12 +144,14 @@ class _Connection(asyncio.Protocol):
         self._filled = end
 
     def on_message_complete(self) -> None:
+        self._complete()
+
+    def _complete(self) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        status = self._parser.get_status_code()
-        keep = self._parser.should_keep_alive()
-        resp = Response(status, self._headers, self._body)
+        resp = Response(self._status, self._headers, self._body)
+        keep = self._keep
         self._waiter = None
         self._reset()
         if not keep:

@@ -22,11 +22,19 @@ def peer():
     svc.stop()
 
 
-def run(coro):
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(coro, loop: str = "asyncio"):
+    if loop == "uvloop":  # the services run on uvloop, whose buffered reads differ in detail
+        import uvloop
+
+        return uvloop.run(coro)
     return asyncio.run(coro)
 
 
-def test_post_get_and_keepalive_reuse(peer) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_post_get_and_keepalive_reuse(peer, loop: str) -> None:
     async def go():
         client = Http1Client()
         body = bytes(range(256)) * 1000
@@ -43,7 +51,7 @@ def test_post_get_and_keepalive_reuse(peer) -> None:
         assert len(host.idle) == 1  # both exchanges went over one kept-alive connection
         await client.aclose()
 
-    run(go())
+    run(go(), loop)
 
 
 def test_concurrent_requests_get_their_own_answers(peer) -> None:
@@ -58,7 +66,8 @@ def test_concurrent_requests_get_their_own_answers(peer) -> None:
     run(go())
 
 
-def test_chunked_close_status_and_large(peer) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_chunked_close_status_and_large(peer, loop: str) -> None:
     async def go():
         client = Http1Client()
         r = await client.get(f"{peer}/chunked?parts=4")
@@ -69,11 +78,12 @@ def test_chunked_close_status_and_large(peer) -> None:
         assert not next(iter(client._hosts.values())).idle  # 'Connection: close' is honoured
         f = await client.post(f"{peer}/fail", b"{}")
         assert f.status == 500 and b"boom" in f.content  # statuses are returned, not raised
-        big = await client.get(f"{peer}/big?n=5000000")
-        assert len(big.content) == 5_000_000
+        for n in (5_000_000, 20_000, 16_383):  # read directly into the body, or parsed
+            big = await client.get(f"{peer}/big?n={n}")
+            assert big.content == b"z" * n
         await client.aclose()
 
-    run(go())
+    run(go(), loop)
 
 
 def test_server_closing_idle_connection_is_transparent(peer) -> None:
