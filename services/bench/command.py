@@ -8,7 +8,6 @@ in-process forward's states/s (synthetic teachers are rebuilt from their metadat
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.cli import Command, UsageError
 from common.http1 import Http1Client
+from common.serving import run_async
 from services.bench.echo import echo_rate
 from services.bench.limits import forward_rate, net_from_metadata
 from services.bench.prom import scrape_states
@@ -251,17 +251,6 @@ def physical_limits(
     return out
 
 
-def _run(main: Any) -> Any:
-    """Run the sweep on uvloop when installed: its transports write the request body from the
-    caller's buffer (``writelines``) where asyncio's copy it, and its loop costs less CPU per
-    request, which the client shares with the server on a small box."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -282,7 +271,7 @@ def run_bench_serve(s: BenchServeSettings) -> int:
         "settings": s.model_dump(mode="json"),
     }
     echo_samples: dict[str, list[float]] | None = {} if s.limits else None
-    points, meta = _run(sweep(s, echo_samples))
+    points, meta = run_async(sweep(s, echo_samples))
     context["model_parameters"] = meta.get("parameters") or {}
     if s.limits and points:
         context["limits"] = lim = physical_limits(s, points, meta, echo_samples)

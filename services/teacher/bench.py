@@ -21,13 +21,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import torch
 
 from common.checkpoint import read_model
 from common.codec import HEADER_LENGTH, decode_response, encode_request
+from common.http1 import Http1Client
 from common.procs import start_service
+from common.serving import run_async
 
 SIZES = (128, 1536, 16384)
 
@@ -71,10 +72,11 @@ def in_process(checkpoint: Path, n: int, min_s: float) -> float:
 
 
 def over_http(url: str, model: str, n: int, binary: bool, min_s: float, concurrency: int) -> float:
-    """states/s of ``concurrency`` aiohttp callers posting one request after another.
+    """states/s of ``concurrency`` callers posting one request after another.
 
-    aiohttp, not httpx: the client shares the machine with the server, and httpx spends about
-    five times aiohttp's CPU on each request, which this table would then charge to the server.
+    The client is the lean data-plane client (common/http1.py) on uvloop, the one the router and
+    the trainer use: it shares the two cores with the server, and aiohttp spends ~4x its CPU per
+    request (httpx ~20x), which this table would then charge to the server.
     """
     x, t = inputs(n)
     body, headers = encode_request({"x": x, "t": t}, binary=binary)
@@ -83,18 +85,15 @@ def over_http(url: str, model: str, n: int, binary: bool, min_s: float, concurre
     endpoint = f"{url}/v2/models/{model}/infer"
 
     async def run() -> float:
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        ) as session:
+        client = Http1Client(limit_per_host=concurrency)
+        try:
 
             async def call() -> None:
-                async with session.post(endpoint, data=body, headers=headers) as r:
-                    content = await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"HTTP {r.status}: {content[:200]!r}")
-                    v = decode_response(content, r.headers.get(HEADER_LENGTH)).tensors["v"]
-                    assert v.shape == (n, 2)
+                r = await client.post(endpoint, body, headers, timeout=60)
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {bytes(r.content[:200])!r}")
+                v = decode_response(r.content, r.headers.get(HEADER_LENGTH.lower())).tensors["v"]
+                assert v.shape == (n, 2)
 
             for _ in range(3):
                 await call()  # warm-up: connections, allocator, lazy init
@@ -109,8 +108,10 @@ def over_http(url: str, model: str, n: int, binary: bool, min_s: float, concurre
 
             count = sum(await asyncio.gather(*(loop() for _ in range(concurrency))))
             return count * n / (time.perf_counter() - start)
+        finally:
+            await client.aclose()
 
-    return asyncio.run(run())
+    return run_async(run())
 
 
 def main(argv: list[str] | None = None) -> int:
