@@ -69,6 +69,34 @@ async def serve_app(app: Any, host: str, port: int, log_level: str = "warning") 
     await task
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    A forward's activations are a few MB each time (4,096 states x width 128 x 4 B = 2 MB a
+    layer). With glibc's defaults a worker thread's arena returns them to the kernel after
+    every forward and page-faults them in again on the next one: measured 220 minor faults per
+    1,536-state request at 16 in flight, ~12% of the forward thread's CPU. Fixed thresholds
+    (``mmap_threshold`` at most 32 MiB on 64-bit) keep them mapped. Returns False where the C
+    library is not glibc (nothing changes there).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
+
+
 def run_async(main: Awaitable[T]) -> T:
     """Run a coroutine to its result, on uvloop when installed: less event-loop CPU per request,
     and its transports write a body from the caller's buffer where asyncio's join (copy) it."""

@@ -7,7 +7,7 @@ read it back, and announce the URL (``OPD_URL=...``) once uvicorn has started se
 from __future__ import annotations
 
 from common.cli import Command, UsageError
-from common.serving import run_async, serve_app
+from common.serving import keep_freed_memory, run_async, serve_app
 from services.teacher.app import create_app
 from services.teacher.repository import RepositoryError
 from services.teacher.settings import TeacherSettings
@@ -23,6 +23,7 @@ async def serve(settings: TeacherSettings) -> None:
 
 
 def run_teacher(settings: TeacherSettings) -> int:
+    keep_freed_memory()  # forwards reuse their activation memory instead of page-faulting it
     run_async(serve(settings))
     return 0
 

@@ -61,6 +61,9 @@ class TeacherDeployment:
     def __init__(self, **kwargs: Any) -> None:
         import torch
 
+        from common.serving import keep_freed_memory
+
+        keep_freed_memory()  # see there: forwards reuse activation memory, no page faults
         args = TeacherArgs(**kwargs)
         if args.threads:
             torch.set_num_threads(args.threads)
