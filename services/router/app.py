@@ -23,6 +23,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.asgi import (
+    ClientGone,
+    InferFastPath,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    headers_of,
+)
 from common.codec import HEADER_LENGTH, CodecError, decode_request, encode_response, wants_binary
 from common.httpapi import bare_app, error_response
 from services.router import fanout
@@ -43,6 +52,7 @@ from services.router.registry import (
 )
 from services.router.settings import ADMIN_TOKEN_ENV, RouterSettings
 
+_HEADER_LENGTH = HEADER_LENGTH.lower().encode()
 SERVER_NAME = "opd-router"
 SERVER_VERSION = "0.1.0"
 ADMIN_BODY_LIMIT = 64 * 1024
@@ -83,18 +93,20 @@ class RouterCore:
             self.metrics.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) more than ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+class BodyTooLarge(Exception):
+    """A request body over the router's limit (413)."""
+
+
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The request body, refusing (:class:`BodyTooLarge`) more than ``limit`` bytes, before
+    reading when ``Content-Length`` says so and while reading otherwise."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise StarletteHTTPException(
-            413, f"body of {declared} bytes exceeds the limit of {limit} bytes"
-        )
+        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, total = [], 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(receive):
         total += len(chunk)
         if total > limit:
-            raise StarletteHTTPException(413, f"body exceeds the limit of {limit} bytes")
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -123,8 +135,9 @@ def router_metadata(reg: Registry) -> dict[str, Any]:
     }
 
 
-def build_api(core: RouterCore) -> FastAPI:
-    """The FastAPI app over ``core`` (same routes for the uvicorn and the Ray Serve router)."""
+def build_api(core: RouterCore) -> InferFastPath:
+    """The app over ``core`` (same routes for the uvicorn and the Ray Serve router): infer is
+    answered by raw ASGI (:class:`~common.asgi.InferFastPath`), everything else by FastAPI."""
     m, s = core.metrics, core.settings
     max_body = int(s.max_body_mb * 1024 * 1024)
 
@@ -215,16 +228,29 @@ def build_api(core: RouterCore) -> FastAPI:
             )
         return entries
 
-    async def infer_route(request: Request) -> Response:
-        # A plain Starlette route (added below): no FastAPI dependency solving on the hot path.
+    async def infer(
+        name: str, version: str | None, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        # Raw ASGI (common.asgi.InferFastPath): no middleware stack on the hot path.
         received = time.perf_counter()
-        name = request.path_params["name"]
+        try:
+            resp = await answer(name, scope, receive, received)
+        except ClientGone:
+            return
+        try:
+            await resp(scope, receive, send)
+        finally:
+            m.requests.labels(name, str(resp.status_code)).inc()
+            m.seconds.labels(name).observe(time.perf_counter() - received)
+
+    async def answer(name: str, scope: Scope, receive: Receive, received: float) -> Response:
+        """The response to one infer request (errors as their ``{"error"}`` responses)."""
         reg = core.registry  # the snapshot this request is served from, whatever changes meanwhile
-        if name != fanout.MODEL_NAME:
-            teacher_or_404(name)
+        if name != fanout.MODEL_NAME and reg.get(name) is None:
+            known = ", ".join([fanout.MODEL_NAME, *(t.name for t in reg.all())])
+            return error_response(404, f"unknown model {name!r}; this router serves {known}")
         if core.pending >= s.max_inflight + s.max_queue:
             m.queue_full.inc()
-            m.requests.labels(name, "503").inc()
             return error_response(
                 503,
                 f"router queue is full ({core.pending} requests admitted); retry later",
@@ -232,46 +258,30 @@ def build_api(core: RouterCore) -> FastAPI:
             )
         core.pending += 1
         m.pending.set(core.pending)
-        status = 500
         try:
             assert core._inflight is not None
             async with core._inflight:
                 deadline = time.monotonic() + s.deadline_s
-                body = await read_body(request, max_body)
+                declared, header_length, content_type = headers_of(
+                    scope, b"content-length", _HEADER_LENGTH, b"content-type"
+                )
+                body = await read_body(receive, declared, max_body)
                 if name == fanout.MODEL_NAME:
-                    resp = await _virtual(
-                        reg, body, request.headers.get(HEADER_LENGTH), deadline, received
-                    )
-                else:
-                    resp = await _passthrough(reg, name, body, request.headers, deadline)
-            status = resp.status_code
-            return resp
-        except StarletteHTTPException as exc:
-            status = exc.status_code
-            raise
+                    return await _virtual(reg, body, header_length, deadline, received)
+                return await _passthrough(reg, name, body, content_type, header_length, deadline)
+        except BodyTooLarge as exc:
+            return error_response(413, str(exc))
         except (CodecError, InputError) as exc:
-            status = 400
             return error_response(400, str(exc))
         except TeacherRejected as exc:
-            status = exc.status
             return error_response(exc.status, str(exc))
-        except TeacherUnavailable as exc:
-            status = 503
-            return error_response(503, str(exc), {"Retry-After": RETRY_AFTER_S})
-        except RegistryError as exc:
-            status = 503
+        except (TeacherUnavailable, RegistryError) as exc:
             return error_response(503, str(exc), {"Retry-After": RETRY_AFTER_S})
         except TeacherFault as exc:
-            status = 502
             return error_response(502, str(exc))
         finally:
             core.pending -= 1
             m.pending.set(core.pending)
-            m.requests.labels(name, str(status)).inc()
-            m.seconds.labels(name).observe(time.perf_counter() - received)
-
-    app.add_route("/v2/models/{name}/infer", infer_route, methods=["POST"])
-    app.add_route("/v2/models/{name}/versions/{version}/infer", infer_route, methods=["POST"])
 
     async def _virtual(
         reg: Registry, body: bytes, header_length: str | None, deadline: float, received: float
@@ -297,16 +307,21 @@ def build_api(core: RouterCore) -> FastAPI:
         return Response(content, headers=headers)
 
     async def _passthrough(
-        reg: Registry, name: str, body: bytes, req_headers: Any, deadline: float
+        reg: Registry,
+        name: str,
+        body: bytes,
+        content_type: str | None,
+        header_length: str | None,
+        deadline: float,
     ) -> Response:
         if core.passthrough is None:
-            raise StarletteHTTPException(501, "passthrough is not available in this deployment")
+            return error_response(501, "passthrough is not available in this deployment")
         teacher = reg.get(name)
         if teacher is None:  # deleted between the check and now
-            raise StarletteHTTPException(404, f"unknown model {name!r}")
-        headers = {"Content-Type": req_headers.get("content-type", "application/json")}
-        if HEADER_LENGTH in req_headers:
-            headers[HEADER_LENGTH] = req_headers[HEADER_LENGTH]
+            return error_response(404, f"unknown model {name!r}")
+        headers = {"Content-Type": content_type or "application/json"}
+        if header_length is not None:
+            headers[HEADER_LENGTH] = header_length
         status, content, out_headers = await core.passthrough(teacher, body, headers, deadline)
         return Response(content, status_code=status, headers=out_headers)
 
@@ -340,7 +355,12 @@ def build_api(core: RouterCore) -> FastAPI:
     @app.put("/v1/teachers/{name}")
     async def put_teacher(name: str, request: Request) -> JSONResponse:
         check_admin(request)
-        raw = await read_body(request, ADMIN_BODY_LIMIT)
+        try:
+            raw = await read_body(
+                request.receive, request.headers.get("content-length"), ADMIN_BODY_LIMIT
+            )
+        except BodyTooLarge as exc:
+            return error_response(413, str(exc))
         try:
             doc = json.loads(raw or b"{}")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -384,7 +404,7 @@ def build_api(core: RouterCore) -> FastAPI:
             m.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
         return Response(m.render(), media_type=m.content_type)
 
-    return app
+    return InferFastPath(app, infer)
 
 
 # -------------------------------------------------------------------- uvicorn router
@@ -407,7 +427,7 @@ def specs_from_settings(s: RouterSettings) -> tuple[list[TeacherSpec], str]:
 
 def create_app(
     settings: RouterSettings, registry: Registry | None = None, admin_token: str | None = None
-) -> FastAPI:
+) -> InferFastPath:
     """The uvicorn router: HTTP pool to teachers, background health checks.
 
     Without ``registry`` the teachers in ``settings`` are discovered at start-up (the app's

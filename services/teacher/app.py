@@ -3,7 +3,7 @@
 :func:`build_api` holds the routes over a :class:`TeacherCore` (repository + how to run a forward
 + metrics), so the uvicorn process (:func:`create_app`) and the Ray Serve deployment serve the
 very same API; only the forward runner differs (own batcher here, ``@serve.batch`` there). Infer
-itself is :class:`~services.teacher.fastpath.InferFastPath`, in front of the FastAPI routes.
+itself is a :class:`~common.asgi.InferFastPath` in front of the FastAPI routes.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.asgi import InferFastPath
 from common.httpapi import bare_app, error_response
 from services.teacher.batcher import Batcher, ForwardResult
-from services.teacher.fastpath import InferFastPath
+from services.teacher.fastpath import infer_handler
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.protocol import ProtocolError, read_body
 from services.teacher.repository import LoadedModel, ModelRepository, RepositoryError
@@ -233,7 +234,7 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> InferFastPath:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    return InferFastPath(app, core, model_for)
+    return InferFastPath(app, infer_handler(core, model_for))
 
 
 def create_app(settings: TeacherSettings, admin_token: str | None = None) -> InferFastPath:

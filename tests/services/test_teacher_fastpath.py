@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
+from common.asgi import InferFastPath
 from common.codec import HEADER_LENGTH, decode_response, encode_request
 from services.teacher.app import create_app
-from services.teacher.fastpath import InferFastPath
 from services.teacher.repository import LoadedModel, row_chunks
 from services.teacher.settings import TeacherSettings
 from services.teacher.synthetic import synthetic_model

@@ -1,0 +1,113 @@
+"""Raw ASGI for the hot route: infer answered in front of a FastAPI app, no middleware on it.
+
+Under load a third of a service's event-loop time went to the FastAPI/Starlette middleware stack
+and router around ``POST .../infer``. :class:`InferFastPath` matches
+``/v2/models/{name}[/versions/{version}]/infer`` itself and hands those requests to a handler
+that reads the body from ``receive`` and answers with ``send``; every other request, and the
+lifespan, goes to the FastAPI app. Both services (teacher and router) and their Ray Serve
+ingresses use it, each with its own handler.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from common.httpapi import error_response
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: (model name, version or None, scope, receive, send): answers one infer POST
+InferHandler = Callable[[str, str | None, Scope, Receive, Send], Awaitable[None]]
+
+#: the infer paths, as Starlette would match ``{name}`` and ``{version}`` (no ``/`` inside)
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived: there is no one to answer."""
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the app's mount point (``root_path``, e.g. a Ray Serve route prefix),
+    as Starlette's router sees it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
+
+
+def headers_of(scope: Scope, *names: bytes) -> list[str | None]:
+    """The values of the request headers ``names`` (lower-case bytes), ``None`` where absent."""
+    found: dict[bytes, str] = {}
+    for key, value in scope["headers"]:
+        if key in names:
+            found[key] = value.decode("latin-1")
+    return [found.get(n) for n in names]
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive; :class:`ClientGone` on a disconnect."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def send_bytes(send: Send, status: int, content: bytes, headers: dict[str, str]) -> None:
+    """One complete response: ``headers`` plus its ``content-length``."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    raw.append((b"content-length", str(len(content)).encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": content})
+
+
+async def refuse(
+    status: int,
+    message: str,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """An ``{"error": message}`` answer with ``status``, as the FastAPI routes give."""
+    await error_response(status, message, headers)(scope, receive, send)
+
+
+class InferFastPath:
+    """ASGI app: infer POSTs go to ``handler``, everything else to ``app`` (FastAPI).
+
+    Attributes not found here (``state``, ``routes``, ``add_exception_handler``, ...) are the
+    FastAPI app's, so callers that configure the app keep working on this wrapper.
+    """
+
+    def __init__(self, app: ASGIApp, handler: InferHandler) -> None:
+        self.app = app
+        self.handler = handler
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            app = self.__dict__["app"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            match = INFER_PATH.fullmatch(route_path(scope))
+            if match is not None:
+                if scope["method"] != "POST":
+                    await refuse(405, "Method Not Allowed", scope, receive, send, {"Allow": "POST"})
+                    return
+                await self.handler(match[1], match[2], scope, receive, send)
+                return
+        await self.app(scope, receive, send)
