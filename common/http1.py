@@ -26,6 +26,20 @@ import httptools
 
 __all__ = ["Http1Client", "HttpClientError", "Response"]
 
+try:
+    from asyncio import timeout as _timeout  # Python 3.11+: no extra task per call
+except ImportError:  # Python 3.10
+    _timeout = None
+
+
+async def _within(aw, seconds: float):
+    """``await aw`` or raise ``asyncio.TimeoutError`` (``TimeoutError`` on 3.11+) after
+    ``seconds``, cancelling it."""
+    if _timeout is None:
+        return await asyncio.wait_for(aw, seconds)
+    async with _timeout(seconds):
+        return await aw
+
 
 class HttpClientError(ConnectionError):
     """The exchange failed below HTTP: refused, reset, closed early, or a malformed response."""
@@ -245,7 +259,8 @@ class Http1Client:
 
         Raises:
             HttpClientError: refused, reset, closed early, malformed or oversized response.
-            TimeoutError: no complete response within ``timeout`` s (connecting included).
+            asyncio.TimeoutError: no complete response within ``timeout`` s (connecting
+                included); the builtin ``TimeoutError`` on Python 3.11+.
         """
         if self._closed:
             raise HttpClientError("client is closed")
@@ -266,8 +281,11 @@ class Http1Client:
         host = self._hosts.get((split.hostname, port))
         if host is None:
             host = self._hosts[(split.hostname, port)] = _Host(self.limit_per_host)
-        async with host.slots, asyncio.timeout(timeout):
-            return await self._exchange(host, split.hostname, port, parts, connect_timeout)
+        async with host.slots:
+            exchange = self._exchange(host, split.hostname, port, parts, connect_timeout)
+            if timeout is None:
+                return await exchange
+            return await _within(exchange, timeout)
 
     async def _exchange(
         self,
@@ -310,11 +328,11 @@ class Http1Client:
 
     async def _connect(self, hostname: str, port: int, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
+        connect = loop.create_connection(
+            lambda: _Connection(self.max_response_bytes), hostname, port
+        )
         try:
-            async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self.max_response_bytes), hostname, port
-                )
+            _, conn = await (connect if timeout is None else _within(connect, timeout))
         except OSError as exc:
             raise HttpClientError(f"cannot connect to {hostname}:{port}: {exc}") from None
         return conn
