@@ -63,12 +63,23 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def send_bytes(send: Send, status: int, content: bytes, headers: dict[str, str]) -> None:
-    """One complete response: ``headers`` plus its ``content-length``."""
+async def send_parts(
+    send: Send, status: int, parts: list, headers: dict[str, str], join: bool = False
+) -> None:
+    """One complete response whose body is ``parts`` (bytes-like, in order), with
+    ``content-length``. Each part goes out as its own ASGI body message, so uvicorn writes a
+    tensor's bytes from the array itself; ``join=True`` sends one ``bytes`` body instead, for
+    servers that serialise ASGI messages (Ray Serve's replica → proxy hop pickles them, and
+    a ``memoryview`` does not pickle)."""
+    if join and len(parts) > 1:
+        parts = [b"".join(parts)]
+    size = sum(memoryview(p).nbytes for p in parts)
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    raw.append((b"content-length", str(len(content)).encode("latin-1")))
+    raw.append((b"content-length", str(size).encode("latin-1")))
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": content})
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        await send({"type": "http.response.body", "body": part, "more_body": i < last})
 
 
 async def refuse(

@@ -81,12 +81,18 @@ def _tensor_entries(tensors: dict[str, np.ndarray], binary: bool | set[str]) -> 
     return entries, chunks
 
 
-def _pack(doc: dict[str, Any], chunks: list) -> tuple[bytes, dict[str, str]]:
+def _parts(doc: dict[str, Any], chunks: list) -> tuple[list, dict[str, str]]:
+    """The body as ``[JSON header, tensor bytes...]`` (views, no copy) and its HTTP headers."""
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not chunks:
-        return header, {"Content-Type": JSON_CONTENT_TYPE}
-    body = b"".join([header, *(memoryview(c) for c in chunks)])
-    return body, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
+        return [header], {"Content-Type": JSON_CONTENT_TYPE}
+    parts = [header, *(memoryview(c) for c in chunks)]
+    return parts, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
+
+
+def _pack(doc: dict[str, Any], chunks: list) -> tuple[bytes, dict[str, str]]:
+    parts, headers = _parts(doc, chunks)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), headers
 
 
 def encode_request(
@@ -110,15 +116,17 @@ def encode_request(
     return _pack(doc, chunks)
 
 
-def encode_response(
+def response_parts(
     outputs: dict[str, np.ndarray],
     model_name: str,
     model_version: str,
     binary: bool | set[str] = False,
     request_id: str | None = None,
     parameters: dict[str, Any] | None = None,
-) -> tuple[bytes, dict[str, str]]:
-    """Body and HTTP headers of an infer response."""
+) -> tuple[list, dict[str, str]]:
+    """An infer response as body parts (JSON header, then each binary tensor as a view of its
+    array) and HTTP headers: a server can write them one after the other instead of joining
+    them, which saves a copy of every binary output."""
     entries, chunks = _tensor_entries(outputs, binary)
     doc: dict[str, Any] = {
         "model_name": model_name,
@@ -129,7 +137,22 @@ def encode_response(
         doc["id"] = request_id
     if parameters:
         doc["parameters"] = parameters
-    return _pack(doc, chunks)
+    return _parts(doc, chunks)
+
+
+def encode_response(
+    outputs: dict[str, np.ndarray],
+    model_name: str,
+    model_version: str,
+    binary: bool | set[str] = False,
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Body and HTTP headers of an infer response (see :func:`response_parts`)."""
+    parts, headers = response_parts(
+        outputs, model_name, model_version, binary, request_id, parameters
+    )
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), headers
 
 
 def _header_length(value: str | None, body_len: int) -> int | None:

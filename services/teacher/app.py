@@ -53,8 +53,11 @@ class TeacherCore:
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
-def build_api(core: TeacherCore, lifespan: Any = None) -> InferFastPath:
+def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> InferFastPath:
     """The ASGI app serving ``core`` over OIP v2 (+ repository extension, ``/metrics``).
+
+    ``join``: infer responses as one ``bytes`` body (Ray Serve) instead of header and tensor
+    written separately (uvicorn: one copy fewer per binary output).
 
     Infer is answered by :class:`InferFastPath` (raw ASGI, no middleware on the hot path); every
     other route is a FastAPI route of the app it wraps (``.app``; its attributes show through).
@@ -234,7 +237,7 @@ def build_api(core: TeacherCore, lifespan: Any = None) -> InferFastPath:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    return InferFastPath(app, infer_handler(core, model_for))
+    return InferFastPath(app, infer_handler(core, model_for, join))
 
 
 def create_app(settings: TeacherSettings, admin_token: str | None = None) -> InferFastPath:

@@ -19,7 +19,7 @@ from common.asgi import (
     body_chunks,
     headers_of,
     refuse,
-    send_bytes,
+    send_parts,
 )
 from services.teacher.protocol import (
     ProtocolError,
@@ -37,9 +37,10 @@ _HEADER_LENGTH = b"inference-header-content-length"
 
 
 def infer_handler(
-    core: TeacherCore, served: Callable[[str, str | None], LoadedModel]
+    core: TeacherCore, served: Callable[[str, str | None], LoadedModel], join: bool = False
 ) -> InferHandler:
-    """The infer handler over ``core``.
+    """The infer handler over ``core``; ``join``: send the response body as one ``bytes``
+    (see :func:`common.asgi.send_parts`; the Ray Serve ingress needs it).
 
     ``served(name, version)`` returns the model snapshot a request runs on, raising the
     :class:`ProtocolError` (404 unknown model or version, 503 unloaded) the other routes raise.
@@ -69,8 +70,8 @@ def infer_handler(
             message = f"forward failed: {type(exc).__name__}: {exc}"
             await refuse(500, message, scope, receive, send)
             return
-        content, headers = encode_infer(req, res, name)
+        parts, headers = encode_infer(req, res, name)
         core.metrics.answered(req.protocol, len(req.x))
-        await send_bytes(send, 200, content, headers)
+        await send_parts(send, 200, parts, headers, join)
 
     return infer

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.requests import Request
 
-from common.codec import HEADER_LENGTH, CodecError, decode_request, encode_response, wants_binary
+from common.codec import HEADER_LENGTH, CodecError, decode_request, response_parts, wants_binary
 from services.teacher.batcher import ForwardResult
 
 INPUTS = ("x", "t")
@@ -175,9 +175,10 @@ def timing_parameters(res: ForwardResult) -> dict[str, float | int | str]:
 
 def encode_infer(
     req: InferRequest, res: ForwardResult, model_name: str
-) -> tuple[bytes, dict[str, str]]:
-    """Body and headers answering ``req`` with ``res`` (binary ``v`` when the request asked)."""
-    return encode_response(
+) -> tuple[list, dict[str, str]]:
+    """Body parts and headers answering ``req`` with ``res`` (binary ``v`` when the request
+    asked): the JSON header, then ``v``'s bytes as a view of the forward's output."""
+    return response_parts(
         {OUTPUT: res.v},
         model_name,
         str(res.version),

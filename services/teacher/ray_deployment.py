@@ -87,7 +87,7 @@ class TeacherDeployment:
         )
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.core)
+        return build_api(self.core, join=True)  # Serve pickles ASGI messages
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config: {checkpoint: FILE}`` (under the model root) swaps every replica."""
