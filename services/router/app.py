@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,7 @@ from services.router.registry import (
 )
 from services.router.settings import ADMIN_TOKEN_ENV, RouterSettings
 
+log = logging.getLogger("opd.router")
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
 SERVER_NAME = "opd-router"
 SERVER_VERSION = "0.1.0"
@@ -279,6 +281,11 @@ def build_api(core: RouterCore) -> InferFastPath:
             return error_response(503, str(exc), {"Retry-After": RETRY_AFTER_S})
         except TeacherFault as exc:
             return error_response(502, str(exc))
+        except ClientGone:
+            raise
+        except Exception as exc:  # a bug answers this request with 500; the router keeps serving
+            log.exception("infer failed")
+            return error_response(500, f"router error: {type(exc).__name__}: {exc}")
         finally:
             core.pending -= 1
             m.pending.set(core.pending)
