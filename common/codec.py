@@ -90,9 +90,13 @@ def _parts(doc: dict[str, Any], chunks: list) -> tuple[list, dict[str, str]]:
     return parts, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
 
 
+def _joined(parts: list) -> bytes:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _pack(doc: dict[str, Any], chunks: list) -> tuple[bytes, dict[str, str]]:
     parts, headers = _parts(doc, chunks)
-    return (parts[0] if len(parts) == 1 else b"".join(parts)), headers
+    return _joined(parts), headers
 
 
 def encode_request(
@@ -140,19 +144,11 @@ def response_parts(
     return _parts(doc, chunks)
 
 
-def encode_response(
-    outputs: dict[str, np.ndarray],
-    model_name: str,
-    model_version: str,
-    binary: bool | set[str] = False,
-    request_id: str | None = None,
-    parameters: dict[str, Any] | None = None,
-) -> tuple[bytes, dict[str, str]]:
-    """Body and HTTP headers of an infer response (see :func:`response_parts`)."""
-    parts, headers = response_parts(
-        outputs, model_name, model_version, binary, request_id, parameters
-    )
-    return (parts[0] if len(parts) == 1 else b"".join(parts)), headers
+def encode_response(*args: Any, **kwargs: Any) -> tuple[bytes, dict[str, str]]:
+    """Body and HTTP headers of an infer response: :func:`response_parts` (same arguments),
+    joined into one ``bytes``."""
+    parts, headers = response_parts(*args, **kwargs)
+    return _joined(parts), headers
 
 
 def _header_length(value: str | None, body_len: int) -> int | None:
