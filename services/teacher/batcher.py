@@ -29,9 +29,9 @@ class ForwardResult:
     v: np.ndarray
     version: int
     queue_s: float  # accepted → its forward started
-    compute_s: float  # duration of the forward it ran in
-    batch_states: int  # states in that forward
-    batch_requests: int  # requests in that forward
+    compute_s: float  # duration of the batch it ran in (one or more forwards, see forward_parts)
+    batch_states: int  # states in that batch
+    batch_requests: int  # requests in that batch
 
 
 @dataclass
@@ -51,12 +51,13 @@ class _Item:
 BatchObserver = Callable[[int, int, float, list[float]], None]
 
 
-def _run_group(model: LoadedModel, items: list[_Item]) -> tuple[np.ndarray, float, float]:
-    """Forward of one model's items as one batch (worker thread). Returns ``v``, start, seconds."""
+def _run_group(model: LoadedModel, items: list[_Item]) -> tuple[list[np.ndarray], float, float]:
+    """Forward of one model's items as one batch (worker thread): each item's ``v``, the start
+    time and the seconds it took."""
     start = time.perf_counter()
     # No concatenation of the whole batch: the model runs cache-sized row chunks of the parts.
-    v = model.forward_parts([i.x for i in items], [i.t for i in items])
-    return v, start, time.perf_counter() - start
+    vs = model.forward_parts([i.x for i in items], [i.t for i in items])
+    return vs, start, time.perf_counter() - start
 
 
 def forward_executor(threads: int | None = None) -> ThreadPoolExecutor:
@@ -143,7 +144,7 @@ class Batcher:
     async def _execute(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         model = items[0].model
         try:
-            v, start, compute_s = await loop.run_in_executor(
+            vs, start, compute_s = await loop.run_in_executor(
                 self._executor, _run_group, model, items
             )
         except Exception as exc:  # a failed forward fails its requests, not the service
@@ -152,14 +153,14 @@ class Batcher:
                     item.future.set_exception(exc)
             return
         states = sum(i.states for i in items)
-        queue_s, offset = [], 0
-        for item in items:
+        queue_s = []
+        for item, v in zip(items, vs):
             q = max(0.0, start - item.enqueued)
             queue_s.append(q)
             if not item.future.done():
                 item.future.set_result(
                     ForwardResult(
-                        v[offset : offset + item.states],
+                        v,
                         model.version,
                         q,
                         compute_s,
@@ -167,6 +168,5 @@ class Batcher:
                         len(items),
                     )
                 )
-            offset += item.states
         if self.observer is not None:
             self.observer(states, len(items), compute_s, queue_s)

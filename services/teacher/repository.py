@@ -33,6 +33,11 @@ class RepositoryError(Exception):
 #: no longer fit in the L2 cache, so merged batches run as cache-sized chunks.
 DEFAULT_CHUNK_STATES = 4096
 
+#: Requests share a CPU forward only while the merged input stays within this many floats (4 MB).
+#: Merging saves a forward's fixed cost (~0.1 ms for a toy teacher) but copies the rows; at
+#: image-scale states (65,536 floats each) the copy costs more than the forward it saves.
+MERGE_FLOATS = 1 << 20
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -54,29 +59,28 @@ class LoadedModel:
 
     def forward(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """``v [B, D]`` (float32) at states ``x [B, D]`` and times ``t [B]``; blocking, any thread."""
-        return self.forward_parts([x], [t])
+        return self.forward_parts([x], [t])[0]
 
-    def forward_parts(self, xs: list[np.ndarray], ts: list[np.ndarray]) -> np.ndarray:
-        """``v`` of the rows of ``xs`` stacked (``ts`` alike), without stacking them first.
+    def forward_parts(self, xs: list[np.ndarray], ts: list[np.ndarray]) -> list[np.ndarray]:
+        """``v [B_i, D]`` for each part ``xs[i] [B_i, D]``, ``ts[i] [B_i]``, run as few forwards.
 
-        On the CPU the rows run in chunks of at most ``chunk_states`` (a chunk inside one part is
-        a view of it; one spanning parts copies just its rows), each written into one output
-        array; a lone part that fits one chunk goes to torch without a copy. The result equals
-        one forward of the stacked rows to float rounding. Blocking, any thread.
+        Small parts share a forward (a chunk spanning parts copies just its rows); on the CPU a
+        chunk holds at most ``chunk_states`` rows and spans parts only while its input stays
+        within :data:`MERGE_FLOATS`. A part that fits one chunk goes to torch without a copy
+        and gets the forward's output (or a view of it) back, so nothing is stacked or split by
+        copying. Each ``v`` equals one forward of its part alone to float rounding. Blocking,
+        any thread.
         """
-        total = sum(len(x) for x in xs)
-        limit = self.chunk_states if self.device == "cpu" and self.chunk_states > 0 else total
+        cpu = self.device == "cpu"
+        limit = self.chunk_states if cpu and self.chunk_states > 0 else sum(len(x) for x in xs)
+        pieces: list[list[np.ndarray]] = [[] for _ in xs]
         with torch.inference_mode():
-            if len(xs) == 1 and total <= limit:
-                return self._run(xs[0], ts[0])
-            out: np.ndarray | None = None
-            for start, x, t in row_chunks(xs, ts, limit):
-                v = self._run(x, t)
-                if out is None:
-                    out = np.empty((total, *v.shape[1:]), v.dtype)
-                out[start : start + len(v)] = v
-        assert out is not None
-        return out
+            for owners, x, t in row_chunks(xs, ts, limit, MERGE_FLOATS if cpu else None):
+                v, start = self._run(x, t), 0
+                for part, rows in owners:
+                    pieces[part].append(v[start : start + rows])
+                    start += rows
+        return [p[0] if len(p) == 1 else np.concatenate(p) for p in pieces]
 
     def _run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """One forward of ``x``, ``t`` (inside ``inference_mode``)."""
@@ -112,27 +116,34 @@ class LoadedModel:
 
 
 def row_chunks(
-    xs: list[np.ndarray], ts: list[np.ndarray], limit: int
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """``(first row, x rows, t rows)`` chunks of at most ``limit`` rows covering the parts
-    ``xs`` (and ``ts``) stacked, in order. A chunk within one part is a view of it."""
+    xs: list[np.ndarray], ts: list[np.ndarray], limit: int, merge_floats: int | None = None
+) -> Iterator[tuple[list[tuple[int, int]], np.ndarray, np.ndarray]]:
+    """``(owners, x rows, t rows)`` chunks of at most ``limit`` rows covering the parts ``xs``
+    (and ``ts``) stacked, in order; ``owners`` lists ``(part index, rows)`` of the chunk's rows.
+
+    A chunk spans several parts only while its ``x`` holds at most ``merge_floats`` floats
+    (``None``: no bound). A chunk within one part is a view of it.
+    """
     limit = max(limit, 1)
-    pos, i, off = 0, 0, 0  # rows yielded, current part, offset in it
+    i, off = 0, 0  # current part, offset in it
     while i < len(xs):
-        xp, tp, need = [], [], limit
+        owners: list[tuple[int, int]] = []
+        xp, tp, need, floats = [], [], limit, 0
         while i < len(xs) and need > 0:
             take = min(need, len(xs[i]) - off)
+            size = take * int(np.prod(xs[i].shape[1:]))
+            if owners and merge_floats is not None and floats + size > merge_floats:
+                break
+            owners.append((i, take))
             xp.append(xs[i][off : off + take])
             tp.append(ts[i][off : off + take])
-            need -= take
-            off += take
+            need, floats, off = need - take, floats + size, off + take
             if off == len(xs[i]):
                 i, off = i + 1, 0
         if len(xp) == 1:
-            yield pos, xp[0], tp[0]
+            yield owners, xp[0], tp[0]
         else:
-            yield pos, np.concatenate(xp), np.concatenate(tp)
-        pos += limit - need
+            yield owners, np.concatenate(xp), np.concatenate(tp)
 
 
 def resolve_under(root: Path, name: str | Path) -> Path:

@@ -216,3 +216,18 @@ def test_teacher_needs_checkpoint_or_synthetic():
         timeout=60,
     )
     assert proc.returncode == 2 and "--synthetic" in proc.stderr
+
+
+@pytest.mark.parametrize("frequencies", [8, 0])
+def test_wide_velocity_net_equals_velocity_net(frequencies):
+    """The synthetic teacher's split first layer computes VelocityNet's function."""
+    from common.nets import NetConfig, VelocityNet
+
+    config = NetConfig(data_dim=300, width=16, depth=2, frequencies=frequencies)
+    wide = synthetic_net(config, seed=5)
+    plain = VelocityNet(config)
+    plain.load_state_dict(wide.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(7, 300, generator=gen), torch.rand(7, generator=gen)
+    with torch.inference_mode():
+        assert torch.allclose(wide(x, t), plain(x, t), atol=1e-6, rtol=0)

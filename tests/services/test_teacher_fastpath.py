@@ -178,21 +178,34 @@ def _model(chunk: int, dim: int = 3, width: int = 64) -> LoadedModel:
 def test_chunked_forward_equals_one_forward(sizes: list[int]) -> None:
     parts = [states(n, seed=i, dim=3) for i, n in enumerate(sizes)]
     xs, ts = [p[0] for p in parts], [p[1] for p in parts]
-    whole = _model(0).forward(np.concatenate(xs), np.concatenate(ts))
+    alone = [_model(0).forward(x, t) for x, t in zip(xs, ts)]
     for chunk in (1, 7, 1000, 4096):
-        v = _model(chunk).forward_parts(xs, ts)
-        assert v.shape == whole.shape and v.dtype == np.float32
-        assert np.abs(v - whole).max() <= 1e-6
+        vs = _model(chunk).forward_parts(xs, ts)
+        assert len(vs) == len(xs)
+        for v, want in zip(vs, alone):
+            assert v.shape == want.shape and v.dtype == np.float32
+            assert np.abs(v - want).max() <= 1e-6
 
 
 def test_row_chunks_cover_in_order_and_view_single_parts() -> None:
     xs = [np.arange(2 * n, dtype=np.float32).reshape(n, 2) + 1000 * i for i, n in enumerate([5, 2])]
     ts = [np.arange(len(x), dtype=np.float32) for x in xs]
     chunks = list(row_chunks(xs, ts, 3))
-    assert [(s, len(x)) for s, x, _ in chunks] == [(0, 3), (3, 3), (6, 1)]
+    assert [owners for owners, _, _ in chunks] == [[(0, 3)], [(0, 2), (1, 1)], [(1, 1)]]
     assert np.shares_memory(chunks[0][1], xs[0])  # inside one part: a view
     np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), np.concatenate(xs))
     np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), np.concatenate(ts))
+
+
+def test_row_chunks_merge_parts_only_within_the_float_bound() -> None:
+    """Image-scale parts run alone (views, no copy); small ones still share a chunk."""
+    xs = [np.full((n, 4), i, np.float32) for i, n in enumerate([3, 1, 1, 2])]
+    ts = [np.zeros(len(x), np.float32) for x in xs]
+    chunks = list(row_chunks(xs, ts, 100, merge_floats=8))
+    assert [owners for owners, _, _ in chunks] == [[(0, 3)], [(1, 1), (2, 1)], [(3, 2)]]
+    assert np.shares_memory(chunks[0][1], xs[0]) and np.shares_memory(chunks[2][1], xs[3])
+    # with no bound the same parts share one chunk
+    assert [o for o, _, _ in row_chunks(xs, ts, 100)] == [[(0, 3), (1, 1), (2, 1), (3, 2)]]
 
 
 def test_forward_chunk_setting_reaches_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
