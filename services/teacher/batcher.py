@@ -154,7 +154,7 @@ class Batcher:
             return
         states = sum(i.states for i in items)
         queue_s = []
-        for item, v in zip(items, vs):
+        for item, v in zip(items, vs, strict=True):
             q = max(0.0, start - item.enqueued)
             queue_s.append(q)
             if not item.future.done():

@@ -178,11 +178,11 @@ def _model(chunk: int, dim: int = 3, width: int = 64) -> LoadedModel:
 def test_chunked_forward_equals_one_forward(sizes: list[int]) -> None:
     parts = [states(n, seed=i, dim=3) for i, n in enumerate(sizes)]
     xs, ts = [p[0] for p in parts], [p[1] for p in parts]
-    alone = [_model(0).forward(x, t) for x, t in zip(xs, ts)]
+    alone = [_model(0).forward(x, t) for x, t in zip(xs, ts, strict=True)]
     for chunk in (1, 7, 1000, 4096):
         vs = _model(chunk).forward_parts(xs, ts)
         assert len(vs) == len(xs)
-        for v, want in zip(vs, alone):
+        for v, want in zip(vs, alone, strict=True):
             assert v.shape == want.shape and v.dtype == np.float32
             assert np.abs(v - want).max() <= 1e-6
 
