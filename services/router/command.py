@@ -47,7 +47,8 @@ async def serve(settings: RouterSettings) -> None:
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
     app = create_app(settings, registry)
-    await serve_app(app, settings.host, settings.port, settings.log_level)
+    body_limit = int(settings.max_body_mb * 1024 * 1024)
+    await serve_app(app, settings.host, settings.port, settings.log_level, body_limit=body_limit)
 
 
 def run_router(settings: RouterSettings) -> int:

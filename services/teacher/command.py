@@ -19,7 +19,9 @@ async def serve(settings: TeacherSettings) -> None:
         app = create_app(settings)
     except RepositoryError as exc:
         raise UsageError(str(exc)) from None
-    await serve_app(app, settings.host, settings.port, settings.log_level)
+    await serve_app(
+        app, settings.host, settings.port, settings.log_level, body_limit=settings.max_body_bytes
+    )
 
 
 def run_teacher(settings: TeacherSettings) -> int:
