@@ -125,5 +125,7 @@ def bulk_protocol(max_bytes: int, budget: int | None = None) -> Callable[..., Bu
     """A uvicorn ``Config(http=...)`` protocol factory reading bodies up to ``max_bytes`` whole;
     ``budget`` (default ``4 × max_bytes``) bounds the buffers allocated at once."""
     return functools.partial(
-        BulkBodyProtocol, max_bytes=max_bytes, budget=budget if budget is not None else 4 * max_bytes
+        BulkBodyProtocol,
+        max_bytes=max_bytes,
+        budget=budget if budget is not None else 4 * max_bytes,
     )
