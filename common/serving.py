@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import uvicorn
 
-from common.bulkbody import bulk_protocol
 from common.procs import announce_url
 from common.settings import UsageError
 
@@ -55,21 +54,11 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def serve_app(
-    app: Any, host: str, port: int, log_level: str = "warning", body_limit: int | None = None
-) -> None:
-    """Bind, serve ``app`` until SIGINT/SIGTERM (drained, exit 0), announcing the URL once up.
-
-    ``body_limit``: the app's largest request body; bodies up to it are read whole into one
-    buffer (:mod:`common.bulkbody`) instead of in 64 KB messages.
-    """
+async def serve_app(app: Any, host: str, port: int, log_level: str = "warning") -> None:
+    """Bind, serve ``app`` until SIGINT/SIGTERM (drained, exit 0), announcing the URL once up."""
     sock = bind_socket(host, port)
     config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        http="httptools" if body_limit is None else bulk_protocol(body_limit),
+        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10
     )
     server = GracefulServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -47,8 +47,7 @@ async def serve(settings: RouterSettings) -> None:
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
     app = create_app(settings, registry)
-    body_limit = int(settings.max_body_mb * 1024 * 1024)
-    await serve_app(app, settings.host, settings.port, settings.log_level, body_limit=body_limit)
+    await serve_app(app, settings.host, settings.port, settings.log_level)
 
 
 def run_router(settings: RouterSettings) -> int:

@@ -19,9 +19,7 @@ async def serve(settings: TeacherSettings) -> None:
         app = create_app(settings)
     except RepositoryError as exc:
         raise UsageError(str(exc)) from None
-    await serve_app(
-        app, settings.host, settings.port, settings.log_level, body_limit=settings.max_body_bytes
-    )
+    await serve_app(app, settings.host, settings.port, settings.log_level)
 
 
 def run_teacher(settings: TeacherSettings) -> int:

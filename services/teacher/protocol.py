@@ -79,9 +79,7 @@ async def collect_body(chunks: AsyncIterator[bytes], limit: int) -> bytearray:
                 "fewer states per request or raise --max-body-mb",
             )
         parts.append(chunk)
-    if len(parts) == 1:  # a whole body read by common.bulkbody is already a bytearray
-        return parts[0] if isinstance(parts[0], bytearray) else bytearray(parts[0])
-    return bytearray().join(parts)
+    return bytearray(parts[0]) if len(parts) == 1 else bytearray().join(parts)
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
