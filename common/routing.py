@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 Policy = Literal["nearest", "label", "average"]
@@ -32,7 +33,6 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
     Raises:
         RoutingError: a teacher has no mode centers, or their dimension differs from ``x``'s.
     """
-    owners = []
     for k, centers in enumerate(teacher_centers):
         if centers is None or centers.numel() == 0:
             raise RoutingError(
@@ -43,9 +43,12 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
             raise RoutingError(
                 f"teacher {k} mode centers have dimension {centers.shape[-1]}, states have {x.shape[1]}"
             )
-        owners.append(torch.full((centers.shape[0],), k, dtype=torch.long))
-    if len(owners) == 1:  # one teacher owns every state: no distances needed
+    if len(teacher_centers) == 1:  # one teacher owns every state: no distances needed
         return torch.zeros(x.shape[0], dtype=torch.long)
+    owners = [
+        torch.full((c.shape[0],), k, dtype=torch.long)  # type: ignore[union-attr]
+        for k, c in enumerate(teacher_centers)
+    ]
     # One distance matrix against every teacher's centers, in teacher order: argmin picks the
     # first minimum, so ties go to the lower teacher index, as a per-teacher min would.
     all_centers = torch.cat([c.float() for c in teacher_centers])  # type: ignore[union-attr]
@@ -108,10 +111,21 @@ def assign(
 
 def rows_by_teacher(assignment: torch.Tensor, num_teachers: int) -> list[torch.Tensor]:
     """Row indices per teacher (``[n_k]`` int64 each); every teacher gets all rows for average."""
-    if bool((assignment == AVERAGE_INDEX).all()):
-        everything = torch.arange(assignment.shape[0])
-        return [everything] * num_teachers
-    return [torch.nonzero(assignment == k).flatten() for k in range(num_teachers)]
+    # numpy for the bookkeeping: a torch call costs several times a numpy call's overhead, and
+    # this runs once per request on the router's (or the in-client router's) hot path.
+    a = assignment.numpy()
+    b = len(a)
+    first, last = (int(a.min()), int(a.max())) if b else (0, 0)
+    if first == last:  # every row to one teacher (or all averaged): no index search
+        everything = torch.from_numpy(np.arange(b))
+        if first == AVERAGE_INDEX:
+            return [everything] * num_teachers
+        empty = everything[:0]
+        return [everything if k == first else empty for k in range(num_teachers)]
+    # One stable sort groups the rows by teacher, in row order within each group.
+    order = np.argsort(a, kind="stable")
+    bounds = np.cumsum(np.bincount(a, minlength=num_teachers)[:num_teachers])[:-1]
+    return [torch.from_numpy(part) for part in np.split(order, bounds)]
 
 
 def merge_answers(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -26,10 +26,23 @@ class GracefulServer(uvicorn.Server):
     would die "killed by SIGTERM" (-15) even though it drained and stopped properly.
     """
 
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C skips the graceful wait
         self.should_exit = True
+        if self.on_exit is not None and self._loop is not None:
+            # e.g. answer long-poll requests now, so the graceful drain does not wait them out;
+            # call_soon_threadsafe: this runs in a signal handler
+            self._loop.call_soon_threadsafe(self.on_exit)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -54,13 +67,20 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def serve_app(app: Any, host: str, port: int, log_level: str = "warning") -> None:
-    """Bind, serve ``app`` until SIGINT/SIGTERM (drained, exit 0), announcing the URL once up."""
+async def serve_app(
+    app: Any,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    on_exit: Callable[[], None] | None = None,
+) -> None:
+    """Bind, serve ``app`` until SIGINT/SIGTERM (drained, exit 0), announcing the URL once up.
+    ``on_exit`` runs on the event loop when the signal arrives, before the drain."""
     sock = bind_socket(host, port)
     config = uvicorn.Config(
         app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10
     )
-    server = GracefulServer(config)
+    server = GracefulServer(config, on_exit)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)

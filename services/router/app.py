@@ -59,6 +59,7 @@ SERVER_NAME = "opd-router"
 SERVER_VERSION = "0.1.0"
 ADMIN_BODY_LIMIT = 64 * 1024
 RETRY_AFTER_S = "1"
+MAX_WATCH_S = 60.0  # longest a registry watch (GET /v1/teachers?after=N) is held open
 
 #: (teacher, inputs, deadline) -> answer; HTTP pool or Ray handles
 TeacherCall = fanout.TeacherCall
@@ -84,8 +85,10 @@ class RouterCore:
     pending: int = 0
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    generation: int = 0  # bumped by every registry change; watchers wait for it to move
     _inflight: asyncio.Semaphore | None = None
     _admin: asyncio.Lock | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_registry(self, reg: Registry) -> None:
         self.registry = (
@@ -93,6 +96,20 @@ class RouterCore:
         )
         for t in reg.all():
             self.metrics.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
+        self.generation += 1
+        self.wake_watchers()
+
+    def wake_watchers(self) -> None:
+        """Answer every waiting registry watch now (a change, or the server shutting down)."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def watch(self, after: int, wait_s: float) -> None:
+        """Wait up to ``wait_s`` while the registry is still at generation ``after``."""
+        if after != self.generation or wait_s <= 0:
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), min(wait_s, MAX_WATCH_S))
 
 
 class BodyTooLarge(Exception):
@@ -352,8 +369,13 @@ def build_api(core: RouterCore) -> InferFastPath:
             raise StarletteHTTPException(403, "wrong admin token")
 
     @app.get("/v1/teachers")
-    async def list_teachers() -> dict:
-        return core.registry.describe()
+    async def list_teachers(after: int | None = None, wait_s: float = 0.0) -> dict:
+        """The registry and its generation. With ``after=N`` (a generation the caller has) and
+        ``wait_s``, a long-poll watch: the answer comes when the registry changes from N, or
+        after ``wait_s`` (at most 60 s) unchanged. In-client routers watch it this way."""
+        if after is not None:
+            await core.watch(after, wait_s)
+        return {"generation": core.generation, **core.registry.describe()}
 
     @app.get("/v1/teachers/{name}")
     async def get_teacher(name: str) -> dict:

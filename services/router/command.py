@@ -47,7 +47,9 @@ async def serve(settings: RouterSettings) -> None:
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
     app = create_app(settings, registry)
-    await serve_app(app, settings.host, settings.port, settings.log_level)
+    await serve_app(
+        app, settings.host, settings.port, settings.log_level, app.state.core.wake_watchers
+    )
 
 
 def run_router(settings: RouterSettings) -> int:
