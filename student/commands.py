@@ -56,6 +56,11 @@ class TrainSettings(BaseSettings):
     router_url: str | None = Field(
         None, description="router base URL for --backend http (uvicorn or Ray Serve route)"
     )
+    routing: Literal["router", "client"] = Field(
+        "router",
+        description="http: route through the router process, or in the trainer from the "
+        "router's watched registry, calling teachers directly (no router hop)",
+    )
     stream_chunk: int = Field(
         12,
         ge=1,
@@ -113,6 +118,7 @@ def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
             max_in_flight=s.max_in_flight,
             timeout_s=s.request_timeout_s,
             retries=s.retries,
+            routing=s.routing,
         )
     except (ValueError, TeacherUnavailable) as exc:
         raise UsageError(str(exc)) from None

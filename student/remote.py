@@ -1,4 +1,5 @@
-"""The trainer's client for served teachers: OIP v2 over HTTP to the router, binary tensors.
+"""The trainer's client for served teachers: OIP v2 over HTTP, binary tensors, routed by the
+router process or (``routing="client"``) in this process from the router's registry.
 
 States are sent as soon as the rollout produces them (every ``stream_chunk`` queried rollout
 steps make one request), several requests are in flight at once, and :meth:`collect` waits for
@@ -20,6 +21,11 @@ import torch
 
 from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
 from common.http1 import Http1Client, HttpClientError
+from services.router.direct import DirectRouter
+from services.router.fanout import InputError, TeacherFault
+from services.router.pool import TeacherRejected
+from services.router.pool import TeacherUnavailable as PoolUnavailable
+from services.router.registry import RegistryError
 from student.clients import (
     Answer,
     QueryCost,
@@ -30,10 +36,14 @@ from student.clients import (
 )
 
 ROUTER_MODEL = "opd-router"
+#: where a request is routed: through the router process, or in this client
+ROUTING = ("router", "client")
 #: Statuses worth another attempt: the request is idempotent and the cause may pass.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 # connection refused/reset, protocol errors, timeouts: the request is idempotent, try again
 RETRY_ERRORS = (HttpClientError, OSError, asyncio.TimeoutError)
+# in-client routing: no live replica, an unusable answer, or a registry in transit may pass
+DIRECT_RETRY_ERRORS = (PoolUnavailable, TeacherFault, RegistryError, asyncio.TimeoutError)
 
 
 class TeacherRequestError(RuntimeError):
@@ -99,7 +109,13 @@ class HttpTeacherClient(TeacherClient):
         timeout_s: float = 30.0,
         retries: int = 5,
         backoff_s: float = 0.2,
+        routing: str = "router",
     ) -> None:
+        """``routing``: ``router`` sends every request through the router; ``client`` routes
+        here with the router's (watched) registry and calls the teachers directly (see
+        :mod:`services.router.direct`): no router hop, same answers."""
+        if routing not in ROUTING:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING)}, got {routing!r}")
         self.url = router_url.rstrip("/")
         self.endpoint = f"{self.url}/v2/models/{ROUTER_MODEL}/infer"
         served, anchors = fetch_registry(self.url, timeout_s, retries, backoff_s)
@@ -128,6 +144,16 @@ class HttpTeacherClient(TeacherClient):
         # The lean data-plane client (common/http1.py): every millisecond of client CPU here
         # competes with the rollout on the same cores (aiohttp cost ~4x its round-trip time).
         self._http = Http1Client(limit_per_host=max_in_flight, keepalive_s=30.0)
+        self._direct: DirectRouter | None = None
+        if routing == "client":
+            direct = DirectRouter(self.url, deadline_s=timeout_s, max_connections=max_in_flight)
+            try:
+                self._run(direct.start(timeout_s))
+            except RegistryError as exc:
+                self._run(direct.aclose())
+                self.close()
+                raise ValueError(f"in-client routing: {exc}") from None
+            self._direct = direct
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -171,6 +197,9 @@ class HttpTeacherClient(TeacherClient):
 
     def close(self) -> None:
         if self._loop.is_running():
+            if self._direct is not None:
+                self._run(self._direct.aclose())
+                self._direct = None
             self._run(self._http.aclose())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
@@ -184,17 +213,62 @@ class HttpTeacherClient(TeacherClient):
         x = torch.cat([c[0] for c in chunk]) if len(chunk) > 1 else chunk[0][0]
         t = torch.cat([c[1] for c in chunk]) if len(chunk) > 1 else chunk[0][1]
         params = {"policy": self.policy} if self.policy else None
+        if self._direct is not None:
+            # A copy when x is the rollout's own tensor: it may be written while in flight.
+            inputs = {
+                "x": x.numpy().copy() if len(chunk) == 1 else x.numpy(),
+                "t": t.numpy().copy() if len(chunk) == 1 else t.numpy(),
+            }
+            self._send(self._post_direct(inputs, params, sum(sizes), sizes))
+            return
         # Encoding copies the states into the body here, in the trainer thread, so the rollout
         # may go on writing its own buffers while the request is in flight.
         body, headers = encode_request(
             {"x": x.numpy(), "t": t.numpy()}, outputs=self._outputs, binary=True, parameters=params
         )
+        self._send(self._post(body, headers, sum(sizes), sizes))
+
+    def _send(self, coro) -> None:
+        """Run ``coro`` on the HTTP loop once a slot is free; :meth:`collect` awaits it."""
         self._slots.acquire()
-        fut = asyncio.run_coroutine_threadsafe(
-            self._post(body, headers, sum(sizes), sizes), self._loop
-        )
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         fut.add_done_callback(lambda _: self._slots.release())
         self._inflight.append(fut)
+
+    async def _post_direct(
+        self, inputs: dict[str, np.ndarray], params: dict | None, states: int, sizes: list[int]
+    ):
+        """:meth:`_post` for in-client routing: the same retries, over the direct router."""
+        assert self._direct is not None
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(min(self.backoff_s * 2 ** (attempt - 1), 5.0))
+            start = time.perf_counter()
+            try:
+                res = await self._direct.infer(inputs, self._outputs, params)
+            except DIRECT_RETRY_ERRORS as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            except (TeacherRejected, InputError) as exc:
+                raise TeacherRequestError(f"in-client routing via {self.url}: {exc}") from exc
+            out, p = res.outputs, res.parameters
+            reply = self._reply(
+                p,
+                out["v"],
+                out["teacher"],
+                out.get("v_anchor"),
+                int(p.get("teacher_bytes_sent", 0)),
+                int(p.get("teacher_bytes_received", 0)),
+                states,
+                start,
+                time.perf_counter(),
+            )
+            return reply, sizes
+        raise TeacherUnavailable(
+            f"teachers unreachable (in-client routing, registry of {self.url}) after "
+            f"{self.retries + 1} attempts; last error: {last}"
+        )
 
     async def _post(self, body: bytes, headers: dict[str, str], states: int, sizes: list[int]):
         last = "no attempt"
@@ -237,7 +311,31 @@ class HttpTeacherClient(TeacherClient):
             msg = decode_response(content, header_length)
         except CodecError as exc:
             raise TeacherRequestError(f"{self.endpoint} sent an unreadable answer: {exc}") from exc
-        p = msg.parameters
+        return self._reply(
+            msg.parameters,
+            np.asarray(msg.tensors["v"]),
+            np.asarray(msg.tensors["teacher"]),
+            np.asarray(msg.tensors["v_anchor"]) if "v_anchor" in msg.tensors else None,
+            len(body),
+            len(content),
+            states,
+            start,
+            end,
+        )
+
+    def _reply(
+        self,
+        p: dict,
+        v: np.ndarray,
+        teacher: np.ndarray,
+        v_anchor: np.ndarray | None,
+        sent: int,
+        received: int,
+        states: int,
+        start: float,
+        end: float,
+    ) -> _Reply:
+        """A request's answer and its cost, from the ``opd-router`` parameters ``p``."""
         names = [
             *(str(p.get("teachers") or "").split(",")),
             *([self.anchor.name] if self.anchor else []),
@@ -252,12 +350,4 @@ class HttpTeacherClient(TeacherClient):
             float(p.get("compute_ms", 0.0)) / 1e3,
             server_ms / 1e3,
         )
-        return _Reply(
-            np.asarray(msg.tensors["v"]),
-            np.asarray(msg.tensors["teacher"]),
-            np.asarray(msg.tensors["v_anchor"]) if "v_anchor" in msg.tensors else None,
-            span,
-            len(body),
-            len(content),
-            versions,
-        )
+        return _Reply(v, teacher, v_anchor, span, sent, received, versions)

@@ -58,6 +58,8 @@ class TeacherAnswer:
     batch_size: int | None = None
     replica: str = ""
     attempts: int = 1
+    sent: int = 0  # request bytes of the successful attempt
+    received: int = 0  # response bytes
 
 
 #: (teacher, inputs {"x": [n, D], "t": [n], ...}, deadline as time.monotonic()) -> answer
@@ -268,6 +270,8 @@ async def route_and_call(
     params.update(
         {
             "requests": len(calls),
+            "teacher_bytes_sent": sum(a.sent for a in answers),
+            "teacher_bytes_received": sum(a.received for a in answers),
             "queue_ms": round(queue, 4),  # sum over teacher calls of the teachers' own queue time
             "compute_ms": round(compute, 4),  # ... and of their forward time
             "fanout_ms": round((fanned - routed) * 1e3, 4),  # wall time of the concurrent calls

@@ -295,4 +295,6 @@ async def infer(
         batch if isinstance(batch, int) else None,
         reply.replica.endpoint.url,
         reply.attempts,
+        len(body),
+        len(reply.content),
     )

@@ -31,8 +31,9 @@ def train(models, out, **kw) -> dict:
     return json.loads((Path(out) / "report.json").read_text())
 
 
+@pytest.mark.parametrize("routing", ["router", "client"])
 @pytest.mark.parametrize("method", ["diffusionopd", "flowopd", "danceopd"])
-def test_http_backend_equals_local(cluster, tiny_models, tmp_path, method):
+def test_http_backend_equals_local(cluster, tiny_models, tmp_path, method, routing):
     kw = {"method": method, "steps": 12, "checkpoint_every": 0}
     local = train(tiny_models, tmp_path / "local", **kw)
     http = train(
@@ -41,6 +42,7 @@ def test_http_backend_equals_local(cluster, tiny_models, tmp_path, method):
         backend="http",
         router_url=cluster.router_url,
         stream_chunk=3,
+        routing=routing,
         **kw,
     )
     for key in ("avg_target_logp", "teacher_mode_mass", "effective_modes"):
@@ -94,10 +96,13 @@ def test_sigkill_and_resume_equals_uninterrupted(cluster, tiny_models, tmp_path)
     )
 
 
-def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path):
+@pytest.mark.parametrize("routing", ["router", "client"])
+def test_teacher_killed_and_restarted_mid_run_completes(tiny_models, tmp_path, routing):
     with start_cluster(tiny_models) as c:
         out = tmp_path / "run"
-        proc = train_proc(tiny_models, out, c.router_url, 60, "--retries", "8")
+        proc = train_proc(
+            tiny_models, out, c.router_url, 60, "--retries", "8", "--routing", routing
+        )
         wait_for_lines(out / "steps.jsonl", 10, proc)
         url = c.services["a"].url
         c.services["a"].kill()
