@@ -43,8 +43,10 @@ def run(
     steps: int,
     router_url: str | None,
     stream_chunk: int,
+    routing: str = "router",
 ) -> dict:
     s = TrainSettings(
+        routing=routing,
         method=method,
         backend=backend,
         router_url=router_url,
@@ -86,23 +88,30 @@ def main() -> int:
             chunks = (
                 args.stream_chunk[:1] if method == "danceopd" else args.stream_chunk
             )  # 1 query/step
-            variants = ["local", *(f"http, chunk {c}" for c in chunks)]
+            # (label, backend, stream chunk, routing): the router hop at each chunk size, and
+            # in-client routing (no router hop) at the first
+            plan = [
+                ("local", "local", 1, "router"),
+                *((f"http, chunk {c}", "http", c, "router") for c in chunks),
+                (f"http in-client, chunk {chunks[0]}", "http", chunks[0], "client"),
+            ]
+            variants = [label for label, *_ in plan]
             reps: dict[str, list[dict]] = {v: [] for v in variants}
             # Rounds alternate the variants so that the machine's drift (±30% between minutes on
             # this VM) hits every variant alike; each figure is the median over rounds.
             for r in range(args.rounds):
-                for v, chunk in zip(variants, [1, *chunks], strict=True):
-                    backend = "local" if v == "local" else "http"
-                    out = args.out / f"{method}-{v.replace(', ', '-').replace(' ', '')}-r{r}"
+                for v, backend, chunk, routing in plan:
+                    name = v.replace(", ", "-").replace(" ", "-")
                     reps[v].append(
                         run(
                             args.models,
-                            out,
+                            args.out / f"{method}-{name}-r{r}",
                             method,
                             backend,
                             args.steps,
                             cluster.router_url if backend == "http" else None,
                             chunk,
+                            routing,
                         )
                     )
             med = {

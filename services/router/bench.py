@@ -4,12 +4,14 @@
 
 Starts teachers a, b and base (one uvicorn process each, one torch thread) and three routers
 (a alone: the pure cost of the extra hop; a+b: nearest-mode fan-out; a+b + base anchor: the
-Flow-OPD query), then times sequential binary requests from one client (the lean data-plane
-client the router itself uses), in ``--rounds`` alternating rounds so that the machine's drift
-hits every target alike, plus a concurrent run for throughput. The router's added latency is
-taken per round (router p50 minus direct p50 of that round) and reported as the median. ``route_ms`` is the router's own work per request as it reports
-it (decode, route, split, merge, encode), which stays meaningful on a busy machine where wall
-latencies are noisy. A benchmark, not a test: no assertions.
+Flow-OPD query). Each router is reached two ways: through its HTTP hop, and by in-client
+routing (:mod:`services.router.direct`: its registry, routed in this process, teachers called
+directly). Every target is timed as a full client call (encode, round trip, decode) from one
+client, sequentially, in ``--rounds`` alternating rounds so that the machine's drift hits every
+target alike, plus a concurrent run for throughput. The added latency of the router hop and of
+in-client routing is taken per round (their p50 minus the direct call's p50 in that round) and
+reported as the median over rounds. ``route_ms`` is the routing work per request as reported
+(decode, route, split, merge, encode). A benchmark, not a test: no assertions.
 """
 
 from __future__ import annotations
@@ -19,13 +21,20 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common.codec import HEADER_LENGTH, decode_response, encode_request
 from common.http1 import Http1Client
 from common.procs import Service, start_service
+from services.router.direct import DirectRouter
+
+DIRECT = "direct teacher a"
+ROUTER_HOP = "router -> a (one hop)"
+IN_CLIENT = "in-client -> a (one hop)"
 
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> Service:
@@ -42,14 +51,10 @@ def _stats(lat_s: list[float], states: int, wall_s: float) -> dict[str, float]:
     }
 
 
-async def _run(
-    client: Http1Client,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    n: int,
-    concurrency: int,
-) -> tuple[list[float], list[dict], float]:
+Call = Callable[[], Awaitable[dict]]
+
+
+async def _run(call: Call, n: int, concurrency: int) -> tuple[list[float], list[dict], float]:
     lat: list[float] = []
     params: list[dict] = []
     todo = iter(range(n))
@@ -57,67 +62,106 @@ async def _run(
     async def worker() -> None:
         for _ in todo:
             start = time.perf_counter()
-            r = await client.post(url, body, headers, timeout=30)
+            p = await call()
             lat.append(time.perf_counter() - start)
-            assert r.status == 200, r.content[:300]
-            params.append(
-                decode_response(r.content, r.headers.get(HEADER_LENGTH.lower())).parameters
-            )
+            params.append(p)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return lat, params, time.perf_counter() - start
 
 
+def _http_call(
+    client: Http1Client, url: str, inputs: dict[str, np.ndarray], outputs: list[str]
+) -> Call:
+    """One full client round trip: encode, POST, decode (as a real caller pays it)."""
+
+    async def call() -> dict:
+        body, headers = encode_request(inputs, outputs=outputs)
+        r = await client.post(url, body, headers, timeout=30)
+        assert r.status == 200, r.content[:300]
+        msg = decode_response(r.content, r.headers.get(HEADER_LENGTH.lower()))
+        return msg.parameters
+
+    return call
+
+
+def _direct_call(direct: DirectRouter, inputs: dict[str, np.ndarray], outputs: list[str]) -> Call:
+    """The same request routed in this process (in-client routing): no router hop."""
+
+    async def call() -> dict:
+        return (await direct.infer(inputs, outputs)).parameters
+
+    return call
+
+
 async def _bench(
-    targets: dict[str, tuple[str, bool]], states: int, n: int, concurrency: int, rounds: int
-) -> tuple[dict, list[float]]:
+    routers: dict[str, str],
+    teacher_a: str,
+    states: int,
+    n: int,
+    concurrency: int,
+    rounds: int,
+) -> tuple[dict, dict[str, list[float]]]:
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(states, 2)) * 4).astype(np.float32)
     t = rng.uniform(size=states).astype(np.float32)
-    bodies = {}
-    for label, (url, anchor) in targets.items():
-        outputs = (
-            ["v", "teacher", "v_anchor"]
-            if anchor
-            else (["v", "teacher"] if "opd-router" in url else ["v"])
-        )
-        bodies[label] = encode_request({"x": x, "t": t}, outputs=outputs)
+    inputs = {"x": x, "t": t}
+    client = Http1Client()
+    directs = {k: DirectRouter(url) for k, url in routers.items()}
+    for d in directs.values():
+        await d.start()
+    routed = ["v", "teacher"]
+    targets: dict[str, Call] = {
+        DIRECT: _http_call(client, f"{teacher_a}/v2/models/a/infer", inputs, ["v"]),
+    }
+    for key, label in (
+        ("a", "a (one hop)"),
+        ("ab", "a|b (nearest)"),
+        ("ab+anchor", "a|b + base anchor"),
+    ):
+        outputs = routed + (["v_anchor"] if key == "ab+anchor" else [])
+        url = f"{routers[key]}/v2/models/opd-router/infer"
+        targets[f"router -> {label}"] = _http_call(client, url, inputs, outputs)
+        targets[f"in-client -> {label}"] = _direct_call(directs[key], inputs, outputs)
     lat: dict[str, list[float]] = {k: [] for k in targets}
     params: dict[str, list[dict]] = {k: [] for k in targets}
-    added: list[float] = []  # per round: one-hop router p50 minus direct p50
-    client = Http1Client()
+    added: dict[str, list[float]] = {ROUTER_HOP: [], IN_CLIENT: []}  # per round, minus direct
     per_round = max(1, n // rounds)
-    for label, (url, _) in targets.items():
-        await _run(client, url, *bodies[label], 50, 1)  # warm-up: connections, allocator
+    for call in targets.values():
+        await _run(call, 50, 1)  # warm-up: connections, allocator
     for _ in range(rounds):
         p50 = {}
-        for label, (url, _) in targets.items():
-            lat_r, params_r, _ = await _run(client, url, *bodies[label], per_round, 1)
+        for label, call in targets.items():
+            lat_r, params_r, _ = await _run(call, per_round, 1)
             lat[label] += lat_r
             params[label] += params_r
             p50[label] = float(np.percentile(lat_r, 50)) * 1e3
-        added.append(p50["router -> a (one hop)"] - p50["direct teacher a"])
+        for label in added:
+            added[label].append(p50[label] - p50[DIRECT])
     results: dict[str, dict] = {}
-    for label, (url, _) in targets.items():
+    for label, call in targets.items():
         res = _stats(lat[label], states, sum(lat[label]))
         ps = params[label]
         if "route_ms" in ps[0]:
             res["route_ms_p50"] = round(float(np.median([p["route_ms"] for p in ps])), 3)
+        if "server_ms" in ps[0]:
             res["server_ms_p50"] = round(float(np.median([p["server_ms"] for p in ps])), 3)
         if "compute_ms" in ps[0]:
             res["teacher_compute_ms_p50"] = round(
                 float(np.median([p["compute_ms"] for p in ps])), 3
             )
-        lat_c, _, wall_c = await _run(client, url, *bodies[label], n, concurrency)
+        lat_c, _, wall_c = await _run(call, n, concurrency)
         res[f"concurrent{concurrency}"] = _stats(lat_c, states, wall_c)
         results[label] = res
         print(
-            f"{label:<28} p50 {res['p50_ms']:7.3f} ms  p99 {res['p99_ms']:7.3f} ms  "
+            f"{label:<32} p50 {res['p50_ms']:7.3f} ms  p99 {res['p99_ms']:7.3f} ms  "
             f"{res['states_per_s']:>9} states/s  (x{concurrency}: "
             f"{res[f'concurrent{concurrency}']['states_per_s']} states/s)",
             flush=True,
         )
+    for d in directs.values():
+        await d.aclose()
     await client.aclose()
     return results, added
 
@@ -133,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians reported")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
+    # One torch thread here, as in the router: idle OpenMP workers of a second one spin on the
+    # cores the teachers need (the in-client targets run torch ops in this process).
+    torch.set_num_threads(1)
     env = {"OPD_TEACHER_THREADS": "1"}
     services: list[Service] = []
     try:
@@ -171,30 +218,28 @@ def main(argv: list[str] | None = None) -> int:
         ]:
             svc = _start(["serve", "router", "--port", "0", *flags])
             services.append(svc)
-            routers[label] = f"{svc.url}/v2/models/opd-router/infer"
-        targets = {
-            "direct teacher a": (f"{teachers['a']}/v2/models/a/infer", False),
-            "router -> a (one hop)": (routers["a"], False),
-            "router -> a|b (nearest)": (routers["ab"], False),
-            "router -> a|b + base anchor": (routers["ab+anchor"], True),
-        }
-        results, added = asyncio.run(_bench(targets, a.states, a.requests, a.concurrency, a.rounds))
+            routers[label] = svc.url
+        results, added = asyncio.run(
+            _bench(routers, teachers["a"], a.states, a.requests, a.concurrency, a.rounds)
+        )
     finally:
         for svc in services:
             svc.stop()
-    hop = results["router -> a (one hop)"]
     summary = {
         "states_per_request": a.states,
         "requests": a.requests,
         "results": results,
-        "router_added_p50_ms": round(float(np.median(added)), 3),
-        "router_added_p50_ms_per_round": [round(v, 3) for v in added],
+        "router_added_p50_ms": round(float(np.median(added[ROUTER_HOP])), 3),
+        "router_added_p50_ms_per_round": [round(v, 3) for v in added[ROUTER_HOP]],
+        "in_client_added_p50_ms": round(float(np.median(added[IN_CLIENT])), 3),
+        "in_client_added_p50_ms_per_round": [round(v, 3) for v in added[IN_CLIENT]],
     }
-    print(
-        f"router adds {summary['router_added_p50_ms']} ms p50 over a direct call: median of "
-        f"{a.rounds} alternating rounds ({', '.join(f'{v:.3f}' for v in added)}); "
-        f"router's own work p50 {hop.get('route_ms_p50')} ms; target <= 0.5 ms"
-    )
+    for key, what in (("router", "the router hop"), ("in_client", "in-client routing")):
+        rounds = ", ".join(f"{v:.3f}" for v in summary[f"{key}_added_p50_ms_per_round"])
+        print(
+            f"{what} adds {summary[f'{key}_added_p50_ms']} ms p50 over a direct call: median "
+            f"of {a.rounds} alternating rounds ({rounds}); target <= 0.5 ms"
+        )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(summary, indent=2))
