@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -44,6 +45,10 @@ RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 RETRY_ERRORS = (HttpClientError, OSError, asyncio.TimeoutError)
 # in-client routing: no live replica, an unusable answer, or a registry in transit may pass
 DIRECT_RETRY_ERRORS = (PoolUnavailable, TeacherFault, RegistryError, asyncio.TimeoutError)
+
+
+class _Retry(Exception):
+    """A failed attempt worth another one (idempotent request, a cause that may pass)."""
 
 
 class TeacherRequestError(RuntimeError):
@@ -235,25 +240,59 @@ class HttpTeacherClient(TeacherClient):
         fut.add_done_callback(lambda _: self._slots.release())
         self._inflight.append(fut)
 
+    async def _retrying(self, attempt: Callable[[], Awaitable[_Reply]], where: str, sizes):
+        """``attempt()`` until it answers, at most ``retries`` more times after a :class:`_Retry`,
+        with exponential backoff; then :class:`TeacherUnavailable` naming ``where``."""
+        last = "no attempt"
+        for n in range(self.retries + 1):
+            if n:
+                await asyncio.sleep(min(self.backoff_s * 2 ** (n - 1), 5.0))
+            try:
+                return await attempt(), sizes
+            except _Retry as exc:
+                last = str(exc)
+        raise TeacherUnavailable(
+            f"teachers unreachable {where} after {self.retries + 1} attempts; last error: {last}"
+        )
+
+    async def _post(self, body: bytes, headers: dict[str, str], states: int, sizes: list[int]):
+        async def attempt() -> _Reply:
+            start = time.perf_counter()
+            try:
+                r = await self._http.post(self.endpoint, body, headers, timeout=self.timeout_s)
+            except RETRY_ERRORS as exc:
+                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+            end = time.perf_counter()
+            content, status = r.content, r.status
+            if status in RETRY_STATUSES:
+                raise _Retry(f"HTTP {status}: {content[:300].decode(errors='replace')}")
+            if status != 200:
+                raise TeacherRequestError(
+                    f"{self.endpoint} answered HTTP {status}: "
+                    f"{content[:500].decode(errors='replace')}"
+                )
+            header_length = r.headers.get(HEADER_LENGTH.lower())
+            return self._decode(content, header_length, body, states, start, end)
+
+        return await self._retrying(attempt, f"through {self.endpoint}", sizes)
+
     async def _post_direct(
         self, inputs: dict[str, np.ndarray], params: dict | None, states: int, sizes: list[int]
     ):
         """:meth:`_post` for in-client routing: the same retries, over the direct router."""
-        assert self._direct is not None
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(min(self.backoff_s * 2 ** (attempt - 1), 5.0))
+        direct = self._direct
+        assert direct is not None
+
+        async def attempt() -> _Reply:
             start = time.perf_counter()
             try:
-                res = await self._direct.infer(inputs, self._outputs, params)
+                res = await direct.infer(inputs, self._outputs, params)
             except DIRECT_RETRY_ERRORS as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                continue
+                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
             except (TeacherRejected, InputError) as exc:
                 raise TeacherRequestError(f"in-client routing via {self.url}: {exc}") from exc
             out, p = res.outputs, res.parameters
-            reply = self._reply(
+            return self._reply(
                 p,
                 out["v"],
                 out["teacher"],
@@ -264,39 +303,9 @@ class HttpTeacherClient(TeacherClient):
                 start,
                 time.perf_counter(),
             )
-            return reply, sizes
-        raise TeacherUnavailable(
-            f"teachers unreachable (in-client routing, registry of {self.url}) after "
-            f"{self.retries + 1} attempts; last error: {last}"
-        )
 
-    async def _post(self, body: bytes, headers: dict[str, str], states: int, sizes: list[int]):
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(min(self.backoff_s * 2 ** (attempt - 1), 5.0))
-            start = time.perf_counter()
-            try:
-                r = await self._http.post(self.endpoint, body, headers, timeout=self.timeout_s)
-                content, status = r.content, r.status
-                header_length = r.headers.get(HEADER_LENGTH.lower())
-            except RETRY_ERRORS as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                continue
-            end = time.perf_counter()
-            if status in RETRY_STATUSES:
-                last = f"HTTP {status}: {content[:300].decode(errors='replace')}"
-                continue
-            if status != 200:
-                raise TeacherRequestError(
-                    f"{self.endpoint} answered HTTP {status}: "
-                    f"{content[:500].decode(errors='replace')}"
-                )
-            return self._decode(content, header_length, body, states, start, end), sizes
-        raise TeacherUnavailable(
-            f"teachers unreachable through {self.endpoint} after "
-            f"{self.retries + 1} attempts; last error: {last}"
-        )
+        where = f"(in-client routing, registry of {self.url})"
+        return await self._retrying(attempt, where, sizes)
 
     def _decode(
         self,

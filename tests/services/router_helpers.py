@@ -31,6 +31,27 @@ def start_router(
     return start_service(cmd, env=full_env, cwd=str(REPO))
 
 
+CHECKPOINTS = {"a": "teacher-a", "b": "teacher-b", "base": "base"}
+
+
+def start_teachers(models: Path) -> dict[str, Service]:
+    """Teachers a, b and the base anchor from ``models``, one process each."""
+    return {n: start_teacher(models / f"{f}.safetensors", n) for n, f in CHECKPOINTS.items()}
+
+
+def start_swap_pair(models: Path) -> tuple[Service, Service]:
+    """Two processes of teacher ``a``; the second hot-reloaded once, so it serves version 2."""
+    old = start_teacher(models / "teacher-a.safetensors", "a")
+    new = start_teacher(models / "teacher-a.safetensors", "a")
+    with client() as c:
+        r = c.post(f"{new.url}/v2/repository/models/a/load", json={}, headers=admin())
+    if r.status_code != 200 or r.json().get("version") != "2":
+        old.stop()
+        new.stop()
+        raise RuntimeError(f"hot reload of the second teacher failed: {r.text}")
+    return old, new
+
+
 def client(timeout: float = 30.0) -> httpx.Client:
     """A test client with TCP_NODELAY (without it a small body waits ~40 ms for a delayed ACK)."""
     transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])

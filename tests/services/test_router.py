@@ -19,7 +19,7 @@ from tests.services.router_helpers import (
     call_router,
     client,
     start_router,
-    start_teacher,
+    start_teachers,
     states,
 )
 
@@ -27,14 +27,7 @@ from tests.services.router_helpers import (
 @pytest.fixture(scope="module")
 def teachers(tiny_models: Path):
     """Teachers a, b and the base anchor, one process each."""
-    svcs = {
-        n: start_teacher(tiny_models / f, n)
-        for n, f in [
-            ("a", "teacher-a.safetensors"),
-            ("b", "teacher-b.safetensors"),
-            ("base", "base.safetensors"),
-        ]
-    }
+    svcs = start_teachers(tiny_models)
     yield svcs
     for s in svcs.values():
         s.stop()

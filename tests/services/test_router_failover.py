@@ -13,7 +13,14 @@ import pytest
 
 from common.codec import HEADER_LENGTH, decode_response, encode_request
 from common.procs import Service
-from tests.services.router_helpers import admin, client, start_router, start_teacher, states
+from tests.services.router_helpers import (
+    admin,
+    client,
+    start_router,
+    start_swap_pair,
+    start_teacher,
+    states,
+)
 
 ROUTE = np.tile(np.array([0, 1], np.int32), 16)  # rows for both teachers in every request
 
@@ -71,13 +78,9 @@ def _stream(url: str, n: int, workers: int, on_done=None) -> list[dict]:
 
 @pytest.mark.slow
 def test_swap_mid_stream_no_failures_and_new_version(tiny_models: Path, teacher_b: Service) -> None:
-    old = start_teacher(tiny_models / "teacher-a.safetensors", "a")
-    new = start_teacher(tiny_models / "teacher-a.safetensors", "a")
+    old, new = start_swap_pair(tiny_models)
     router = None
     try:
-        with client() as c:  # hot-reload the new endpoint once: it now serves version 2
-            r = c.post(f"{new.url}/v2/repository/models/a/load", json={}, headers=admin())
-            assert r.status_code == 200 and r.json()["version"] == "2", r.text
         router = start_router("--teacher", f"a={old.url}", "--teacher", f"b={teacher_b.url}")
         swapped: dict[str, float] = {}
 
