@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -44,9 +45,11 @@ def run(
     router_url: str | None,
     stream_chunk: int,
     routing: str = "router",
+    spin_wait_ms: float = 50.0,
 ) -> dict:
     s = TrainSettings(
         routing=routing,
+        spin_wait_ms=spin_wait_ms,
         method=method,
         backend=backend,
         router_url=router_url,
@@ -74,33 +77,54 @@ def main() -> int:
     p.add_argument("--models", type=Path, default=Path("models"))
     p.add_argument("--out", type=Path, default=Path("runs/bench-backends"))
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--stream-chunk", type=int, nargs="+", default=[12, 6, 1])
     p.add_argument("--threads", type=int, default=1, help="trainer torch threads (both backends)")
     p.add_argument(
         "--rounds", type=int, default=3, help="alternating repetitions; medians are reported"
     )
+    p.add_argument(
+        "--spin-wait-ms", type=float, default=50.0, help="trainer busy-wait before sleeping (http)"
+    )
     p.add_argument("--markdown", type=Path, help="also write the table here")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="trainer on CPU 0, the router and teachers on the other CPUs (Linux): the serving "
+        "processes no longer share the trainer's core, as teachers on their own machines would not",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows, results = [], []
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        if len(cpus) < 2:
+            p.error("--pin needs at least two CPUs")
+        os.sched_setaffinity(0, cpus[1:])  # inherited by the services started next
     with start_cluster(args.models) as cluster:
-        for method in METHODS:
+        if args.pin:
+            os.sched_setaffinity(0, cpus[:1])
+            print(f"# trainer on CPU {cpus[0]}, services on CPUs {cpus[1:]}", flush=True)
+        for method in args.methods:
             chunks = (
                 args.stream_chunk[:1] if method == "danceopd" else args.stream_chunk
             )  # 1 query/step
-            # (label, backend, stream chunk, routing): the router hop at each chunk size, and
-            # in-client routing (no router hop) at the first
+            # (label, backend, stream chunk, routing, spin-wait ms): the router hop at each
+            # chunk size, and in-client routing (no router hop) at the first, with the
+            # trainer spinning on its answers and sleeping on them
+            c0, spin = chunks[0], args.spin_wait_ms
             plan = [
-                ("local", "local", 1, "router"),
-                *((f"http, chunk {c}", "http", c, "router") for c in chunks),
-                (f"http in-client, chunk {chunks[0]}", "http", chunks[0], "client"),
+                ("local", "local", 1, "router", spin),
+                *((f"http, chunk {c}", "http", c, "router", spin) for c in chunks),
+                (f"http in-client, chunk {c0}", "http", c0, "client", spin),
+                (f"http in-client, chunk {c0}, sleep-wait", "http", c0, "client", 0.0),
             ]
             variants = [label for label, *_ in plan]
             reps: dict[str, list[dict]] = {v: [] for v in variants}
             # Rounds alternate the variants so that the machine's drift (±30% between minutes on
             # this VM) hits every variant alike; each figure is the median over rounds.
             for r in range(args.rounds):
-                for v, backend, chunk, routing in plan:
+                for v, backend, chunk, routing, spin_ms in plan:
                     name = v.replace(", ", "-").replace(" ", "-")
                     reps[v].append(
                         run(
@@ -112,6 +136,7 @@ def main() -> int:
                             cluster.router_url if backend == "http" else None,
                             chunk,
                             routing,
+                            spin_ms,
                         )
                     )
             med = {

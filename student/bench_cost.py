@@ -114,12 +114,14 @@ def start_synthetic_cluster(s: BenchCostSettings):
 
 
 def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str, Any]:
-    """The trainer's step loop (plan → streamed rollout → collect → update) at ``s.state_dim``.
+    """The trainer's step loop (plan → streamed rollout → update as answers arrive) at
+    ``s.state_dim``.
 
     Step 0 warms connections and allocators and is not counted.
     """
     from student.remote import HttpTeacherClient
     from student.rollout import rollout
+    from student.trainer import WAIT, update_step
 
     method = METHODS[method_name]
     n, b, d = s.rollout_steps, s.batch, s.state_dim
@@ -140,23 +142,15 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
 
             states, _ = rollout(student, torch.randn(b, d), n, method.sde_noise, on_state)
             t1 = time.perf_counter()
-            answers, cost = client.collect()
-            t2 = time.perf_counter()
-            xs = states[plan].reshape(-1, d)  # [M, D]
-            ts = torch.cat([torch.full((b,), 1.0 - i / n) for i in plan])
-            v_t = torch.cat([a.v for a in answers])
-            v_a = torch.cat([a.v_anchor for a in answers]) if method.uses_anchor else None
-            loss = method.loss(student(xs, ts), ts, v_t, v_a)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _, cost, segments = update_step(student, opt, method, client, states, plan, b, n)
             t3 = time.perf_counter()
+            waited = sum(end - start for name, start, end in segments if name == WAIT)
             if step == 0:
                 continue
             for k, v in (
                 ("rollout", t1 - t0),
-                ("query_exposed", t2 - t1),
-                ("update", t3 - t2),
+                ("query_exposed", waited),
+                ("update", t3 - t1 - waited),
                 ("query_latency", cost.latency_s),
                 ("teacher_compute", cost.server_compute_s),
             ):

@@ -1,15 +1,18 @@
 """How the trainer talks to teachers: a small client interface and its in-process implementation.
 
 The trainer calls :meth:`TeacherClient.submit` for each queried rollout state as soon as it
-exists and :meth:`TeacherClient.collect` once before the loss. A remote client sends on submit
-(streaming) and waits in collect; the in-process client answers all of one step's states in
-collect with one batched forward per teacher.
+exists, then takes the answers group by group from :meth:`TeacherClient.collect_parts`. A remote
+client sends on submit (streaming; one group per request) and hands each group over as soon as
+its request is answered, so the trainer's update of one group overlaps the teachers' work on the
+next; the in-process client answers all of one step's states as one group, with one batched
+forward per teacher.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +80,15 @@ class QueryCost:
     versions: dict[str, str] = field(default_factory=dict)
     spans: list[RequestSpan] = field(default_factory=list)
 
+    def add(self, other: QueryCost) -> None:
+        """Fold ``other`` (a later group of the same step) into this cost."""
+        for name in ("states", "requests", "bytes_sent", "bytes_received"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("latency_s", "server_queue_s", "server_compute_s", "transport_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.versions.update(other.versions)
+        self.spans.extend(other.spans)
+
 
 class TeacherUnavailable(RuntimeError):
     """The teachers could not be reached within the retry budget; the message names the endpoint."""
@@ -93,8 +105,23 @@ class TeacherClient(ABC):
         """Queue states ``x [B, D]`` at times ``t [B]`` for supervision (may send right away)."""
 
     @abstractmethod
+    def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
+        """Every submitted batch's answer, in submit order, in groups as they become ready.
+
+        Each item is one group of consecutive answers (a remote client: one request's) and what
+        that group cost; iterating blocks only until the next group is there. Raises
+        :class:`TeacherUnavailable` where a group cannot be had; by then nothing submitted is
+        still running.
+        """
+
     def collect(self) -> tuple[list[Answer], QueryCost]:
         """Block until every submitted batch is answered; answers come in submit order."""
+        answers: list[Answer] = []
+        cost = QueryCost()
+        for part, part_cost in self.collect_parts():
+            answers += part
+            cost.add(part_cost)
+        return answers, cost
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, threads, pools."""
@@ -131,11 +158,14 @@ class LocalTeacherClient(TeacherClient):
     def submit(self, x: torch.Tensor, t: torch.Tensor) -> None:
         self._pending.append((x, t))
 
+    def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
+        """All of one step's states in one group: routed together, one forward per teacher."""
+        if self._pending:
+            yield self._answer_all()
+
     @torch.no_grad()
-    def collect(self) -> tuple[list[Answer], QueryCost]:
+    def _answer_all(self) -> tuple[list[Answer], QueryCost]:
         pending, self._pending = self._pending, []
-        if not pending:
-            return [], QueryCost()
         sizes = [x.shape[0] for x, _ in pending]
         x = torch.cat([p[0] for p in pending])
         t = torch.cat([p[1] for p in pending])

@@ -68,6 +68,12 @@ class TrainSettings(BaseSettings):
         "12 = one request per dense rollout, fastest on 2 shared cores",
     )
     max_in_flight: int = Field(8, ge=1, description="requests in flight at once (http)")
+    spin_wait_ms: float = Field(
+        50.0,
+        ge=0,
+        description="http: busy-wait this long for an answer before sleeping (0: sleep at "
+        "once); a trainer that sleeps comes back to a cold core",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="per-attempt request timeout (http)")
     retries: int = Field(5, ge=0, description="retries of a failed request, with backoff (http)")
     checkpoint_every: int = Field(
@@ -118,6 +124,7 @@ def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
             max_in_flight=s.max_in_flight,
             timeout_s=s.request_timeout_s,
             retries=s.retries,
+            spin_wait_s=s.spin_wait_ms / 1e3,
             routing=s.routing,
         )
     except (ValueError, TeacherUnavailable) as exc:

@@ -2,18 +2,20 @@
 router process or (``routing="client"``) in this process from the router's registry.
 
 States are sent as soon as the rollout produces them (every ``stream_chunk`` queried rollout
-steps make one request), several requests are in flight at once, and :meth:`collect` waits for
-them before the loss. The HTTP work runs on an asyncio loop in a background thread, so the
-rollout never waits on the network; only the wait in :meth:`collect` is exposed.
+steps make one request), several requests are in flight at once, and :meth:`collect_parts`
+hands each request's answer to the trainer as soon as it is in, while later ones are still in
+flight. The HTTP work runs on an asyncio loop in a background thread, so the
+rollout never waits on the network; only the waits in :meth:`collect_parts` are exposed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -115,10 +117,12 @@ class HttpTeacherClient(TeacherClient):
         retries: int = 5,
         backoff_s: float = 0.2,
         routing: str = "router",
+        spin_wait_s: float = 0.05,
     ) -> None:
         """``routing``: ``router`` sends every request through the router; ``client`` routes
         here with the router's (watched) registry and calls the teachers directly (see
-        :mod:`services.router.direct`): no router hop, same answers."""
+        :mod:`services.router.direct`): no router hop, same answers. ``spin_wait_s``: how long
+        :meth:`collect_parts` busy-waits for an answer before sleeping (0: sleep at once)."""
         if routing not in ROUTING:
             raise ValueError(f"routing must be one of {', '.join(ROUTING)}, got {routing!r}")
         self.url = router_url.rstrip("/")
@@ -139,6 +143,7 @@ class HttpTeacherClient(TeacherClient):
         self.anchor = anchors[0] if anchor else None
         self.policy, self.stream_chunk = policy, max(1, stream_chunk)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.spin_wait_s = spin_wait_s
         self._outputs = ["v", "teacher"] + (["v_anchor"] if anchor else [])
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._inflight: list[concurrent.futures.Future] = []
@@ -169,36 +174,60 @@ class HttpTeacherClient(TeacherClient):
         if len(self._buffer) >= self.stream_chunk:
             self._flush()
 
-    def collect(self) -> tuple[list[Answer], QueryCost]:
+    def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
+        """One group per request, each as soon as it is answered (the rest still in flight)."""
         self._flush()
         pending, self._inflight = self._inflight, []
-        cost = QueryCost()
-        answers: list[Answer] = []
-        error: BaseException | None = None
-        for fut in pending:  # wait for all, even after a failure, so none is left running
-            try:
-                reply, sizes = fut.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                error = error or exc
-                continue
-            s = reply.span
-            cost.states += s.states
-            cost.requests += 1
-            cost.bytes_sent += reply.sent
-            cost.bytes_received += reply.received
-            cost.latency_s += s.end - s.start
-            cost.server_queue_s += s.server_queue_s
-            cost.server_compute_s += s.server_compute_s
-            cost.transport_s += max(0.0, s.end - s.start - s.server_total_s)
-            cost.versions.update(reply.versions)
-            cost.spans.append(s)
-            v, k = torch.from_numpy(reply.v), torch.from_numpy(reply.teacher)
-            va = torch.from_numpy(reply.v_anchor) if reply.v_anchor is not None else None
-            for i, (vi, ki) in enumerate(zip(v.split(sizes), k.split(sizes), strict=True)):
-                answers.append(Answer(vi, ki, None if va is None else va.split(sizes)[i]))
-        if error is not None:
-            raise error
-        return answers, cost
+        try:
+            for fut in pending:
+                reply, sizes = self._wait(fut)
+                yield self._answers(reply, sizes), self._cost(reply)
+        finally:
+            # After a failure (or an abandoned iteration) wait for the rest, so no request of
+            # this step is still running when the trainer checkpoints or retries the step.
+            concurrent.futures.wait(pending)
+
+    def _wait(self, fut: concurrent.futures.Future):
+        """``fut``'s result, busy-waiting up to ``spin_wait_s`` before sleeping on it.
+
+        A trainer that sleeps through the teachers' few milliseconds comes back to a core the
+        machine has meanwhile idled or given away: measured here, its next rollout and update
+        ran 20-40% slower than in-process. Spinning keeps the core; each turn yields it (and
+        the GIL, so the HTTP thread runs) to anything runnable. Past ``spin_wait_s`` (a
+        retry's backoff, a slow teacher) it sleeps.
+        """
+        if self.spin_wait_s > 0 and not fut.done():
+            until = time.perf_counter() + self.spin_wait_s
+            while not fut.done() and time.perf_counter() < until:
+                os.sched_yield()
+        return fut.result()
+
+    @staticmethod
+    def _answers(reply: _Reply, sizes: list[int]) -> list[Answer]:
+        """Split one request's answer back into the batches it was submitted as."""
+        v, k = torch.from_numpy(reply.v).split(sizes), torch.from_numpy(reply.teacher).split(sizes)
+        va = (
+            torch.from_numpy(reply.v_anchor).split(sizes)
+            if reply.v_anchor is not None
+            else [None] * len(sizes)
+        )
+        return [Answer(*parts) for parts in zip(v, k, va, strict=True)]
+
+    @staticmethod
+    def _cost(reply: _Reply) -> QueryCost:
+        s = reply.span
+        return QueryCost(
+            states=s.states,
+            requests=1,
+            bytes_sent=reply.sent,
+            bytes_received=reply.received,
+            latency_s=s.end - s.start,
+            server_queue_s=s.server_queue_s,
+            server_compute_s=s.server_compute_s,
+            transport_s=max(0.0, s.end - s.start - s.server_total_s),
+            versions=dict(reply.versions),
+            spans=[s],
+        )
 
     def close(self) -> None:
         if self._loop.is_running():
@@ -234,7 +263,7 @@ class HttpTeacherClient(TeacherClient):
         self._send(self._post(body, headers, sum(sizes), sizes))
 
     def _send(self, coro) -> None:
-        """Run ``coro`` on the HTTP loop once a slot is free; :meth:`collect` awaits it."""
+        """Run ``coro`` on the HTTP loop once a slot is free; :meth:`collect_parts` awaits it."""
         self._slots.acquire()
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         fut.add_done_callback(lambda _: self._slots.release())

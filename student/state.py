@@ -29,15 +29,25 @@ class TrainState:
     params_init: torch.Tensor  # flat student parameters at step 0, for the report's change norm
 
 
-def save_state(out: Path, state: TrainState, student: VelocityNet, opt: torch.optim.Adam) -> Path:
-    """Write ``out/checkpoint.safetensors`` (replacing the previous one atomically)."""
+def save_state(
+    out: Path,
+    state: TrainState,
+    student: VelocityNet,
+    opt: torch.optim.Adam,
+    rng: torch.Tensor | None = None,
+) -> Path:
+    """Write ``out/checkpoint.safetensors`` (replacing the previous one atomically).
+
+    ``rng``: the global torch RNG state to resume with (default: the current one); a step that
+    failed half-way saves the state it started with, so the resumed run replays it exactly.
+    """
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in student.state_dict().items()}
     for i, p in enumerate(student.parameters()):
         for key, value in opt.state.get(p, {}).items():
             tensors[f"optim.{i}.{key}"] = (
                 value.detach().reshape(-1) if key == "step" else value.detach()
             )
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.torch"] = torch.get_rng_state() if rng is None else rng
     tensors["init.params"] = state.params_init
     meta = {
         "step": state.step,

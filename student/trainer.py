@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, CheckpointMeta, TeacherRef, save_model
 from common.nets import VelocityNet
-from student.clients import TeacherClient, TeacherUnavailable
+from student.clients import QueryCost, TeacherClient, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
-from student.methods import METHODS
+from student.methods import METHODS, Method
 from student.report import RunTotals, build_report, plot_samples, write_json
 from student.rollout import rollout
 from student.state import TrainState, load_state, save_state
@@ -30,6 +30,8 @@ from student.trace import Tracer
 
 #: Settings a resumed run must share with the run it continues (``steps`` may grow).
 RESUME_KEYS = ("method", "teachers", "supervise", "seed", "batch", "rollout_steps", "lr")
+#: names of the trainer's time segments after the rollout (also its trace spans)
+WAIT, UPDATE = "wait for teachers", "update"
 
 
 class TrainConfig(BaseModel):
@@ -105,7 +107,7 @@ def train(
     wall0 = time.perf_counter() - totals.timings_s["wall"]
     tracer = Tracer(origin=time.perf_counter(), max_steps=cfg.trace_steps)
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, rng: torch.Tensor | None = None) -> Path:
         totals.timings_s["wall"] = time.perf_counter() - wall0
         return save_state(
             out,
@@ -118,6 +120,7 @@ def train(
             ),
             student,
             opt,
+            rng,
         )
 
     steps_log = _open_steps_log(out / "steps.jsonl", keep=start_step)
@@ -133,6 +136,7 @@ def train(
     try:
         for step in bar:
             t0 = time.perf_counter()
+            rng_at_step = torch.get_rng_state()  # a failure checkpoint replays this step
             # 1. plan: which rollout indices to query (DanceOPD draws its index before the rollout)
             plan = method.plan(n)
             wanted = set(plan)
@@ -153,33 +157,27 @@ def train(
             states, _ = rollout(student, torch.randn(b, d), n, method.sde_noise, on_state)
             t1 = time.perf_counter()
 
-            # 3. wait for every answer (only this wait is exposed; the rest overlapped the rollout)
+            # 3+4. wait for the answers request by request and regress the student toward each
+            # group as it arrives: one group's forward and backward overlap the teachers' work on
+            # the next; gradients accumulate, one Adam step at the end (same as one big batch)
             try:
-                answers, cost = client.collect()
+                loss_value, cost, segments = update_step(
+                    student, opt, method, client, states, plan, b, n
+                )
             except TeacherUnavailable as exc:
-                path = checkpoint(step)
+                path = checkpoint(step, rng_at_step)
                 raise TrainingAborted(
                     f"{exc}\nstopped after {step} of {cfg.steps} steps; state saved "
                     f"to {path}; rerun with --resume to continue"
                 ) from exc
-            t2 = time.perf_counter()
-
-            # 4. update: regress the student toward the teachers at the states it visited
-            xs = states[plan].reshape(-1, d)
-            ts = torch.cat([torch.full((b,), 1.0 - i / n) for i in plan])
-            v_anchor = _cat(answers, "v_anchor") if method.uses_anchor else None
-            loss = method.loss(student(xs, ts), ts, _cat(answers, "v"), v_anchor)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             t3 = time.perf_counter()
-            loss_value = float(loss.detach())
+            waited = sum(e - s for name, s, e in segments if name == WAIT)
 
             # 5. account
             timings = {
                 "rollout": t1 - t0,
-                "query_exposed": t2 - t1,
-                "update": t3 - t2,
+                "query_exposed": waited,
+                "update": t3 - t1 - waited,
                 "query_latency": cost.latency_s,
                 "teacher_compute": cost.server_compute_s,
             }
@@ -209,7 +207,7 @@ def train(
                 + "\n"
             )
             if tracer.wants(step):
-                _trace_step(tracer, step, t0, marks, t1, t2, t3, cost)
+                _trace_step(tracer, step, t0, marks, t1, segments, cost)
             if (
                 cfg.checkpoint_every
                 and (step + 1) % cfg.checkpoint_every == 0
@@ -239,14 +237,67 @@ def _open_steps_log(path: Path, keep: int):
     return path.open("a")
 
 
+def update_step(
+    student: VelocityNet,
+    opt: torch.optim.Adam,
+    method: Method,
+    client: TeacherClient,
+    states: torch.Tensor,
+    plan: list[int],
+    b: int,
+    n: int,
+) -> tuple[float, QueryCost, list[tuple[str, float, float]]]:
+    """One Adam step toward the teachers' answers, taking them group by group as they arrive.
+
+    ``states [N, B, D]`` are the rollout's states, ``plan`` the queried indices (in submit
+    order). Each group's loss is its share of the mean over all queried states, so the
+    accumulated gradient is the one-batch gradient. Returns the loss, the query cost and the
+    trainer's time segments ``(WAIT | UPDATE, start, end)``.
+    """
+    d = states.shape[-1]
+    xs = states[plan].reshape(-1, d)  # [len(plan)·B, D]
+    ts = torch.cat([torch.full((b,), 1.0 - i / n) for i in plan])
+    total, row, loss_sum = xs.shape[0], 0, 0.0
+    cost = QueryCost()
+    segments: list[tuple[str, float, float]] = []
+    opt.zero_grad(set_to_none=True)
+    mark = time.perf_counter()
+    for answers, part_cost in client.collect_parts():  # blocks until the next group is in
+        got = time.perf_counter()
+        segments.append((WAIT, mark, got))
+        cost.add(part_cost)
+        k = sum(a.v.shape[0] for a in answers)
+        x, t = xs[row : row + k], ts[row : row + k]
+        v_anchor = _cat(answers, "v_anchor") if method.uses_anchor else None
+        loss = method.loss(student(x, t), t, _cat(answers, "v"), v_anchor)
+        if k != total:  # a group's share of the mean (a single group needs no rescaling)
+            loss = loss * (k / total)
+        loss.backward()
+        loss_sum += float(loss.detach())
+        row += k
+        mark = time.perf_counter()
+        segments.append((UPDATE, got, mark))
+    if row != total:
+        raise RuntimeError(f"the teachers answered {row} of {total} queried states")
+    opt.step()
+    segments.append((UPDATE, mark, time.perf_counter()))
+    return loss_sum, cost, segments
+
+
 def _trace_step(
-    tracer: Tracer, step: int, t0: float, marks: list[float], t1: float, t2: float, t3: float, cost
+    tracer: Tracer,
+    step: int,
+    t0: float,
+    marks: list[float],
+    t1: float,
+    segments: list[tuple[str, float, float]],
+    cost: QueryCost,
 ) -> None:
     bounds = [*marks, t1]
     for i in range(len(marks)):
         tracer.span(f"rollout {i}", "trainer", bounds[i], bounds[i + 1], step=step)
-    tracer.span("wait for teachers", "trainer", t1, t2, step=step)
-    tracer.span("update", "trainer", t2, t3, step=step)
+    for name, start, end in segments:
+        tracer.span(name, "trainer", start, end, step=step)
     for k, s in enumerate(cost.spans):
         track = f"request {k}"
         tracer.span(

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from common.checkpoint import read_model
+from student.clients import LocalTeacherClient, QueryCost, TeacherUnavailable
 from student.commands import local_client
 from student.models import BASE_NAME, load_named
 from student.report import COUNT_KEYS, METRIC_KEYS, TIMING_KEYS
-from student.trainer import TrainConfig, train
+from student.trainer import TrainConfig, TrainingAborted, train
 
 
 def run(models, out, method, steps, supervise="router", teachers=("a", "b"), **kw):
@@ -102,3 +103,63 @@ def test_resume_refuses_a_different_recipe(tiny_models, tmp_path):
         pytest.raises(Exception, match="differs in seed"),
     ):
         train(cfg, student, client, tmp_path, progress=False, resume=True)
+
+
+class _PerSubmitClient(LocalTeacherClient):
+    """The in-process teachers, answering each submitted batch as its own group (as a remote
+    client answers each request), and failing every step from ``fail_at`` on when set."""
+
+    def __init__(self, inner: LocalTeacherClient, fail_at: int | None = None) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.fail_at, self.steps = fail_at, 0
+
+    def collect_parts(self):
+        self.steps += 1
+        # one routing and forward over the step's states, as the in-process client does
+        [(answers, cost)] = LocalTeacherClient.collect_parts(self)
+        if self.fail_at is not None and self.steps > self.fail_at:
+            raise TeacherUnavailable("teachers unreachable at test://nowhere")
+        for k, answer in enumerate(answers):
+            yield [answer], cost if k == 0 else QueryCost()
+
+
+def _student_params(path):
+    net, _ = read_model(path)
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("method", ["diffusionopd", "flowopd"])
+def test_update_by_groups_equals_one_batch(tiny_models, tmp_path, method):
+    """Regressing group by group as answers arrive ends where one-batch regression ends."""
+    cfg = TrainConfig(method=method, teachers=["a", "b"], steps=4, eval_samples=100)
+    run(tiny_models, tmp_path / "one", method, steps=4, eval_samples=100)
+    student, _ = load_named(tiny_models, BASE_NAME)
+    inner = local_client(tiny_models, ["a", "b"], "router", anchor=method == "flowopd")
+    with _PerSubmitClient(inner) as client:
+        rep = train(cfg, student, client, tmp_path / "groups", progress=False)
+    one = _student_params(tmp_path / "one" / "student.safetensors")
+    groups = _student_params(tmp_path / "groups" / "student.safetensors")
+    assert float((one - groups).abs().max()) <= 1e-6
+    assert rep["counts"]["teacher_queries"] == 4 * 1536
+    trace = json.loads((tmp_path / "groups" / "trace.json").read_text())
+    waits = [e for e in trace["traceEvents"] if e["name"] == "wait for teachers"]
+    assert len(waits) == 4 * 12  # one wait per group (12 rollout states per dense step)
+
+
+def test_failed_step_resumes_to_the_uninterrupted_student(tiny_models, tmp_path):
+    """A step whose answers never come is saved as it began (RNG included) and replayed."""
+    cfg = TrainConfig(method="flowopd", teachers=["a", "b"], steps=6, eval_samples=100)
+    run(tiny_models, tmp_path / "full", "flowopd", steps=6, eval_samples=100)
+    student, _ = load_named(tiny_models, BASE_NAME)
+    inner = local_client(tiny_models, ["a", "b"], "router", anchor=True)
+    with (
+        _PerSubmitClient(inner, fail_at=3) as client,
+        pytest.raises(TrainingAborted, match="stopped after 3 of 6 steps"),
+    ):
+        train(cfg, student, client, tmp_path / "part", progress=False)
+    student, _ = load_named(tiny_models, BASE_NAME)
+    with local_client(tiny_models, ["a", "b"], "router", anchor=True) as client:
+        train(cfg, student, client, tmp_path / "part", progress=False, resume=True)
+    full = _student_params(tmp_path / "full" / "student.safetensors")
+    part = _student_params(tmp_path / "part" / "student.safetensors")
+    assert float((full - part).abs().max()) <= 1e-6
