@@ -136,9 +136,15 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
             t0 = time.perf_counter()
             wanted = set(plan := method.plan(n))
 
-            def on_state(i: int, x_i: torch.Tensor, t_i: float, wanted: set[int] = wanted) -> None:
+            def on_state(
+                i: int,
+                x_i: torch.Tensor,
+                t_i: float,
+                wanted: set[int] = wanted,
+                last: int = plan[-1],
+            ) -> None:
                 if i in wanted:
-                    client.submit(x_i, torch.full((b,), t_i))
+                    client.submit(x_i, torch.full((b,), t_i), last=i == last)
 
             states, _ = rollout(student, torch.randn(b, d), n, method.sde_noise, on_state)
             t1 = time.perf_counter()

@@ -101,8 +101,11 @@ class TeacherClient(ABC):
     anchor: TeacherInfo | None
 
     @abstractmethod
-    def submit(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        """Queue states ``x [B, D]`` at times ``t [B]`` for supervision (may send right away)."""
+    def submit(self, x: torch.Tensor, t: torch.Tensor, last: bool = False) -> None:
+        """Queue states ``x [B, D]`` at times ``t [B]`` for supervision (may send right away).
+
+        ``last``: no more states come this step, so nothing buffered should wait for more.
+        """
 
     @abstractmethod
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
@@ -155,7 +158,7 @@ class LocalTeacherClient(TeacherClient):
         self.policy = policy
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def submit(self, x: torch.Tensor, t: torch.Tensor) -> None:
+    def submit(self, x: torch.Tensor, t: torch.Tensor, last: bool = False) -> None:
         self._pending.append((x, t))
 
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:

@@ -169,9 +169,11 @@ class HttpTeacherClient(TeacherClient):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     # -- the TeacherClient interface -------------------------------------------------------
-    def submit(self, x: torch.Tensor, t: torch.Tensor) -> None:
+    def submit(self, x: torch.Tensor, t: torch.Tensor, last: bool = False) -> None:
         self._buffer.append((x, t))
-        if len(self._buffer) >= self.stream_chunk:
+        # The step's last state goes at once: a short last chunk (DanceOPD's single state, or
+        # a chunk size that does not divide the plan) must not wait for the rollout's end.
+        if last or len(self._buffer) >= self.stream_chunk:
             self._flush()
 
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:

@@ -149,10 +149,11 @@ def train(
                 t_i: float,
                 wanted: set[int] = wanted,
                 marks: list[float] = marks,
+                last: int = plan[-1],
             ) -> None:
                 marks.append(time.perf_counter())
                 if i in wanted:
-                    client.submit(x_i, torch.full((b,), t_i))
+                    client.submit(x_i, torch.full((b,), t_i), last=i == last)
 
             states, _ = rollout(student, torch.randn(b, d), n, method.sde_noise, on_state)
             t1 = time.perf_counter()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.checkpoint import read_model
 from common.procs import start_service
@@ -158,3 +159,17 @@ def test_http_backend_without_router_url_is_a_clear_cli_error(tiny_models, tmp_p
         timeout=120,
     )
     assert p.returncode == 2 and "--router-url" in p.stderr
+
+
+def test_last_state_of_a_step_is_sent_without_waiting_for_a_full_chunk(cluster):
+    """DanceOPD's one state (or a short last chunk) leaves at submit, not at collect."""
+    from student.remote import HttpTeacherClient
+
+    x, t = torch.randn(128, 2), torch.full((128,), 0.5)
+    with HttpTeacherClient(cluster.router_url, ["a", "b"], stream_chunk=12) as client:
+        client.submit(x, t)
+        assert len(client._inflight) == 0  # buffered: 1 of a 12-state chunk
+        client.submit(x, t, last=True)
+        assert len(client._inflight) == 1  # sent before anyone collects
+        [(answers, cost)] = list(client.collect_parts())
+    assert [a.v.shape for a in answers] == [(128, 2), (128, 2)] and cost.requests == 1
