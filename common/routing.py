@@ -45,15 +45,20 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
             )
     if len(teacher_centers) == 1:  # one teacher owns every state: no distances needed
         return torch.zeros(x.shape[0], dtype=torch.long)
-    owners = [
-        torch.full((c.shape[0],), k, dtype=torch.long)  # type: ignore[union-attr]
-        for k, c in enumerate(teacher_centers)
+    # numpy: with M a handful of centers this is microseconds of work, and a torch call costs
+    # several times a numpy call's overhead on the router's hot path.
+    per_teacher = [
+        c.numpy().astype(np.float32, copy=False) for c in teacher_centers if c is not None
     ]
-    # One distance matrix against every teacher's centers, in teacher order: argmin picks the
-    # first minimum, so ties go to the lower teacher index, as a per-teacher min would.
-    all_centers = torch.cat([c.float() for c in teacher_centers])  # type: ignore[union-attr]
-    nearest = torch.cdist(x.float(), all_centers).argmin(dim=1)
-    return torch.cat(owners)[nearest]
+    all_centers = np.concatenate(per_teacher)  # [M, D], M = all teachers' centers
+    owners = np.repeat(np.arange(len(per_teacher)), [len(c) for c in per_teacher])  # [M] teacher
+    xs = x.numpy().astype(np.float32, copy=False)
+    # ||x − c||² = ||x||² − 2 x·c + ||c||², and ||x||² is the same for every center of a row:
+    # the argmin needs only ||c||² − 2 x·c, one [B, M] matrix product.
+    # Over all teachers' centers in teacher order: argmin picks the first minimum, so ties go to
+    # the lower teacher index, as a per-teacher min would.
+    nearest = ((all_centers * all_centers).sum(axis=1) - 2.0 * (xs @ all_centers.T)).argmin(axis=1)
+    return torch.from_numpy(owners[nearest])
 
 
 def route_label(
@@ -139,11 +144,12 @@ def merge_answers(
     Returns:
         ``[B, D]`` supervised targets.
     """
-    b = assignment.shape[0]
-    if b and bool((assignment == AVERAGE_INDEX).all()):
+    a = assignment.numpy()
+    b = len(a)
+    if b and a[0] == AVERAGE_INDEX and (a == AVERAGE_INDEX).all():
         return torch.stack(list(answers), dim=0).mean(dim=0)
-    out = torch.empty(b, dim, dtype=torch.float32)
+    out = np.empty((b, dim), dtype=np.float32)
     for idx, ans in zip(rows, answers, strict=True):
-        if idx.numel():
-            out[idx] = ans
-    return out
+        if len(idx):
+            out[idx.numpy()] = ans.numpy()
+    return torch.from_numpy(out)
