@@ -205,7 +205,16 @@ class DirectRouter:
         deadline = time.monotonic() + self.deadline_s
         return await fanout.route_and_call(msg, self.registry, self._call, deadline, received)
 
+    async def __aenter__(self) -> DirectRouter:
+        """``async with DirectRouter(url) as direct:`` starts it and closes it on the way out."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
+        """Stop watching and health-checking, and close the connections to the teachers."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -45,24 +45,18 @@ def cluster(tiny_models: Path):
         s.stop()
 
 
-async def _direct_answers(url: str, calls: list[tuple[dict, list[str], dict]]) -> list:
-    direct = DirectRouter(url)
-    await direct.start()
-    try:
-        return [await direct.infer(inputs, outputs, params) for inputs, outputs, params in calls]
-    finally:
-        await direct.aclose()
-
-
 @pytest.mark.parametrize("policy", ["nearest", "label", "average"])
 def test_in_client_routing_equals_the_router(cluster: dict[str, Service], policy: str) -> None:
     x, t = states(1536, seed=4)
     route = np.random.default_rng(5).integers(0, 2, size=1536).astype(np.int32)
     outputs = ["v", "teacher", "v_anchor"]
     inputs = {"x": x, "t": t} | ({"route": route} if policy == "label" else {})
-    [got] = asyncio.run(
-        _direct_answers(cluster["router"].url, [(inputs, outputs, {"policy": policy})])
-    )
+
+    async def routed():
+        async with DirectRouter(cluster["router"].url) as direct:
+            return await direct.infer(inputs, outputs, {"policy": policy})
+
+    got = asyncio.run(routed())
     with client() as c:
         want, params = call_router(
             c,
@@ -87,14 +81,11 @@ def test_bad_input_and_non_http_registry_are_refused(cluster: dict[str, Service]
     from services.router.fanout import InputError
 
     async def bad() -> str:
-        direct = DirectRouter(cluster["router"].url)
-        await direct.start()
-        try:
-            await direct.infer({"x": np.zeros((3, 2), np.float32)}, ["v"])
-        except InputError as exc:
-            return str(exc)
-        finally:
-            await direct.aclose()
+        async with DirectRouter(cluster["router"].url) as direct:
+            try:
+                await direct.infer({"x": np.zeros((3, 2), np.float32)}, ["v"])
+            except InputError as exc:
+                return str(exc)
         return "no error"
 
     assert "missing input 't'" in asyncio.run(bad())
@@ -149,21 +140,11 @@ def _stream(direct: DirectRouter, n: int, workers: int, on_done) -> list[dict]:
             await on_done(len(records))
 
     async def run() -> None:
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        async with direct:
+            await asyncio.gather(*(worker() for _ in range(workers)))
 
-    direct_loop_run(direct, run())
+    asyncio.run(run())
     return records
-
-
-def direct_loop_run(direct: DirectRouter, coro) -> None:
-    async def main() -> None:
-        await direct.start()
-        try:
-            await coro
-        finally:
-            await direct.aclose()
-
-    asyncio.run(main())
 
 
 @pytest.mark.slow
