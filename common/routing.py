@@ -44,7 +44,7 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
                 f"teacher {k} mode centers have dimension {centers.shape[-1]}, states have {x.shape[1]}"
             )
     if len(teacher_centers) == 1:  # one teacher owns every state: no distances needed
-        return torch.zeros(x.shape[0], dtype=torch.long)
+        return torch.from_numpy(np.zeros(x.shape[0], dtype=np.int64))
     # numpy: with M a handful of centers this is microseconds of work, and a torch call costs
     # several times a numpy call's overhead on the router's hot path.
     per_teacher = [
@@ -120,6 +120,8 @@ def rows_by_teacher(assignment: torch.Tensor, num_teachers: int) -> list[torch.T
     # this runs once per request on the router's (or the in-client router's) hot path.
     a = assignment.numpy()
     b = len(a)
+    if num_teachers == 1:  # its rows are all rows, whether routed to it (0) or averaged (-1)
+        return [torch.from_numpy(np.arange(b))]
     first, last = (int(a.min()), int(a.max())) if b else (0, 0)
     if first == last:  # every row to one teacher (or all averaged): no index search
         everything = torch.from_numpy(np.arange(b))

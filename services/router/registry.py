@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,18 +181,24 @@ class Registry:
                 different dimensions.
         """
         policy = policy or self.policy
-        if policy != "nearest":
-            return
+        if policy == "nearest" and self._nearest_refusal is not None:
+            raise RegistryError(self._nearest_refusal)
+
+    @cached_property
+    def _nearest_refusal(self) -> str | None:
+        """Why policy ``nearest`` cannot serve this snapshot, or None; worked out once per
+        snapshot (snapshots never change), not on every request."""
         missing = [t.name for t in self.teachers if t.centers is None or t.centers.numel() == 0]
         if missing:
-            raise RegistryError(
+            return (
                 f"policy 'nearest' needs mode centers for every teacher, but {', '.join(missing)} "
                 "has none (its metadata lists no mode_centers); register it with modes, or use "
                 "policy 'label' or 'average'"
             )
         dims = {int(t.centers.shape[1]) for t in self.teachers if t.centers is not None}
         if len(dims) > 1:
-            raise RegistryError(f"teachers' mode centers have different dimensions {sorted(dims)}")
+            return f"teachers' mode centers have different dimensions {sorted(dims)}"
+        return None
 
     def with_teacher(self, teacher: Teacher) -> Registry:
         """A snapshot where ``teacher`` replaces its namesake (same index) or is appended."""
