@@ -146,7 +146,9 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
                 if i in wanted:
                     client.submit(x_i, torch.full((b,), t_i), last=i == last)
 
-            states, _ = rollout(student, torch.randn(b, d), n, method.sde_noise, on_state)
+            states, _ = rollout(
+                student, torch.randn(b, d), n, method.sde_noise, on_state, final=False
+            )
             t1 = time.perf_counter()
             _, cost, segments = update_step(student, opt, method, client, states, plan, b, n)
             t3 = time.perf_counter()

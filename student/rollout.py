@@ -24,6 +24,7 @@ def rollout(
     num_steps: int,
     sde_noise: float = 0.0,
     on_state: StateHook | None = None,
+    final: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integrate ``x ← x − h·v(x, t)`` from ``t = 1`` in ``num_steps`` Euler steps.
 
@@ -33,8 +34,12 @@ def rollout(
         sde_noise: if > 0, add ``sde_noise · sqrt(h) · N(0, I)`` after every step but the last
             (drawn from the global torch RNG, so a seeded run is reproducible).
         on_state: called with each recorded state as soon as it exists (for streaming).
+        final: take the last Euler update. OPD training queries only the states before each
+            update, so it passes False and saves one student forward per rollout; the states,
+            and the RNG draws, are the same either way.
     Returns:
-        ``states [N, B, D]`` (the state before each update) and the final sample ``[B, D]``.
+        ``states [N, B, D]`` (the state before each update) and the final sample ``[B, D]``
+        (with ``final=False``: the last recorded state, ``states[N-1]``).
     """
     h = 1.0 / num_steps
     states = torch.empty((num_steps, *x.shape), dtype=x.dtype)
@@ -42,6 +47,8 @@ def rollout(
         states[i] = x
         if on_state is not None:
             on_state(i, states[i], t)
+        if not final and i == num_steps - 1:
+            break
         x = x - h * net(x, torch.full((x.shape[0],), t, dtype=x.dtype))
         if sde_noise > 0 and i < num_steps - 1:
             x = x + sde_noise * math.sqrt(h) * torch.randn_like(x)

@@ -155,7 +155,9 @@ def train(
                 if i in wanted:
                     client.submit(x_i, torch.full((b,), t_i), last=i == last)
 
-            states, _ = rollout(student, torch.randn(b, d), n, method.sde_noise, on_state)
+            states, _ = rollout(
+                student, torch.randn(b, d), n, method.sde_noise, on_state, final=False
+            )
             t1 = time.perf_counter()
 
             # 3+4. wait for the answers request by request and regress the student toward each

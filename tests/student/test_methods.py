@@ -54,3 +54,15 @@ def test_rollout_records_state_before_each_step_and_streams_it():
     assert [t for _, t in seen] == rollout_times(4) == [1.0, 0.75, 0.5, 0.25]
     assert torch.allclose(states[:, 0, 0], torch.tensor([0.0, -0.25, -0.5, -0.75]))
     assert torch.allclose(final, torch.full((3, 2), -1.0))
+
+
+def test_rollout_without_the_final_update_records_the_same_states():
+    net = torch.nn.Linear(2, 2)
+    wrapped = lambda x, t: net(x)  # noqa: E731 - a velocity field v(x, t)
+    torch.manual_seed(3)
+    full, _ = rollout(wrapped, torch.randn(5, 2), 6, sde_noise=0.1)
+    after_full = torch.randn(1)
+    torch.manual_seed(3)
+    short, last = rollout(wrapped, torch.randn(5, 2), 6, sde_noise=0.1, final=False)
+    assert torch.equal(full, short) and torch.equal(last, short[-1])
+    assert torch.equal(torch.randn(1), after_full)  # the same noise was drawn
