@@ -47,7 +47,7 @@ def run(
     router_url: str | None,
     stream_chunk: int,
     routing: str = "router",
-    spin_wait_ms: float = 50.0,
+    spin_wait_ms: float = 0.0,
 ) -> dict:
     s = TrainSettings(
         routing=routing,
@@ -86,7 +86,10 @@ def main() -> int:
         "--rounds", type=int, default=3, help="alternating repetitions; medians are reported"
     )
     p.add_argument(
-        "--spin-wait-ms", type=float, default=50.0, help="trainer busy-wait before sleeping (http)"
+        "--spin-wait-ms",
+        type=float,
+        default=50.0,
+        help="the spin-wait variant's busy-wait before sleeping",
     )
     p.add_argument("--markdown", type=Path, help="also write the table here")
     p.add_argument(
@@ -113,13 +116,13 @@ def main() -> int:
             )  # 1 query/step
             # (label, backend, stream chunk, routing, spin-wait ms): the router hop at each
             # chunk size, and in-client routing (no router hop) at the first, with the
-            # trainer spinning on its answers and sleeping on them
+            # trainer sleeping on its answers (the default) and spinning on them
             c0, spin = chunks[0], args.spin_wait_ms
             plan = [
-                ("local", "local", 1, "router", spin),
-                *((f"http, chunk {c}", "http", c, "router", spin) for c in chunks),
-                (f"http in-client, chunk {c0}", "http", c0, "client", spin),
-                (f"http in-client, chunk {c0}, sleep-wait", "http", c0, "client", 0.0),
+                ("local", "local", 1, "router", 0.0),
+                *((f"http, chunk {c}", "http", c, "router", 0.0) for c in chunks),
+                (f"http in-client, chunk {c0}", "http", c0, "client", 0.0),
+                (f"http in-client, chunk {c0}, spin-wait", "http", c0, "client", spin),
             ]
             variants = [label for label, *_ in plan]
             reps: dict[str, list[dict]] = {v: [] for v in variants}

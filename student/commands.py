@@ -69,10 +69,11 @@ class TrainSettings(BaseSettings):
     )
     max_in_flight: int = Field(8, ge=1, description="requests in flight at once (http)")
     spin_wait_ms: float = Field(
-        50.0,
+        0.0,
         ge=0,
         description="http: busy-wait this long for an answer before sleeping (0: sleep at "
-        "once); a trainer that sleeps comes back to a cold core",
+        "once); a trainer that sleeps comes back to a cold core, a spinning one takes CPU from "
+        "its own HTTP thread (docs/http-training.md)",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="per-attempt request timeout (http)")
     retries: int = Field(5, ge=0, description="retries of a failed request, with backoff (http)")

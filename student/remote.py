@@ -117,7 +117,7 @@ class HttpTeacherClient(TeacherClient):
         retries: int = 5,
         backoff_s: float = 0.2,
         routing: str = "router",
-        spin_wait_s: float = 0.05,
+        spin_wait_s: float = 0.0,
     ) -> None:
         """``routing``: ``router`` sends every request through the router; ``client`` routes
         here with the router's (watched) registry and calls the teachers directly (see
@@ -195,8 +195,9 @@ class HttpTeacherClient(TeacherClient):
         A trainer that sleeps through the teachers' few milliseconds comes back to a core the
         machine has meanwhile idled or given away: measured here, its next rollout and update
         ran 20-40% slower than in-process. Spinning keeps the core; each turn yields it (and
-        the GIL, so the HTTP thread runs) to anything runnable. Past ``spin_wait_s`` (a
-        retry's backoff, a slow teacher) it sleeps.
+        the GIL, so the HTTP thread runs) to anything runnable, but on a core it shares with
+        that thread it still slows the sending: off by default, see docs/http-training.md.
+        Past ``spin_wait_s`` (a retry's backoff, a slow teacher) it sleeps.
         """
         if self.spin_wait_s > 0 and not fut.done():
             until = time.perf_counter() + self.spin_wait_s
