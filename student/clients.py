@@ -82,12 +82,23 @@ class QueryCost:
 
     def add(self, other: QueryCost) -> None:
         """Fold ``other`` (a later group of the same step) into this cost."""
-        for name in ("states", "requests", "bytes_sent", "bytes_received"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("latency_s", "server_queue_s", "server_compute_s", "transport_s"):
+        for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.versions.update(other.versions)
         self.spans.extend(other.spans)
+
+
+#: the :class:`QueryCost` fields that add up over the groups of a step
+_SUMMED = (
+    "states",
+    "requests",
+    "bytes_sent",
+    "bytes_received",
+    "latency_s",
+    "server_queue_s",
+    "server_compute_s",
+    "transport_s",
+)
 
 
 class TeacherUnavailable(RuntimeError):
