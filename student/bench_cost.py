@@ -121,7 +121,7 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
     """
     from student.remote import HttpTeacherClient
     from student.rollout import rollout
-    from student.trainer import WAIT, update_step
+    from student.trainer import WAIT, streaming_hook, update_step
 
     method = METHODS[method_name]
     n, b, d = s.rollout_steps, s.batch, s.state_dim
@@ -134,18 +134,8 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
     try:
         for step in range(s.steps + 1):
             t0 = time.perf_counter()
-            wanted = set(plan := method.plan(n))
-
-            def on_state(
-                i: int,
-                x_i: torch.Tensor,
-                t_i: float,
-                wanted: set[int] = wanted,
-                last: int = plan[-1],
-            ) -> None:
-                if i in wanted:
-                    client.submit(x_i, torch.full((b,), t_i), last=i == last)
-
+            plan = method.plan(n)
+            on_state = streaming_hook(client, plan, b)
             states, _ = rollout(
                 student, torch.randn(b, d), n, method.sde_noise, on_state, final=False
             )

@@ -24,7 +24,7 @@ from student.clients import QueryCost, TeacherClient, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.methods import METHODS, Method
 from student.report import RunTotals, build_report, plot_samples, write_json
-from student.rollout import rollout
+from student.rollout import StateHook, rollout
 from student.state import TrainState, load_state, save_state
 from student.trace import Tracer
 
@@ -139,22 +139,10 @@ def train(
             rng_at_step = torch.get_rng_state()  # a failure checkpoint replays this step
             # 1. plan: which rollout indices to query (DanceOPD draws its index before the rollout)
             plan = method.plan(n)
-            wanted = set(plan)
             marks: list[float] = []
 
             # 2. rollout without grad, streaming each queried state to the teachers right away
-            def on_state(
-                i: int,
-                x_i: torch.Tensor,
-                t_i: float,
-                wanted: set[int] = wanted,
-                marks: list[float] = marks,
-                last: int = plan[-1],
-            ) -> None:
-                marks.append(time.perf_counter())
-                if i in wanted:
-                    client.submit(x_i, torch.full((b,), t_i), last=i == last)
-
+            on_state = streaming_hook(client, plan, b, marks)
             states, _ = rollout(
                 student, torch.randn(b, d), n, method.sde_noise, on_state, final=False
             )
@@ -238,6 +226,23 @@ def _open_steps_log(path: Path, keep: int):
     lines = path.read_text().splitlines(keepends=True)[:keep] if keep and path.exists() else []
     path.write_text("".join(lines))
     return path.open("a")
+
+
+def streaming_hook(
+    client: TeacherClient, plan: list[int], b: int, marks: list[float] | None = None
+) -> StateHook:
+    """The rollout hook that hands each queried state (``[B, D]``, index in ``plan``) to
+    ``client`` as soon as it exists, flagging the step's last one; appends each state's time
+    to ``marks`` when given (for the trace)."""
+    wanted, last = set(plan), plan[-1]
+
+    def on_state(i: int, x_i: torch.Tensor, t_i: float) -> None:
+        if marks is not None:
+            marks.append(time.perf_counter())
+        if i in wanted:
+            client.submit(x_i, torch.full((b,), t_i), last=i == last)
+
+    return on_state
 
 
 def update_step(
