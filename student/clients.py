@@ -42,15 +42,18 @@ class TeacherInfo:
 
 @dataclass
 class Answer:
-    """Teachers' answer for one submitted batch of states.
+    """Teachers' answer for one submitted batch of states, or for some rows of a step.
 
     ``v [B, D]`` supervised target; ``teacher [B]`` index of the teacher that answered each row
     (``-1`` = mean of all); ``v_anchor [B, D]`` the anchor's velocity when one is configured.
+    ``rows`` int64 ``[B]``: which of the step's submitted states (counted in submit order) these
+    are, when a client answers teacher by teacher; ``None``: the next ones in submit order.
     """
 
     v: torch.Tensor
     teacher: torch.Tensor
     v_anchor: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -101,6 +104,31 @@ _SUMMED = (
 )
 
 
+def in_submit_order(answers: list[Answer]) -> Answer:
+    """One :class:`Answer` for all the rows of ``answers`` (a step's groups), in submit order."""
+    total = sum(a.v.shape[0] for a in answers)
+    rows, row = [], 0
+    for a in answers:
+        k = a.v.shape[0]
+        rows.append(a.rows if a.rows is not None else torch.arange(row, row + k))
+        row += k
+    order = torch.cat(rows)
+    if not torch.equal(torch.sort(order).values, torch.arange(total)):
+        raise RuntimeError(f"the answers do not cover the {total} submitted states exactly once")
+
+    def gather(parts: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty((total, *parts[0].shape[1:]), dtype=parts[0].dtype)
+        out[order] = torch.cat(parts)
+        return out
+
+    va = [a.v_anchor for a in answers]
+    return Answer(
+        gather([a.v for a in answers]),
+        gather([a.teacher for a in answers]),
+        None if any(v is None for v in va) else gather(va),  # type: ignore[arg-type]
+    )
+
+
 class TeacherUnavailable(RuntimeError):
     """The teachers could not be reached within the retry budget; the message names the endpoint."""
 
@@ -122,19 +150,23 @@ class TeacherClient(ABC):
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
         """Every submitted batch's answer, in submit order, in groups as they become ready.
 
-        Each item is one group of consecutive answers (a remote client: one request's) and what
-        that group cost; iterating blocks only until the next group is there. Raises
-        :class:`TeacherUnavailable` where a group cannot be had; by then nothing submitted is
-        still running.
+        Each item is one group of answers and what that group cost: consecutive answers (a
+        remote client: one request's), or one :class:`Answer` with ``rows`` (a remote client
+        routing in-process: one teacher's rows of a request, as soon as that teacher answered);
+        iterating blocks only until the next group is there. Raises :class:`TeacherUnavailable`
+        where a group cannot be had; by then nothing submitted is still running.
         """
 
     def collect(self) -> tuple[list[Answer], QueryCost]:
-        """Block until every submitted batch is answered; answers come in submit order."""
+        """Block until every submitted batch is answered; answers come in submit order (one per
+        batch; where groups came teacher by teacher, one :class:`Answer` for all the states)."""
         answers: list[Answer] = []
         cost = QueryCost()
         for part, part_cost in self.collect_parts():
             answers += part
             cost.add(part_cost)
+        if any(a.rows is not None for a in answers):
+            answers = [in_submit_order(answers)]
         return answers, cost
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -4,8 +4,10 @@ router process or (``routing="client"``) in this process from the router's regis
 States are sent as soon as the rollout produces them (every ``stream_chunk`` queried rollout
 steps make one request), several requests are in flight at once, and :meth:`collect_parts`
 hands each request's answer to the trainer as soon as it is in, while later ones are still in
-flight. The HTTP work runs on an asyncio loop in a background thread, so the
-rollout never waits on the network; only the waits in :meth:`collect_parts` are exposed.
+flight; routed in this process, each teacher's rows of a request come as soon as that teacher
+has answered, so the trainer regresses on them while the other teachers still compute. The
+HTTP work runs on an asyncio loop in a background thread, so the rollout never waits on the
+network; only the waits in :meth:`collect_parts` are exposed.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
@@ -59,13 +62,32 @@ class TeacherRequestError(RuntimeError):
 
 @dataclass
 class _Reply:
+    """One request's answer, or one teacher's part of it (``span`` only on a request's last)."""
+
     v: np.ndarray
     teacher: np.ndarray
     v_anchor: np.ndarray | None
-    span: RequestSpan
+    span: RequestSpan | None
     sent: int
     received: int
     versions: dict[str, str]
+    queue_s: float = 0.0  # the servers' reports for the calls behind this answer
+    compute_s: float = 0.0
+
+
+#: a request's last item on its queue of answers: it has ended (answered, or failed)
+_END = object()
+
+
+@dataclass
+class _Request:
+    """One request in flight: ``(reply, rows or None)`` items arrive on ``parts`` from the HTTP
+    thread, as the request or each teacher's share of it is answered, then :data:`_END`."""
+
+    sizes: list[int]  # the submitted batches it carries
+    offset: int  # how many of the step's states were submitted before it
+    parts: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    fut: concurrent.futures.Future | None = None
 
 
 def fetch_registry(
@@ -146,7 +168,8 @@ class HttpTeacherClient(TeacherClient):
         self.spin_wait_s = spin_wait_s
         self._outputs = ["v", "teacher"] + (["v_anchor"] if anchor else [])
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._inflight: list[concurrent.futures.Future] = []
+        self._inflight: list[_Request] = []
+        self._offset = 0  # states sent this step
         self._slots = threading.Semaphore(max_in_flight)  # bounds requests in flight
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="opd-http", daemon=True)
@@ -177,20 +200,24 @@ class HttpTeacherClient(TeacherClient):
             self._flush()
 
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
-        """One group per request, each as soon as it is answered (the rest still in flight)."""
+        """One group per request, or per teacher's share of a request when routing here, each
+        as soon as it is answered (the rest still in flight)."""
         self._flush()
-        pending, self._inflight = self._inflight, []
+        pending, self._inflight, self._offset = self._inflight, [], 0
         try:
-            for fut in pending:
-                reply, sizes = self._wait(fut)
-                yield self._answers(reply, sizes), self._cost(reply)
+            for req in pending:
+                while (item := self._next(req.parts)) is not _END:
+                    reply, rows = item
+                    yield self._answers(reply, req, rows), self._cost(reply)
+                assert req.fut is not None
+                req.fut.result()  # raises the request's failure, if it failed
         finally:
             # After a failure (or an abandoned iteration) wait for the rest, so no request of
             # this step is still running when the trainer checkpoints or retries the step.
-            concurrent.futures.wait(pending)
+            concurrent.futures.wait([r.fut for r in pending if r.fut is not None])
 
-    def _wait(self, fut: concurrent.futures.Future):
-        """``fut``'s result, busy-waiting up to ``spin_wait_s`` before sleeping on it.
+    def _next(self, parts: queue.SimpleQueue):
+        """The next item on ``parts``, busy-waiting up to ``spin_wait_s`` before sleeping on it.
 
         A trainer that sleeps through the teachers' few milliseconds comes back to a core the
         machine has meanwhile idled or given away: measured here, its next rollout and update
@@ -199,15 +226,27 @@ class HttpTeacherClient(TeacherClient):
         that thread it still slows the sending: off by default, see docs/http-training.md.
         Past ``spin_wait_s`` (a retry's backoff, a slow teacher) it sleeps.
         """
-        if self.spin_wait_s > 0 and not fut.done():
+        if self.spin_wait_s > 0 and parts.empty():
             until = time.perf_counter() + self.spin_wait_s
-            while not fut.done() and time.perf_counter() < until:
+            while parts.empty() and time.perf_counter() < until:
                 os.sched_yield()
-        return fut.result()
+        return parts.get()
 
     @staticmethod
-    def _answers(reply: _Reply, sizes: list[int]) -> list[Answer]:
-        """Split one request's answer back into the batches it was submitted as."""
+    def _answers(reply: _Reply, req: _Request, rows: np.ndarray | None) -> list[Answer]:
+        """Split one request's answer back into the batches it was submitted as; a teacher's
+        share (``rows`` of the request) is one answer naming its rows of the step."""
+        if rows is not None:
+            va = None if reply.v_anchor is None else torch.from_numpy(reply.v_anchor)
+            return [
+                Answer(
+                    torch.from_numpy(reply.v),
+                    torch.from_numpy(reply.teacher),
+                    va,
+                    torch.from_numpy(rows + req.offset),
+                )
+            ]
+        sizes = req.sizes
         v, k = torch.from_numpy(reply.v).split(sizes), torch.from_numpy(reply.teacher).split(sizes)
         va = (
             torch.from_numpy(reply.v_anchor).split(sizes)
@@ -218,19 +257,19 @@ class HttpTeacherClient(TeacherClient):
 
     @staticmethod
     def _cost(reply: _Reply) -> QueryCost:
-        s = reply.span
-        return QueryCost(
-            states=s.states,
-            requests=1,
+        """What the answer cost; a request's latency, transport and span go with its last part."""
+        cost = QueryCost(
+            states=len(reply.v),
             bytes_sent=reply.sent,
             bytes_received=reply.received,
-            latency_s=s.end - s.start,
-            server_queue_s=s.server_queue_s,
-            server_compute_s=s.server_compute_s,
-            transport_s=max(0.0, s.end - s.start - s.server_total_s),
+            server_queue_s=reply.queue_s,
+            server_compute_s=reply.compute_s,
             versions=dict(reply.versions),
-            spans=[s],
         )
+        if (s := reply.span) is not None:
+            cost.requests, cost.latency_s, cost.spans = 1, s.end - s.start, [s]
+            cost.transport_s = max(0.0, s.end - s.start - s.server_total_s)
+        return cost
 
     def close(self) -> None:
         if self._loop.is_running():
@@ -256,23 +295,31 @@ class HttpTeacherClient(TeacherClient):
                 "x": x.numpy().copy() if len(chunk) == 1 else x.numpy(),
                 "t": t.numpy().copy() if len(chunk) == 1 else t.numpy(),
             }
-            self._send(self._post_direct(inputs, params, sum(sizes), sizes))
+            self._send(lambda put: self._post_direct(inputs, params, put), sizes)
             return
         # Encoding copies the states into the body here, in the trainer thread, so the rollout
         # may go on writing its own buffers while the request is in flight.
         body, headers = encode_request(
             {"x": x.numpy(), "t": t.numpy()}, outputs=self._outputs, binary=True, parameters=params
         )
-        self._send(self._post(body, headers, sum(sizes), sizes))
+        self._send(lambda put: self._post(body, headers, sum(sizes), put), sizes)
 
-    def _send(self, coro) -> None:
-        """Run ``coro`` on the HTTP loop once a slot is free; :meth:`collect_parts` awaits it."""
+    def _send(self, make: Callable[[Callable[[tuple], None]], Awaitable[None]], sizes) -> None:
+        """Run ``make(put)`` on the HTTP loop once a slot is free; it puts its answers on the
+        request's queue, which :meth:`collect_parts` reads."""
+        req = _Request(sizes, self._offset)
+        self._offset += sum(sizes)
         self._slots.acquire()
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        fut.add_done_callback(lambda _: self._slots.release())
-        self._inflight.append(fut)
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[_Reply]], where: str, sizes):
+        def ended(_: concurrent.futures.Future) -> None:
+            self._slots.release()
+            req.parts.put(_END)
+
+        req.fut = asyncio.run_coroutine_threadsafe(make(req.parts.put), self._loop)
+        req.fut.add_done_callback(ended)
+        self._inflight.append(req)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[None]], where: str) -> None:
         """``attempt()`` until it answers, at most ``retries`` more times after a :class:`_Retry`,
         with exponential backoff; then :class:`TeacherUnavailable` naming ``where``."""
         last = "no attempt"
@@ -280,15 +327,15 @@ class HttpTeacherClient(TeacherClient):
             if n:
                 await asyncio.sleep(min(self.backoff_s * 2 ** (n - 1), 5.0))
             try:
-                return await attempt(), sizes
+                return await attempt()
             except _Retry as exc:
                 last = str(exc)
         raise TeacherUnavailable(
             f"teachers unreachable {where} after {self.retries + 1} attempts; last error: {last}"
         )
 
-    async def _post(self, body: bytes, headers: dict[str, str], states: int, sizes: list[int]):
-        async def attempt() -> _Reply:
+    async def _post(self, body: bytes, headers: dict[str, str], states: int, put) -> None:
+        async def attempt() -> None:
             start = time.perf_counter()
             try:
                 r = await self._http.post(self.endpoint, body, headers, timeout=self.timeout_s)
@@ -304,40 +351,51 @@ class HttpTeacherClient(TeacherClient):
                     f"{content[:500].decode(errors='replace')}"
                 )
             header_length = r.headers.get(HEADER_LENGTH.lower())
-            return self._decode(content, header_length, body, states, start, end)
+            put((self._decode(content, header_length, body, states, start, end), None))
 
-        return await self._retrying(attempt, f"through {self.endpoint}", sizes)
+        await self._retrying(attempt, f"through {self.endpoint}")
 
-    async def _post_direct(
-        self, inputs: dict[str, np.ndarray], params: dict | None, states: int, sizes: list[int]
-    ):
-        """:meth:`_post` for in-client routing: the same retries, over the direct router."""
+    async def _post_direct(self, inputs: dict[str, np.ndarray], params: dict | None, put) -> None:
+        """:meth:`_post` for in-client routing: the same retries, over the direct router, and
+        each teacher's rows ``put`` as soon as that teacher has answered. A retry asks only for
+        the rows still unanswered, so no state is answered twice."""
         direct = self._direct
         assert direct is not None
+        answered = np.zeros(len(inputs["x"]), dtype=bool)
 
-        async def attempt() -> _Reply:
+        async def attempt() -> None:
             start = time.perf_counter()
+            todo = np.flatnonzero(~answered) if answered.any() else None
+            sub = inputs if todo is None else {k: a[todo] for k, a in inputs.items()}
+            queue_s = compute_s = 0.0  # over this attempt's parts, for its span
             try:
-                res = await direct.infer(inputs, self._outputs, params)
+                async for part in direct.infer_parts(sub, self._outputs, params):
+                    out, p = part.outputs, part.parameters
+                    rows = part.rows if todo is None or part.rows is None else todo[part.rows]
+                    if rows is None:
+                        rows = todo  # every row asked for (None: every row of the request)
+                    reply = self._reply(
+                        p,
+                        out["v"],
+                        out["teacher"],
+                        out.get("v_anchor"),
+                        int(p.get("teacher_bytes_sent", 0)),
+                        int(p.get("teacher_bytes_received", 0)),
+                        len(sub["x"]),
+                        start,
+                        time.perf_counter(),
+                        part.last,
+                        (queue_s, compute_s),
+                    )
+                    queue_s, compute_s = queue_s + reply.queue_s, compute_s + reply.compute_s
+                    answered[slice(None) if rows is None else rows] = True
+                    put((reply, rows))
             except DIRECT_RETRY_ERRORS as exc:
                 raise _Retry(f"{type(exc).__name__}: {exc}") from exc
             except (TeacherRejected, InputError) as exc:
                 raise TeacherRequestError(f"in-client routing via {self.url}: {exc}") from exc
-            out, p = res.outputs, res.parameters
-            return self._reply(
-                p,
-                out["v"],
-                out["teacher"],
-                out.get("v_anchor"),
-                int(p.get("teacher_bytes_sent", 0)),
-                int(p.get("teacher_bytes_received", 0)),
-                states,
-                start,
-                time.perf_counter(),
-            )
 
-        where = f"(in-client routing, registry of {self.url})"
-        return await self._retrying(attempt, where, sizes)
+        await self._retrying(attempt, f"(in-client routing, registry of {self.url})")
 
     def _decode(
         self,
@@ -375,20 +433,28 @@ class HttpTeacherClient(TeacherClient):
         states: int,
         start: float,
         end: float,
+        last: bool = True,
+        before: tuple[float, float] = (0.0, 0.0),
     ) -> _Reply:
-        """A request's answer and its cost, from the ``opd-router`` parameters ``p``."""
+        """An answer and its cost, from the ``opd-router`` parameters ``p``. ``last``: the
+        request's last part, which carries its span (``states`` rows, from ``start`` to
+        ``end``, with the queue and compute seconds of the parts ``before`` it added in)."""
         names = [
             *(str(p.get("teachers") or "").split(",")),
             *([self.anchor.name] if self.anchor else []),
         ]
         versions = {n: str(p[f"{n}.version"]) for n in names if n and f"{n}.version" in p}
-        server_ms = float(p.get("route_ms", 0.0)) + float(p.get("fanout_ms", 0.0))
-        span = RequestSpan(
-            start,
-            end,
-            states,
-            float(p.get("queue_ms", 0.0)) / 1e3,
-            float(p.get("compute_ms", 0.0)) / 1e3,
-            server_ms / 1e3,
-        )
-        return _Reply(v, teacher, v_anchor, span, sent, received, versions)
+        queue_s = float(p.get("queue_ms", 0.0)) / 1e3
+        compute_s = float(p.get("compute_ms", 0.0)) / 1e3
+        span = None
+        if last:
+            server_ms = float(p.get("route_ms", 0.0)) + float(p.get("fanout_ms", 0.0))
+            span = RequestSpan(
+                start,
+                end,
+                states,
+                before[0] + queue_s,
+                before[1] + compute_s,
+                server_ms / 1e3,
+            )
+        return _Reply(v, teacher, v_anchor, span, sent, received, versions, queue_s, compute_s)

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx
@@ -31,7 +31,7 @@ import torch
 
 from common.codec import InferMessage
 from services.router import fanout
-from services.router.fanout import RouterResult, TeacherAnswer
+from services.router.fanout import RouterPart, RouterResult, TeacherAnswer
 from services.router.pool import Pool, infer
 from services.router.registry import Endpoint, Registry, RegistryError, Replica, Teacher
 
@@ -197,13 +197,35 @@ class DirectRouter:
             TeacherUnavailable / TeacherRejected / TeacherFault: as from the router's pool.
         """
         received = time.perf_counter()
+        msg, deadline = self._message(inputs, outputs, parameters)
+        return await fanout.route_and_call(msg, self.registry, self._call, deadline, received)
+
+    async def infer_parts(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: Iterable[str] = (),
+        parameters: dict[str, Any] | None = None,
+    ) -> AsyncIterator[RouterPart]:
+        """:meth:`infer` teacher by teacher (:func:`services.router.fanout.route_parts`): each
+        teacher's rows as soon as that teacher has answered. Raises as :meth:`infer`."""
+        received = time.perf_counter()
+        msg, deadline = self._message(inputs, outputs, parameters)
+        async for part in fanout.route_parts(msg, self.registry, self._call, deadline, received):
+            yield part
+
+    def _message(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: Iterable[str],
+        parameters: dict[str, Any] | None,
+    ) -> tuple[InferMessage, float]:
+        """The request as the router would decode it, and its deadline (``time.monotonic()``)."""
         msg = InferMessage(
             tensors=inputs,
             parameters=dict(parameters or {}),
             outputs={name: True for name in outputs},
         )
-        deadline = time.monotonic() + self.deadline_s
-        return await fanout.route_and_call(msg, self.registry, self._call, deadline, received)
+        return msg, time.monotonic() + self.deadline_s
 
     async def __aenter__(self) -> DirectRouter:
         """``async with DirectRouter(url) as direct:`` starts it and closes it on the way out."""

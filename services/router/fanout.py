@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +157,178 @@ def call_parameters(prefix: str, rows: int, ans: TeacherAnswer | None) -> dict[s
     return out
 
 
+@dataclass
+class RouterPart:
+    """One teacher's share of a request, answered (see :func:`route_parts`).
+
+    ``rows`` int64 ``[k]``: the request rows this part answers, or ``None`` for every row in
+    order; ``outputs`` hold those rows only (``v [k, D]``, ``teacher [k]``, ``v_anchor [k, D]``).
+    """
+
+    rows: np.ndarray | None
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any]
+    last: bool = True  # no part of the request comes after this one
+
+
+@dataclass
+class _Fanout:
+    """A validated, routed request and its teacher calls (not yet awaited)."""
+
+    x: np.ndarray  # [B, D]
+    policy: str
+    anchor: Teacher | None
+    assignment: torch.Tensor  # [B] teacher index per row (AVERAGE_INDEX: all)
+    rows: list[torch.Tensor]  # per registered teacher, its row indices
+    called: list[tuple[str, int, int]]  # per call: (name, teacher index or -1 = anchor, rows)
+    calls: list[Awaitable[TeacherAnswer]]
+    keep: set[str] | None  # the outputs to return (None: all)
+    received: float
+    routed: float
+
+
+def _fan_out(
+    msg: InferMessage, reg: Registry, call: TeacherCall, deadline: float, received: float
+) -> _Fanout:
+    """Validate ``msg``, route its rows and make (not await) one call per teacher with rows,
+    plus the anchor's on every row."""
+    x, t, route, c = _validate(msg)
+    unknown = sorted(set(msg.outputs) - set(OUTPUTS))
+    if unknown:
+        raise InputError(f"unknown output(s) {unknown}; opd-router returns {', '.join(OUTPUTS)}")
+    policy = msg.parameters.get("policy", reg.policy)
+    if policy not in routing.POLICIES:
+        raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(routing.POLICIES)}")
+    if not reg.teachers:
+        raise RegistryError("no teachers are registered; add one with PUT /v1/teachers/{name}")
+    try:
+        reg.check(policy)
+    except RegistryError as exc:
+        raise InputError(str(exc)) from None
+    anchor = _anchor_request(msg, reg)
+    b = len(x)
+
+    try:
+        assignment = routing.assign(
+            policy,
+            torch.from_numpy(x),
+            reg.centers,
+            None if route is None else torch.from_numpy(route),
+        )
+    except routing.RoutingError as exc:
+        raise InputError(str(exc)) from None
+    rows = routing.rows_by_teacher(assignment, len(reg.teachers))
+
+    called: list[tuple[str, int, int]] = []
+    calls = []
+    for k, (teacher, idx) in enumerate(zip(reg.teachers, rows, strict=True)):
+        n = int(idx.numel())
+        if n == 0:
+            continue
+        inputs = {"x": _rows(x, idx, n == b), "t": _rows(t, idx, n == b)}
+        if c is not None:
+            inputs["c"] = _rows(c, idx, n == b)
+        calls.append(call(teacher, inputs, deadline))
+        called.append((teacher.name, k, n))
+    if anchor is not None:
+        inputs = {"x": x, "t": t} if c is None else {"x": x, "t": t, "c": c}
+        calls.append(call(anchor, inputs, deadline))
+        called.append((anchor.name, -1, b))
+    # only what was asked (v_anchor is asked for by naming an anchor, too)
+    keep = None
+    if msg.outputs:
+        keep = set(msg.outputs) | ({"v_anchor"} if anchor is not None else set())
+    return _Fanout(
+        x, policy, anchor, assignment, rows, called, calls, keep, received, time.perf_counter()
+    )
+
+
+def _checked(f: _Fanout, i: int, ans: TeacherAnswer) -> TeacherAnswer:
+    """``ans`` for call ``i`` if its ``v`` has the shape asked for, else :class:`TeacherFault`."""
+    name, _, n = f.called[i]
+    if ans.v.shape != (n, f.x.shape[1]):
+        raise TeacherFault(
+            f"teacher {name!r} answered v of shape {list(ans.v.shape)} for "
+            f"{n} rows of dimension {f.x.shape[1]}"
+        )
+    return ans
+
+
+def _costs(
+    f: _Fanout, calls: list[tuple[str, int, TeacherAnswer]], idle: list[str]
+) -> dict[str, Any]:
+    """Response parameters for the calls ``(name, rows, answer)`` and teachers without rows."""
+    params: dict[str, Any] = {}
+    for name in idle:
+        params.update(call_parameters(name, 0, None))
+    for name, n, ans in calls:
+        params.update(call_parameters(name, n, ans))
+    params.update(
+        {
+            "requests": len(calls),
+            "teacher_bytes_sent": sum(a.sent for _, _, a in calls),
+            "teacher_bytes_received": sum(a.received for _, _, a in calls),
+            # sums over the calls of the teachers' own queue and forward time
+            "queue_ms": round(sum(a.queue_ms or 0.0 for _, _, a in calls), 4),
+            "compute_ms": round(sum(a.compute_ms or 0.0 for _, _, a in calls), 4),
+        }
+    )
+    return params
+
+
+def _kept(f: _Fanout, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return outputs if f.keep is None else {k: a for k, a in outputs.items() if k in f.keep}
+
+
+def _idle(f: _Fanout, reg: Registry) -> list[str]:
+    """The registered teachers that got no rows."""
+    busy = {name for name, _, _ in f.called}
+    return [t.name for t in reg.teachers if t.name not in busy]
+
+
+async def _gather(calls: list[Awaitable[TeacherAnswer]]) -> list[TeacherAnswer]:
+    if len(calls) == 1:  # one teacher has every row: no tasks to schedule
+        return [await calls[0]]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)  # type: ignore[arg-type]
+
+
+def _merged(f: _Fanout, reg: Registry, answers: list[TeacherAnswer]) -> RouterResult:
+    """Every call answered: the merged outputs and the request's parameters."""
+    fanned = time.perf_counter()
+    answers = [_checked(f, i, a) for i, a in enumerate(answers)]
+    d = f.x.shape[1]
+    by_index = {k: ans for (_, k, _), ans in zip(f.called, answers, strict=True) if k >= 0}
+    if f.policy != "average" and len(by_index) == 1:
+        v_np = next(iter(by_index.values())).v  # one teacher has every row, in order: no merge copy
+    else:
+        empty = torch.empty(0, d)
+        v_np = routing.merge_answers(
+            f.assignment,
+            f.rows,
+            [
+                torch.from_numpy(by_index[k].v) if k in by_index else empty
+                for k in range(len(reg.teachers))
+            ],
+            d,
+        ).numpy()
+    outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": f.assignment.numpy().astype(np.int32)}
+    if f.anchor is not None:
+        outputs["v_anchor"] = answers[-1].v
+    params: dict[str, Any] = {"policy": f.policy, "teachers": ",".join(reg.names)}
+    if f.anchor is not None:
+        params["anchor"] = f.anchor.name
+    calls = [(name, n, ans) for (name, _, n), ans in zip(f.called, answers, strict=True)]
+    params.update(_costs(f, calls, _idle(f, reg)))
+    done = time.perf_counter()
+    params["fanout_ms"] = round((fanned - f.routed) * 1e3, 4)  # wall time of the calls
+    params["route_ms"] = round(((f.routed - f.received) + (done - fanned)) * 1e3, 4)  # own work
+    return RouterResult(_kept(f, outputs), params)
+
+
 async def route_and_call(
     msg: InferMessage,
     reg: Registry,
@@ -173,114 +345,71 @@ async def route_and_call(
         TeacherUnavailable / TeacherRejected: from ``call`` (503 / the teacher's 4xx).
     """
     received = time.perf_counter() if received is None else received
-    x, t, route, c = _validate(msg)
-    unknown = sorted(set(msg.outputs) - set(OUTPUTS))
-    if unknown:
-        raise InputError(f"unknown output(s) {unknown}; opd-router returns {', '.join(OUTPUTS)}")
-    policy = msg.parameters.get("policy", reg.policy)
-    if policy not in routing.POLICIES:
-        raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(routing.POLICIES)}")
-    if not reg.teachers:
-        raise RegistryError("no teachers are registered; add one with PUT /v1/teachers/{name}")
+    f = _fan_out(msg, reg, call, deadline, received)
+    return _merged(f, reg, await _gather(f.calls))
+
+
+async def route_parts(
+    msg: InferMessage,
+    reg: Registry,
+    call: TeacherCall,
+    deadline: float,
+    received: float | None = None,
+) -> AsyncIterator[RouterPart]:
+    """:func:`route_and_call`, answered teacher by teacher: one :class:`RouterPart` per teacher
+    with rows, each as soon as that teacher (and the anchor, which every row needs) has
+    answered, so a caller can use the first teacher's rows while the others still compute.
+
+    The ``average`` policy (every row needs every teacher) and a request that one teacher
+    answers entirely give one part with ``rows=None``, exactly :func:`route_and_call`'s answer.
+    Each part's parameters hold its own calls' costs (``requests``, bytes, queue and compute);
+    the last part also the anchor's, the teachers without rows, ``route_ms`` and ``fanout_ms``
+    (the whole request's), so summing over parts gives the request's totals. After a part is
+    out, a failing call raises as in :func:`route_and_call`; the parts already out stay valid.
+    """
+    received = time.perf_counter() if received is None else received
+    f = _fan_out(msg, reg, call, deadline, received)
+    teachers = [i for i, (_, k, _) in enumerate(f.called) if k >= 0]
+    if f.policy == "average" or len(teachers) == 1:
+        result = _merged(f, reg, await _gather(f.calls))
+        yield RouterPart(None, result.outputs, result.parameters)
+        return
+
+    tasks = [asyncio.ensure_future(c) for c in f.calls]
+    anchor = tasks[-1] if f.anchor is not None else None
+    waiting, left = set(tasks), list(teachers)
     try:
-        reg.check(policy)
-    except RegistryError as exc:
-        raise InputError(str(exc)) from None
-    anchor = _anchor_request(msg, reg)
-    b, d = x.shape
-
-    try:
-        assignment = routing.assign(
-            policy,
-            torch.from_numpy(x),
-            reg.centers,
-            None if route is None else torch.from_numpy(route),
-        )
-    except routing.RoutingError as exc:
-        raise InputError(str(exc)) from None
-    rows = routing.rows_by_teacher(assignment, len(reg.teachers))
-
-    # One request per teacher that has rows, plus the anchor on every row; all concurrently.
-    called: list[tuple[str, int, int]] = []  # (name, index or -1 for the anchor, rows)
-    calls = []
-    for k, (teacher, idx) in enumerate(zip(reg.teachers, rows, strict=True)):
-        n = int(idx.numel())
-        if n == 0:
-            continue
-        inputs = {"x": _rows(x, idx, n == b), "t": _rows(t, idx, n == b)}
-        if c is not None:
-            inputs["c"] = _rows(c, idx, n == b)
-        calls.append(call(teacher, inputs, deadline))
-        called.append((teacher.name, k, n))
-    if anchor is not None:
-        inputs = {"x": x, "t": t} if c is None else {"x": x, "t": t, "c": c}
-        calls.append(call(anchor, inputs, deadline))
-        called.append((anchor.name, -1, b))
-    routed = time.perf_counter()
-    if len(calls) == 1:  # one teacher has every row: no tasks to schedule
-        answers: list[TeacherAnswer] = [await calls[0]]
-    else:
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        answers = list(results)  # type: ignore[arg-type]
-    fanned = time.perf_counter()
-    for (name, _, n), ans in zip(called, answers, strict=True):
-        if ans.v.shape != (n, d):
-            raise TeacherFault(
-                f"teacher {name!r} answered v of shape {list(ans.v.shape)} for "
-                f"{n} rows of dimension {d}"
-            )
-
-    by_index = {k: ans for (_, k, _), ans in zip(called, answers, strict=True) if k >= 0}
-    if policy != "average" and len(by_index) == 1:
-        v_np = next(iter(by_index.values())).v  # one teacher has every row, in order: no merge copy
-    else:
-        empty = torch.empty(0, d)
-        v_np = routing.merge_answers(
-            assignment,
-            rows,
-            [
-                torch.from_numpy(by_index[k].v) if k in by_index else empty
-                for k in range(len(reg.teachers))
-            ],
-            d,
-        ).numpy()
-    outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": assignment.numpy().astype(np.int32)}
-    if anchor is not None:
-        outputs["v_anchor"] = answers[-1].v
-    if msg.outputs:  # only what was asked (v_anchor is asked for by naming an anchor, too)
-        keep = set(msg.outputs) | ({"v_anchor"} if anchor is not None else set())
-        outputs = {k: a for k, a in outputs.items() if k in keep}
-
-    params: dict[str, Any] = {"policy": policy, "teachers": ",".join(reg.names)}
-    if anchor is not None:
-        params["anchor"] = anchor.name
-    rows_of = {name: n for name, _, n in called}
-    for teacher in reg.teachers:
-        if teacher.name not in rows_of:
-            params.update(call_parameters(teacher.name, 0, None))
-    queue = compute = 0.0
-    for (name, _, n), ans in zip(called, answers, strict=True):
-        params.update(call_parameters(name, n, ans))
-        queue += ans.queue_ms or 0.0
-        compute += ans.compute_ms or 0.0
-    done = time.perf_counter()
-    params.update(
-        {
-            "requests": len(calls),
-            "teacher_bytes_sent": sum(a.sent for a in answers),
-            "teacher_bytes_received": sum(a.received for a in answers),
-            "queue_ms": round(queue, 4),  # sum over teacher calls of the teachers' own queue time
-            "compute_ms": round(compute, 4),  # ... and of their forward time
-            "fanout_ms": round((fanned - routed) * 1e3, 4),  # wall time of the concurrent calls
-            "route_ms": round(
-                (routed - received) * 1e3 + (done - fanned) * 1e3, 4
-            ),  # router's own work
-        }
-    )
-    return RouterResult(outputs, params)
+        while left:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a failed call fails the rest of the request
+            if anchor is not None and not anchor.done():
+                continue
+            v_anchor = None if anchor is None else _checked(f, len(tasks) - 1, anchor.result()).v
+            for i in [i for i in left if tasks[i].done()]:
+                left.remove(i)
+                name, k, n = f.called[i]
+                ans = _checked(f, i, tasks[i].result())
+                idx = f.rows[k].numpy()
+                outputs = {"v": ans.v, "teacher": np.full(n, k, dtype=np.int32)}
+                calls = [(name, n, ans)]
+                params: dict[str, Any] = {"policy": f.policy, "teachers": ",".join(reg.names)}
+                if v_anchor is not None:
+                    outputs["v_anchor"] = v_anchor[idx]
+                if not left:  # the last part carries the request-wide costs
+                    if f.anchor is not None:
+                        params["anchor"] = f.anchor.name
+                        calls.append((f.anchor.name, len(f.x), anchor.result()))  # type: ignore[union-attr]
+                    now = time.perf_counter()
+                    params["fanout_ms"] = round((now - f.routed) * 1e3, 4)
+                    params["route_ms"] = round((f.routed - f.received) * 1e3, 4)
+                params.update(_costs(f, calls, _idle(f, reg) if not left else []))
+                yield RouterPart(idx, _kept(f, outputs), params, last=not left)
+    finally:
+        for task in waiting:
+            task.cancel()
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
 
 
 class TeacherFault(Exception):

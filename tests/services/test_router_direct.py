@@ -77,6 +77,46 @@ def test_in_client_routing_equals_the_router(cluster: dict[str, Service], policy
         assert p[f"{name}.replica"] == cluster[name].url  # called directly, not via the router
 
 
+@pytest.mark.parametrize("policy", ["nearest", "average"])
+def test_parts_teacher_by_teacher_add_up_to_the_whole_answer(
+    cluster: dict[str, Service], policy: str
+) -> None:
+    """``infer_parts``: one part per teacher with rows (each row in exactly one), anchor rows
+    included; together they are ``infer``'s answer and its costs. Average needs every teacher
+    on every row: one part."""
+    x, t = states(1536, seed=6)
+    outputs = ["v", "teacher", "v_anchor"]
+
+    async def both():
+        async with DirectRouter(cluster["router"].url) as direct:
+            whole = await direct.infer({"x": x, "t": t}, outputs, {"policy": policy})
+            parts = [
+                p async for p in direct.infer_parts({"x": x, "t": t}, outputs, {"policy": policy})
+            ]
+            return whole, parts
+
+    whole, parts = asyncio.run(both())
+    assert [p.last for p in parts] == [False] * (len(parts) - 1) + [True]
+    if policy == "average":
+        assert len(parts) == 1 and parts[0].rows is None
+        got = parts[0].outputs
+    else:
+        assert len(parts) == 2
+        rows = np.concatenate([p.rows for p in parts])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(1536))
+        got = {k: np.empty_like(a) for k, a in whole.outputs.items()}
+        for part in parts:
+            assert len(set(part.outputs["teacher"].tolist())) == 1  # one teacher's rows
+            for k, a in part.outputs.items():
+                got[k][part.rows] = a
+    np.testing.assert_array_equal(got["teacher"], whole.outputs["teacher"])
+    np.testing.assert_allclose(got["v"], whole.outputs["v"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got["v_anchor"], whole.outputs["v_anchor"], atol=1e-6, rtol=0)
+    for key in ("requests", "teacher_bytes_sent"):  # (answers' JSON headers vary in length)
+        assert sum(p.parameters[key] for p in parts) == whole.parameters[key]
+    assert "route_ms" in parts[-1].parameters and "base.rows" in parts[-1].parameters
+
+
 def test_bad_input_and_non_http_registry_are_refused(cluster: dict[str, Service]) -> None:
     from services.router.fanout import InputError
 

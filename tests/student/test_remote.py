@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +174,47 @@ def test_last_state_of_a_step_is_sent_without_waiting_for_a_full_chunk(cluster):
         assert len(client._inflight) == 1  # sent before anyone collects
         [(answers, cost)] = list(client.collect_parts())
     assert [a.v.shape for a in answers] == [(128, 2), (128, 2)] and cost.requests == 1
+
+
+def test_in_client_routing_answers_teacher_by_teacher_and_retries_only_the_rest(tiny_models):
+    """Routed in the client, each teacher's rows come as one group naming them; when teacher
+    ``a`` is down (SIGKILL, back on its port later), the request is retried and every state is
+    still answered exactly once, with the answers of a healthy cluster."""
+    from student.clients import in_submit_order
+    from student.remote import HttpTeacherClient
+
+    gen = torch.Generator().manual_seed(3)
+    x, t = torch.randn(256, 2, generator=gen) * 2.0, torch.full((256,), 0.4)
+    with (
+        start_cluster(tiny_models) as c,
+        HttpTeacherClient(
+            c.router_url, ["a", "b"], routing="client", retries=10, backoff_s=0.2, timeout_s=3.0
+        ) as client,
+    ):
+        client.submit(x, t, last=True)
+        healthy = list(client.collect_parts())
+        assert len(healthy) == 2  # one group per teacher, each naming its rows
+        assert all(len(g) == 1 and g[0].rows is not None for g, _ in healthy)
+        assert sum(cost.requests for _, cost in healthy) == 1
+        want = in_submit_order([g[0] for g, _ in healthy])
+
+        url = c.services["a"].url
+        c.services["a"].kill()
+        restart = threading.Timer(
+            1.0,
+            lambda: c.services.__setitem__(
+                "a",
+                start_service(
+                    teacher_cmd(checkpoint_path(tiny_models, "a"), port=int(url.rsplit(":", 1)[1]))
+                ),
+            ),
+        )
+        restart.start()
+        client.submit(x, t, last=True)
+        groups = list(client.collect_parts())
+        restart.join()
+    print("GROUPS", [(len(g[0].v), int(g[0].teacher[0]), c.requests) for g, c in groups])
+    got = in_submit_order([a for g, _ in groups for a in g])  # raises unless rows cover once
+    assert torch.equal(got.teacher, want.teacher)
+    assert float((got.v - want.v).abs().max()) <= 1e-6
+    assert sum(cost.states for _, cost in groups) == 256

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from common.checkpoint import read_model
-from student.clients import LocalTeacherClient, QueryCost, TeacherUnavailable
+from student.clients import (
+    Answer,
+    LocalTeacherClient,
+    QueryCost,
+    TeacherUnavailable,
+    in_submit_order,
+)
 from student.commands import local_client
 from student.models import BASE_NAME, load_named
 from student.report import COUNT_KEYS, METRIC_KEYS, TIMING_KEYS
@@ -123,27 +129,47 @@ class _PerSubmitClient(LocalTeacherClient):
             yield [answer], cost if k == 0 else QueryCost()
 
 
+class _PerTeacherClient(_PerSubmitClient):
+    """The in-process teachers, answering each teacher's rows of the step as one group that
+    names its rows (as in-client routing does), the last teacher's first."""
+
+    def collect_parts(self):
+        [(answers, cost)] = LocalTeacherClient.collect_parts(self)
+        whole = in_submit_order(answers)
+        for k in sorted(set(whole.teacher.tolist()), reverse=True):
+            rows = torch.nonzero(whole.teacher == k).flatten()
+            va = None if whole.v_anchor is None else whole.v_anchor[rows]
+            yield [Answer(whole.v[rows], whole.teacher[rows], va, rows)], cost
+            cost = QueryCost()
+
+
 def _student_params(path):
     net, _ = read_model(path)
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
+@pytest.mark.parametrize("grouping", [_PerSubmitClient, _PerTeacherClient])
 @pytest.mark.parametrize("method", ["diffusionopd", "flowopd"])
-def test_update_by_groups_equals_one_batch(tiny_models, tmp_path, method):
-    """Regressing group by group as answers arrive ends where one-batch regression ends."""
+def test_update_by_groups_equals_one_batch(tiny_models, tmp_path, method, grouping):
+    """Regressing group by group as answers arrive (per request, or per teacher's rows) ends
+    where one-batch regression ends."""
     cfg = TrainConfig(method=method, teachers=["a", "b"], steps=4, eval_samples=100)
     run(tiny_models, tmp_path / "one", method, steps=4, eval_samples=100)
     student, _ = load_named(tiny_models, BASE_NAME)
     inner = local_client(tiny_models, ["a", "b"], "router", anchor=method == "flowopd")
-    with _PerSubmitClient(inner) as client:
+    with grouping(inner) as client:
         rep = train(cfg, student, client, tmp_path / "groups", progress=False)
     one = _student_params(tmp_path / "one" / "student.safetensors")
     groups = _student_params(tmp_path / "groups" / "student.safetensors")
-    assert float((one - groups).abs().max()) <= 1e-6
+    # Float rounding only (the groups sum in another order). Adam's normalised step can turn an
+    # ulp in a near-zero gradient into ~1e-6 of one weight: seen 1.04e-6 on 1 of 35,714 weights
+    # after 4 Flow-OPD steps grouped per teacher, every other weight within 1e-7.
+    assert float((one - groups).abs().max()) <= 2e-6
     assert rep["counts"]["teacher_queries"] == 4 * 1536
     trace = json.loads((tmp_path / "groups" / "trace.json").read_text())
     waits = [e for e in trace["traceEvents"] if e["name"] == "wait for teachers"]
-    assert len(waits) == 4 * 12  # one wait per group (12 rollout states per dense step)
+    # one wait per group: 12 rollout states per dense step, or teachers a and b
+    assert len(waits) == 4 * (12 if grouping is _PerSubmitClient else 2)
 
 
 def test_failed_step_resumes_to_the_uninterrupted_student(tiny_models, tmp_path):
