@@ -364,8 +364,10 @@ async def route_parts(
     answers entirely give one part with ``rows=None``, exactly :func:`route_and_call`'s answer.
     Each part's parameters hold its own calls' costs (``requests``, bytes, queue and compute);
     the last part also the anchor's, the teachers without rows, ``route_ms`` and ``fanout_ms``
-    (the whole request's), so summing over parts gives the request's totals. After a part is
-    out, a failing call raises as in :func:`route_and_call`; the parts already out stay valid.
+    (the whole request's), so summing over parts gives the request's totals. A teacher whose
+    call fails raises as in :func:`route_and_call`, but only after the other teachers' parts are
+    out (they stay valid: a retry needs only the failed teacher's rows); an anchor that fails
+    raises at once.
     """
     received = time.perf_counter() if received is None else received
     f = _fan_out(msg, reg, call, deadline, received)
@@ -378,11 +380,18 @@ async def route_parts(
     tasks = [asyncio.ensure_future(c) for c in f.calls]
     anchor = tasks[-1] if f.anchor is not None else None
     waiting, left = set(tasks), list(teachers)
+    failed: BaseException | None = None
     try:
         while left:
             done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()  # a failed call fails the rest of the request
+                if task is anchor:
+                    task.result()  # every row needs the anchor: nothing more can be answered
+                elif task.exception() is not None:
+                    # the other teachers' rows are still worth having: the caller asks again
+                    # only for this teacher's
+                    failed = failed or task.exception()
+                    left.remove(tasks.index(task))
             if anchor is not None and not anchor.done():
                 continue
             v_anchor = None if anchor is None else _checked(f, len(tasks) - 1, anchor.result()).v
@@ -396,15 +405,18 @@ async def route_parts(
                 params: dict[str, Any] = {"policy": f.policy, "teachers": ",".join(reg.names)}
                 if v_anchor is not None:
                     outputs["v_anchor"] = v_anchor[idx]
-                if not left:  # the last part carries the request-wide costs
+                final = not left and failed is None  # it carries the request-wide costs
+                if final:
                     if f.anchor is not None:
                         params["anchor"] = f.anchor.name
                         calls.append((f.anchor.name, len(f.x), anchor.result()))  # type: ignore[union-attr]
                     now = time.perf_counter()
                     params["fanout_ms"] = round((now - f.routed) * 1e3, 4)
                     params["route_ms"] = round((f.routed - f.received) * 1e3, 4)
-                params.update(_costs(f, calls, _idle(f, reg) if not left else []))
-                yield RouterPart(idx, _kept(f, outputs), params, last=not left)
+                params.update(_costs(f, calls, _idle(f, reg) if final else []))
+                yield RouterPart(idx, _kept(f, outputs), params, last=final)
+        if failed is not None:
+            raise failed
     finally:
         for task in waiting:
             task.cancel()
