@@ -61,6 +61,12 @@ class TrainSettings(BaseSettings):
         description="http: route through the router process, or in the trainer from the "
         "router's watched registry, calling teachers directly (no router hop)",
     )
+    by_teacher: bool = Field(
+        True,
+        description="http with --routing client: regress on each teacher's rows as soon as "
+        "that teacher answers (off: one answer per request, summed in a fixed order, for "
+        "bitwise-reproducible runs with several requests per step)",
+    )
     stream_chunk: int = Field(
         12,
         ge=1,
@@ -127,6 +133,7 @@ def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
             retries=s.retries,
             spin_wait_s=s.spin_wait_ms / 1e3,
             routing=s.routing,
+            by_teacher=s.by_teacher,
         )
     except (ValueError, TeacherUnavailable) as exc:
         raise UsageError(str(exc)) from None

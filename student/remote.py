@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -28,7 +28,7 @@ import torch
 from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
 from common.http1 import Http1Client, HttpClientError
 from services.router.direct import DirectRouter
-from services.router.fanout import InputError, TeacherFault
+from services.router.fanout import InputError, RouterPart, TeacherFault
 from services.router.pool import TeacherRejected
 from services.router.pool import TeacherUnavailable as PoolUnavailable
 from services.router.registry import RegistryError
@@ -140,11 +140,14 @@ class HttpTeacherClient(TeacherClient):
         backoff_s: float = 0.2,
         routing: str = "router",
         spin_wait_s: float = 0.0,
+        by_teacher: bool = True,
     ) -> None:
         """``routing``: ``router`` sends every request through the router; ``client`` routes
         here with the router's (watched) registry and calls the teachers directly (see
         :mod:`services.router.direct`): no router hop, same answers. ``spin_wait_s``: how long
-        :meth:`collect_parts` busy-waits for an answer before sleeping (0: sleep at once)."""
+        :meth:`collect_parts` busy-waits for an answer before sleeping (0: sleep at once).
+        ``by_teacher`` (routing here): hand over each teacher's rows of a request as soon as
+        that teacher has answered; off, one answer per request."""
         if routing not in ROUTING:
             raise ValueError(f"routing must be one of {', '.join(ROUTING)}, got {routing!r}")
         self.url = router_url.rstrip("/")
@@ -165,7 +168,7 @@ class HttpTeacherClient(TeacherClient):
         self.anchor = anchors[0] if anchor else None
         self.policy, self.stream_chunk = policy, max(1, stream_chunk)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.spin_wait_s = spin_wait_s
+        self.spin_wait_s, self.by_teacher = spin_wait_s, by_teacher
         self._outputs = ["v", "teacher"] + (["v_anchor"] if anchor else [])
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._inflight: list[_Request] = []
@@ -369,7 +372,7 @@ class HttpTeacherClient(TeacherClient):
             sub = inputs if todo is None else {k: a[todo] for k, a in inputs.items()}
             queue_s = compute_s = 0.0  # over this attempt's parts, for its span
             try:
-                async for part in direct.infer_parts(sub, self._outputs, params):
+                async for part in self._parts(direct, sub, params):
                     out, p = part.outputs, part.parameters
                     rows = part.rows if todo is None or part.rows is None else todo[part.rows]
                     if rows is None:
@@ -396,6 +399,18 @@ class HttpTeacherClient(TeacherClient):
                 raise TeacherRequestError(f"in-client routing via {self.url}: {exc}") from exc
 
         await self._retrying(attempt, f"(in-client routing, registry of {self.url})")
+
+    async def _parts(
+        self, direct: DirectRouter, inputs: dict[str, np.ndarray], params: dict | None
+    ) -> AsyncIterator[RouterPart]:
+        """The request's answer from ``direct``: teacher by teacher, or (``by_teacher`` off)
+        as one part."""
+        if self.by_teacher:
+            async for part in direct.infer_parts(inputs, self._outputs, params):
+                yield part
+        else:
+            res = await direct.infer(inputs, self._outputs, params)
+            yield RouterPart(None, res.outputs, res.parameters)
 
     def _decode(
         self,
