@@ -48,12 +48,12 @@ def run(
     stream_chunk: int,
     routing: str = "router",
     spin_wait_ms: float = 0.0,
-    by_teacher: bool = True,
+    update_groups: str = "ready",
 ) -> dict:
     s = TrainSettings(
         routing=routing,
         spin_wait_ms=spin_wait_ms,
-        by_teacher=by_teacher,
+        update_groups=update_groups,
         method=method,
         backend=backend,
         router_url=router_url,
@@ -116,24 +116,27 @@ def main() -> int:
             chunks = (
                 args.stream_chunk[:1] if method == "danceopd" else args.stream_chunk
             )  # 1 query/step
-            # (label, backend, stream chunk, routing, spin-wait ms, by teacher): the router hop
-            # at each chunk size, and in-client routing (no router hop) at the first: answers
-            # teacher by teacher (the default) or per request, the trainer sleeping on its
-            # answers (the default) or spinning on them
+            # (label, backend, stream chunk, routing, spin-wait ms, update groups): the router
+            # hop and in-client routing (no router hop) at each chunk size, and at the first
+            # also in-client with one update per request instead of per answers ready (the
+            # default) and with the trainer spinning on its answers instead of sleeping
             c0, spin = chunks[0], args.spin_wait_ms
             plan = [
-                ("local", "local", 1, "router", 0.0, True),
-                *((f"http, chunk {c}", "http", c, "router", 0.0, True) for c in chunks),
-                (f"http in-client, chunk {c0}", "http", c0, "client", 0.0, True),
-                (f"http in-client, chunk {c0}, per request", "http", c0, "client", 0.0, False),
-                (f"http in-client, chunk {c0}, spin-wait", "http", c0, "client", spin, True),
+                ("local", "local", 1, "router", 0.0, "ready"),
+                *((f"http, chunk {c}", "http", c, "router", 0.0, "ready") for c in chunks),
+                *(
+                    (f"http in-client, chunk {c}", "http", c, "client", 0.0, "ready")
+                    for c in chunks
+                ),
+                (f"http in-client, chunk {c0}, per request", "http", c0, "client", 0.0, "request"),
+                (f"http in-client, chunk {c0}, spin-wait", "http", c0, "client", spin, "ready"),
             ]
             variants = [label for label, *_ in plan]
             reps: dict[str, list[dict]] = {v: [] for v in variants}
             # Rounds alternate the variants so that the machine's drift (±30% between minutes on
             # this VM) hits every variant alike; each figure is the median over rounds.
             for r in range(args.rounds):
-                for v, backend, chunk, routing, spin_ms, by_teacher in plan:
+                for v, backend, chunk, routing, spin_ms, groups in plan:
                     name = v.replace(", ", "-").replace(" ", "-")
                     reps[v].append(
                         run(
@@ -146,7 +149,7 @@ def main() -> int:
                             chunk,
                             routing,
                             spin_ms,
-                            by_teacher,
+                            groups,
                         )
                     )
             med = {

@@ -61,11 +61,11 @@ class TrainSettings(BaseSettings):
         description="http: route through the router process, or in the trainer from the "
         "router's watched registry, calling teachers directly (no router hop)",
     )
-    by_teacher: bool = Field(
-        True,
-        description="http with --routing client: regress on each teacher's rows as soon as "
-        "that teacher answers (off: one answer per request, summed in a fixed order, for "
-        "bitwise-reproducible runs with several requests per step)",
+    update_groups: Literal["ready", "request"] = Field(
+        "ready",
+        description="http: each update of a step takes every answer that is in (ready; with "
+        "--routing client each teacher's rows come as soon as that teacher answers), or one "
+        "request's answer at a time in submit order (request: bitwise-reproducible runs)",
     )
     stream_chunk: int = Field(
         12,
@@ -133,7 +133,7 @@ def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
             retries=s.retries,
             spin_wait_s=s.spin_wait_ms / 1e3,
             routing=s.routing,
-            by_teacher=s.by_teacher,
+            update_groups=s.update_groups,
         )
     except (ValueError, TeacherUnavailable) as exc:
         raise UsageError(str(exc)) from None

@@ -13,6 +13,7 @@ network; only the waits in :meth:`collect_parts` are exposed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
 import queue
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
@@ -44,12 +46,22 @@ from student.clients import (
 ROUTER_MODEL = "opd-router"
 #: where a request is routed: through the router process, or in this client
 ROUTING = ("router", "client")
+#: what one group of :meth:`HttpTeacherClient.collect_parts` holds
+UPDATE_GROUPS = ("ready", "request")
 #: Statuses worth another attempt: the request is idempotent and the cause may pass.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 # connection refused/reset, protocol errors, timeouts: the request is idempotent, try again
 RETRY_ERRORS = (HttpClientError, OSError, asyncio.TimeoutError)
 # in-client routing: no live replica, an unusable answer, or a registry in transit may pass
 DIRECT_RETRY_ERRORS = (PoolUnavailable, TeacherFault, RegistryError, asyncio.TimeoutError)
+
+
+def _poll(parts: queue.SimpleQueue) -> Any:
+    """The next item on ``parts`` if one is there, else None."""
+    try:
+        return parts.get_nowait()
+    except queue.Empty:
+        return None
 
 
 class _Retry(Exception):
@@ -140,14 +152,19 @@ class HttpTeacherClient(TeacherClient):
         backoff_s: float = 0.2,
         routing: str = "router",
         spin_wait_s: float = 0.0,
-        by_teacher: bool = True,
+        update_groups: str = "ready",
     ) -> None:
         """``routing``: ``router`` sends every request through the router; ``client`` routes
         here with the router's (watched) registry and calls the teachers directly (see
         :mod:`services.router.direct`): no router hop, same answers. ``spin_wait_s``: how long
         :meth:`collect_parts` busy-waits for an answer before sleeping (0: sleep at once).
-        ``by_teacher`` (routing here): hand over each teacher's rows of a request as soon as
-        that teacher has answered; off, one answer per request."""
+        ``update_groups``: ``ready`` hands :meth:`collect_parts`' caller every answer that is in
+        as one group (routing here, each teacher's rows come as soon as that teacher has
+        answered); ``request``: one group per request, in submit order, whatever the timing."""
+        if update_groups not in UPDATE_GROUPS:
+            raise ValueError(
+                f"update_groups must be one of {', '.join(UPDATE_GROUPS)}, got {update_groups!r}"
+            )
         if routing not in ROUTING:
             raise ValueError(f"routing must be one of {', '.join(ROUTING)}, got {routing!r}")
         self.url = router_url.rstrip("/")
@@ -168,7 +185,7 @@ class HttpTeacherClient(TeacherClient):
         self.anchor = anchors[0] if anchor else None
         self.policy, self.stream_chunk = policy, max(1, stream_chunk)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.spin_wait_s, self.by_teacher = spin_wait_s, by_teacher
+        self.spin_wait_s, self.ready = spin_wait_s, update_groups == "ready"
         self._outputs = ["v", "teacher"] + (["v_anchor"] if anchor else [])
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._inflight: list[_Request] = []
@@ -203,23 +220,38 @@ class HttpTeacherClient(TeacherClient):
             self._flush()
 
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
-        """One group per request, or per teacher's share of a request when routing here, each
-        as soon as it is answered (the rest still in flight)."""
+        """Groups of answers as they come in, the rest still in flight: with ``update_groups``
+        ``ready`` each group is everything that is in when the caller asks (waiting only when
+        nothing is), so a trainer that is busy when answers land takes them in one update and
+        one that waits takes the first teacher's rows alone; with ``request``, one group per
+        request."""
         self._flush()
         pending, self._inflight, self._offset = self._inflight, [], 0
+        reqs = collections.deque(pending)
         try:
-            for req in pending:
-                while (item := self._next(req.parts)) is not _END:
-                    reply, rows = item
-                    yield self._answers(reply, req, rows), self._cost(reply)
-                assert req.fut is not None
-                req.fut.result()  # raises the request's failure, if it failed
+            while reqs:
+                group: list[tuple[_Request, _Reply, np.ndarray | None]] = []
+                while reqs:
+                    req = reqs[0]
+                    item = self._next(req.parts) if not group else _poll(req.parts)
+                    if item is None:  # nothing more is in yet
+                        break
+                    if item is _END:
+                        assert req.fut is not None
+                        req.fut.result()  # raises the request's failure, if it failed
+                        reqs.popleft()
+                        if not self.ready and group:
+                            break
+                        continue
+                    group.append((req, *item))
+                if group:
+                    yield self._group(group)
         finally:
             # After a failure (or an abandoned iteration) wait for the rest, so no request of
             # this step is still running when the trainer checkpoints or retries the step.
             concurrent.futures.wait([r.fut for r in pending if r.fut is not None])
 
-    def _next(self, parts: queue.SimpleQueue):
+    def _next(self, parts: queue.SimpleQueue) -> Any:
         """The next item on ``parts``, busy-waiting up to ``spin_wait_s`` before sleeping on it.
 
         A trainer that sleeps through the teachers' few milliseconds comes back to a core the
@@ -235,20 +267,38 @@ class HttpTeacherClient(TeacherClient):
                 os.sched_yield()
         return parts.get()
 
+    def _group(
+        self, items: list[tuple[_Request, _Reply, np.ndarray | None]]
+    ) -> tuple[list[Answer], QueryCost]:
+        """One group from answers ``(request, reply, rows of the request or None: all)``: a
+        whole request's answer split back into its submitted batches, else one answer naming
+        its rows of the step."""
+        cost = QueryCost()
+        for _, reply, _ in items:
+            cost.add(self._cost(reply))
+        if len(items) == 1 and items[0][2] is None:
+            return self._answers(items[0][1], items[0][0]), cost
+
+        def cat(arrays: list[np.ndarray]) -> torch.Tensor:
+            return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+
+        replies = [reply for _, reply, _ in items]
+        anchors = [r.v_anchor for r in replies]
+        rows = [
+            req.offset + (np.arange(len(reply.v)) if rows is None else rows)
+            for req, reply, rows in items
+        ]
+        answer = Answer(
+            cat([r.v for r in replies]),
+            cat([r.teacher for r in replies]),
+            None if anchors[0] is None else cat(anchors),  # type: ignore[arg-type]
+            cat(rows),
+        )
+        return [answer], cost
+
     @staticmethod
-    def _answers(reply: _Reply, req: _Request, rows: np.ndarray | None) -> list[Answer]:
-        """Split one request's answer back into the batches it was submitted as; a teacher's
-        share (``rows`` of the request) is one answer naming its rows of the step."""
-        if rows is not None:
-            va = None if reply.v_anchor is None else torch.from_numpy(reply.v_anchor)
-            return [
-                Answer(
-                    torch.from_numpy(reply.v),
-                    torch.from_numpy(reply.teacher),
-                    va,
-                    torch.from_numpy(rows + req.offset),
-                )
-            ]
+    def _answers(reply: _Reply, req: _Request) -> list[Answer]:
+        """Split one request's answer back into the batches it was submitted as."""
         sizes = req.sizes
         v, k = torch.from_numpy(reply.v).split(sizes), torch.from_numpy(reply.teacher).split(sizes)
         va = (
@@ -403,9 +453,9 @@ class HttpTeacherClient(TeacherClient):
     async def _parts(
         self, direct: DirectRouter, inputs: dict[str, np.ndarray], params: dict | None
     ) -> AsyncIterator[RouterPart]:
-        """The request's answer from ``direct``: teacher by teacher, or (``by_teacher`` off)
-        as one part."""
-        if self.by_teacher:
+        """The request's answer from ``direct``: teacher by teacher, or (``update_groups``
+        ``request``) as one part."""
+        if self.ready:
             async for part in direct.infer_parts(inputs, self._outputs, params):
                 yield part
         else:

@@ -177,7 +177,7 @@ def test_last_state_of_a_step_is_sent_without_waiting_for_a_full_chunk(cluster):
 
 
 def test_in_client_routing_answers_teacher_by_teacher_and_retries_only_the_rest(tiny_models):
-    """Routed in the client, each teacher's rows come as one group naming them; when teacher
+    """Routed in the client, answers come in groups naming their rows; when teacher
     ``a`` is down (SIGKILL, back on its port a second later), ``b``'s rows still come at once,
     the retries ask for ``a``'s rows only, and every state is answered exactly once, with the
     answers of a healthy cluster."""
@@ -193,8 +193,7 @@ def test_in_client_routing_answers_teacher_by_teacher_and_retries_only_the_rest(
         ) as client,
     ):
         client.submit(x, t, last=True)
-        healthy = list(client.collect_parts())
-        assert len(healthy) == 2  # one group per teacher, each naming its rows
+        healthy = list(client.collect_parts())  # teacher by teacher, or both if both are in
         assert all(len(g) == 1 and g[0].rows is not None for g, _ in healthy)
         assert sum(cost.requests for _, cost in healthy) == 1
         want = in_submit_order([g[0] for g, _ in healthy])
@@ -220,3 +219,28 @@ def test_in_client_routing_answers_teacher_by_teacher_and_retries_only_the_rest(
     assert torch.equal(got.teacher, want.teacher)
     assert float((got.v - want.v).abs().max()) <= 1e-6
     assert sum(cost.states for _, cost in groups) == 256
+
+
+def test_update_groups_request_gives_one_group_per_request_in_submit_order(cluster):
+    """``update_groups="request"``: whatever the timing, one group per request, its batches in
+    submit order, with the answers that ``ready`` groups give."""
+    from student.clients import in_submit_order
+    from student.remote import HttpTeacherClient
+
+    gen = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(64, 2, generator=gen) * 2.0, torch.full((64,), s)) for s in (0.9, 0.5)]
+    got = {}
+    for groups in ("request", "ready"):
+        with HttpTeacherClient(
+            cluster.router_url, ["a", "b"], routing="client", update_groups=groups
+        ) as client:
+            for x, t in batches:
+                client.submit(x, t)  # stream_chunk 1: one request each
+            time.sleep(0.5)  # every answer is in before collecting: "ready" takes them at once
+            got[groups] = list(client.collect_parts())
+    assert [[a.rows for a in g] for g, _ in got["request"]] == [[None], [None]]
+    assert len(got["ready"]) == 1  # everything was in: one group
+    ready = in_submit_order(got["ready"][0][0])
+    request = in_submit_order([a for g, _ in got["request"] for a in g])
+    assert torch.equal(ready.teacher, request.teacher)
+    assert torch.equal(ready.v, request.v)
