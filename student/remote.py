@@ -33,7 +33,7 @@ from services.router.direct import DirectRouter
 from services.router.fanout import InputError, RouterPart, TeacherFault
 from services.router.pool import TeacherRejected
 from services.router.pool import TeacherUnavailable as PoolUnavailable
-from services.router.registry import RegistryError
+from services.router.registry import RegistryError, Teacher
 from student.clients import (
     Answer,
     QueryCost,
@@ -169,20 +169,6 @@ class HttpTeacherClient(TeacherClient):
             raise ValueError(f"routing must be one of {', '.join(ROUTING)}, got {routing!r}")
         self.url = router_url.rstrip("/")
         self.endpoint = f"{self.url}/v2/models/{ROUTER_MODEL}/infer"
-        served, anchors = fetch_registry(self.url, timeout_s, retries, backoff_s)
-        names = [t.name for t in served]
-        if names != teachers:
-            raise ValueError(
-                f"the router at {self.url} serves teachers {names}, the run asks for "
-                f"{teachers}; register the same teachers in the same order"
-            )
-        if anchor and not anchors:
-            raise ValueError(
-                f"the method needs an anchor, but the router at {self.url} has none "
-                "(start it with --anchor base=URL)"
-            )
-        self.teachers = served
-        self.anchor = anchors[0] if anchor else None
         self.policy, self.stream_chunk = policy, max(1, stream_chunk)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.spin_wait_s, self.ready = spin_wait_s, update_groups == "ready"
@@ -198,15 +184,47 @@ class HttpTeacherClient(TeacherClient):
         # competes with the rollout on the same cores (aiohttp cost ~4x its round-trip time).
         self._http = Http1Client(limit_per_host=max_in_flight, keepalive_s=30.0)
         self._direct: DirectRouter | None = None
-        if routing == "client":
-            direct = DirectRouter(self.url, deadline_s=timeout_s, max_connections=max_in_flight)
-            try:
-                self._run(direct.start(timeout_s))
-            except RegistryError as exc:
-                self._run(direct.aclose())
-                self.close()
-                raise ValueError(f"in-client routing: {exc}") from None
-            self._direct = direct
+        try:
+            served, anchors = self._registry(routing, max_in_flight)
+            names = [t.name for t in served]
+            if names != teachers:
+                raise ValueError(
+                    f"the router at {self.url} serves teachers {names}, the run asks for "
+                    f"{teachers}; register the same teachers in the same order"
+                )
+            if anchor and not anchors:
+                raise ValueError(
+                    f"the method needs an anchor, but the router at {self.url} has none "
+                    "(start it with --anchor base=URL)"
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.teachers = served
+        self.anchor = anchors[0] if anchor else None
+
+    def _registry(
+        self, routing: str, max_in_flight: int
+    ) -> tuple[list[TeacherInfo], list[TeacherInfo]]:
+        """The router's teachers and anchors; routing here, from the registry snapshot the
+        in-client router starts with (one read, so both views agree)."""
+        if routing != "client":
+            return fetch_registry(self.url, self.timeout_s, self.retries, self.backoff_s)
+        direct = DirectRouter(self.url, deadline_s=self.timeout_s, max_connections=max_in_flight)
+        try:
+            self._run(direct.start(self.timeout_s, self.retries, self.backoff_s))
+        except RegistryError as exc:
+            self._run(direct.aclose())
+            raise ValueError(f"in-client routing: {exc}") from None
+        self._direct = direct
+
+        def info(t: Teacher) -> TeacherInfo:
+            return TeacherInfo(
+                t.name, t.digest or "", str(t.version or ""), list(t.modes), t.centers
+            )
+
+        reg = direct.registry
+        return [info(t) for t in reg.teachers], [info(t) for t in reg.anchors]
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

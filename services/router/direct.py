@@ -141,21 +141,32 @@ class DirectRouter:
         if generation != self.generation:
             self.registry, self.generation = reg, generation
 
-    async def start(self, timeout_s: float = 10.0) -> None:
+    async def start(
+        self, timeout_s: float = 10.0, retries: int = 0, backoff_s: float = 0.2
+    ) -> None:
         """Read the registry once, then keep watching it and health-checking replicas.
+
+        A router that cannot be read is asked again up to ``retries`` times with exponential
+        backoff: one that is a moment late (or its name, in a container network) should not
+        end a caller before its first request.
 
         Raises:
             RegistryError: the router is unreachable or describes teachers without HTTP
                 endpoints; the message names the router.
         """
-        try:
-            await self._fetch(None, 0.0, timeout_s)
-        except (httpx.HTTPError, ValueError) as exc:
-            if isinstance(exc, RegistryError):
-                raise
-            raise RegistryError(
-                f"cannot read the registry of router {self.url}: {type(exc).__name__}: {exc}"
-            ) from None
+        for attempt in range(retries + 1):
+            try:
+                await self._fetch(None, 0.0, timeout_s)
+                break
+            except (httpx.HTTPError, ValueError) as exc:
+                if isinstance(exc, RegistryError):
+                    raise
+                if attempt == retries:
+                    raise RegistryError(
+                        f"cannot read the registry of router {self.url} after {retries + 1} "
+                        f"attempt(s): {type(exc).__name__}: {exc}"
+                    ) from None
+                await asyncio.sleep(min(backoff_s * 2**attempt, 5.0))
         self._tasks = [
             asyncio.create_task(self._watch()),
             asyncio.create_task(

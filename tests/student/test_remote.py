@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import torch
 from common.checkpoint import read_model
 from common.procs import start_service
 from services.cluster import start_cluster, teacher_cmd
+from student.clients import TeacherUnavailable
 from student.commands import TrainSettings, run_train
 from student.models import checkpoint_path
 from tests.trainer_proc import train_proc, wait_for_lines
@@ -244,3 +246,23 @@ def test_update_groups_request_gives_one_group_per_request_in_submit_order(clust
     request = in_submit_order([a for g, _ in got["request"] for a in g])
     assert torch.equal(ready.teacher, request.teacher)
     assert torch.equal(ready.v, request.v)
+
+
+@pytest.mark.parametrize("routing", ["router", "client"])
+def test_client_start_errors_name_the_router_and_leave_no_thread(cluster, routing):
+    """A registry that does not fit the run, or a router that cannot be read, is a clear error
+    at start, after the retries, and the client's HTTP thread is gone."""
+    from student.remote import HttpTeacherClient
+
+    def http_threads() -> int:
+        return sum(t.name == "opd-http" and t.is_alive() for t in threading.enumerate())
+
+    before = http_threads()
+    with pytest.raises(ValueError, match="serves teachers"):
+        HttpTeacherClient(cluster.router_url, ["b", "a"], routing=routing)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises((ValueError, TeacherUnavailable), match=r"after 2 attempt"):
+        HttpTeacherClient(dead, ["a", "b"], routing=routing, retries=1, backoff_s=0.05)
+    assert http_threads() == before
