@@ -47,7 +47,8 @@ class Answer:
     ``v [B, D]`` supervised target; ``teacher [B]`` index of the teacher that answered each row
     (``-1`` = mean of all); ``v_anchor [B, D]`` the anchor's velocity when one is configured.
     ``rows`` int64 ``[B]``: which of the step's submitted states (counted in submit order) these
-    are, when a client answers teacher by teacher; ``None``: the next ones in submit order.
+    are, when a client hands answers over out of that order (teacher by teacher, or several
+    requests' answers merged); ``None``: the next ones in submit order.
     """
 
     v: torch.Tensor
@@ -151,15 +152,15 @@ class TeacherClient(ABC):
         """Every submitted batch's answer, in submit order, in groups as they become ready.
 
         Each item is one group of answers and what that group cost: consecutive answers (a
-        remote client: one request's), or one :class:`Answer` with ``rows`` (a remote client
-        routing in-process: one teacher's rows of a request, as soon as that teacher answered);
-        iterating blocks only until the next group is there. Raises :class:`TeacherUnavailable`
+        remote client: one request's), or one :class:`Answer` with ``rows`` (a remote client:
+        whatever answers are in, routed in-process each teacher's rows as soon as that teacher
+        answered); iterating blocks only until the next group is there. Raises :class:`TeacherUnavailable`
         where a group cannot be had; by then nothing submitted is still running.
         """
 
     def collect(self) -> tuple[list[Answer], QueryCost]:
         """Block until every submitted batch is answered; answers come in submit order (one per
-        batch; where groups came teacher by teacher, one :class:`Answer` for all the states)."""
+        batch; where groups named their rows, one :class:`Answer` for all the states)."""
         answers: list[Answer] = []
         cost = QueryCost()
         for part, part_cost in self.collect_parts():

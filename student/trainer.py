@@ -258,8 +258,8 @@ def update_step(
     """One Adam step toward the teachers' answers, taking them group by group as they arrive.
 
     ``states [N, B, D]`` are the rollout's states, ``plan`` the queried indices (in submit
-    order). A group is the next states in submit order, or the rows it names (one teacher's
-    share of a request). Each group's loss is its share of the mean over all queried states, so
+    order). A group is the next states in submit order, or the rows it names (a teacher's
+    share of a request, or several answers merged). Each group's loss is its share of the mean over all queried states, so
     the accumulated gradient is the one-batch gradient. Returns the loss, the query cost and the
     trainer's time segments ``(WAIT | UPDATE, start, end)``.
     """
@@ -276,7 +276,7 @@ def update_step(
         segments.append((WAIT, mark, got))
         cost.add(part_cost)
         k = sum(a.v.shape[0] for a in answers)
-        if answers[0].rows is not None:  # one teacher's rows, named (see Answer.rows)
+        if answers[0].rows is not None:  # rows named out of submit order (see Answer.rows)
             x, t = xs[answers[0].rows], ts[answers[0].rows]
         else:
             x, t = xs[row : row + k], ts[row : row + k]
