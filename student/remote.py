@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -98,8 +98,8 @@ class _Request:
 
     sizes: list[int]  # the submitted batches it carries
     offset: int  # how many of the step's states were submitted before it
-    parts: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    fut: concurrent.futures.Future | None = None
+    parts: queue.SimpleQueue
+    fut: concurrent.futures.Future  # the request's coroutine on the HTTP loop
 
 
 def fetch_registry(
@@ -255,7 +255,6 @@ class HttpTeacherClient(TeacherClient):
                     if item is None:  # nothing more is in yet
                         break
                     if item is _END:
-                        assert req.fut is not None
                         req.fut.result()  # raises the request's failure, if it failed
                         reqs.popleft()
                         if not self.ready and group:
@@ -267,7 +266,7 @@ class HttpTeacherClient(TeacherClient):
         finally:
             # After a failure (or an abandoned iteration) wait for the rest, so no request of
             # this step is still running when the trainer checkpoints or retries the step.
-            concurrent.futures.wait([r.fut for r in pending if r.fut is not None])
+            concurrent.futures.wait([r.fut for r in pending])
 
     def _next(self, parts: queue.SimpleQueue) -> Any:
         """The next item on ``parts``, busy-waiting up to ``spin_wait_s`` before sleeping on it.
@@ -378,17 +377,17 @@ class HttpTeacherClient(TeacherClient):
     def _send(self, make: Callable[[Callable[[tuple], None]], Awaitable[None]], sizes) -> None:
         """Run ``make(put)`` on the HTTP loop once a slot is free; it puts its answers on the
         request's queue, which :meth:`collect_parts` reads."""
-        req = _Request(sizes, self._offset)
-        self._offset += sum(sizes)
+        parts: queue.SimpleQueue = queue.SimpleQueue()
         self._slots.acquire()
 
         def ended(_: concurrent.futures.Future) -> None:
             self._slots.release()
-            req.parts.put(_END)
+            parts.put(_END)
 
-        req.fut = asyncio.run_coroutine_threadsafe(make(req.parts.put), self._loop)
-        req.fut.add_done_callback(ended)
-        self._inflight.append(req)
+        fut = asyncio.run_coroutine_threadsafe(make(parts.put), self._loop)
+        fut.add_done_callback(ended)
+        self._inflight.append(_Request(sizes, self._offset, parts, fut))
+        self._offset += sum(sizes)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[None]], where: str) -> None:
         """``attempt()`` until it answers, at most ``retries`` more times after a :class:`_Retry`,

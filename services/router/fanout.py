@@ -254,9 +254,7 @@ def _checked(f: _Fanout, i: int, ans: TeacherAnswer) -> TeacherAnswer:
     return ans
 
 
-def _costs(
-    f: _Fanout, calls: list[tuple[str, int, TeacherAnswer]], idle: list[str]
-) -> dict[str, Any]:
+def _costs(calls: list[tuple[str, int, TeacherAnswer]], idle: list[str]) -> dict[str, Any]:
     """Response parameters for the calls ``(name, rows, answer)`` and teachers without rows."""
     params: dict[str, Any] = {}
     for name in idle:
@@ -273,6 +271,14 @@ def _costs(
             "compute_ms": round(sum(a.compute_ms or 0.0 for _, _, a in calls), 4),
         }
     )
+    return params
+
+
+def _head(f: _Fanout, reg: Registry, with_anchor: bool) -> dict[str, Any]:
+    """The parameters every answer starts with: policy, teacher order, and the anchor's name."""
+    params: dict[str, Any] = {"policy": f.policy, "teachers": ",".join(reg.names)}
+    if with_anchor and f.anchor is not None:
+        params["anchor"] = f.anchor.name
     return params
 
 
@@ -318,11 +324,9 @@ def _merged(f: _Fanout, reg: Registry, answers: list[TeacherAnswer]) -> RouterRe
     outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": f.assignment.numpy().astype(np.int32)}
     if f.anchor is not None:
         outputs["v_anchor"] = answers[-1].v
-    params: dict[str, Any] = {"policy": f.policy, "teachers": ",".join(reg.names)}
-    if f.anchor is not None:
-        params["anchor"] = f.anchor.name
+    params = _head(f, reg, with_anchor=True)
     calls = [(name, n, ans) for (name, _, n), ans in zip(f.called, answers, strict=True)]
-    params.update(_costs(f, calls, _idle(f, reg)))
+    params.update(_costs(calls, _idle(f, reg)))
     done = time.perf_counter()
     params["fanout_ms"] = round((fanned - f.routed) * 1e3, 4)  # wall time of the calls
     params["route_ms"] = round(((f.routed - f.received) + (done - fanned)) * 1e3, 4)  # own work
@@ -402,18 +406,17 @@ async def route_parts(
                 idx = f.rows[k].numpy()
                 outputs = {"v": ans.v, "teacher": np.full(n, k, dtype=np.int32)}
                 calls = [(name, n, ans)]
-                params: dict[str, Any] = {"policy": f.policy, "teachers": ",".join(reg.names)}
                 if v_anchor is not None:
                     outputs["v_anchor"] = v_anchor[idx]
                 final = not left and failed is None  # it carries the request-wide costs
+                params = _head(f, reg, with_anchor=final)
                 if final:
                     if f.anchor is not None:
-                        params["anchor"] = f.anchor.name
                         calls.append((f.anchor.name, len(f.x), anchor.result()))  # type: ignore[union-attr]
                     now = time.perf_counter()
                     params["fanout_ms"] = round((now - f.routed) * 1e3, 4)
                     params["route_ms"] = round((f.routed - f.received) * 1e3, 4)
-                params.update(_costs(f, calls, _idle(f, reg) if final else []))
+                params.update(_costs(calls, _idle(f, reg) if final else []))
                 yield RouterPart(idx, _kept(f, outputs), params, last=final)
         if failed is not None:
             raise failed
