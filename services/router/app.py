@@ -32,8 +32,9 @@ from common.asgi import (
     Send,
     body_chunks,
     headers_of,
+    send_parts,
 )
-from common.codec import HEADER_LENGTH, CodecError, decode_request, encode_response, wants_binary
+from common.codec import HEADER_LENGTH, CodecError, decode_request, response_parts, wants_binary
 from common.httpapi import bare_app, error_response
 from services.router import fanout
 from services.router.fanout import InputError, TeacherAnswer, TeacherFault
@@ -112,6 +113,20 @@ class RouterCore:
             await asyncio.wait_for(self._changed.wait(), min(wait_s, MAX_WATCH_S))
 
 
+@dataclass
+class PartsResponse:
+    """A 200 infer answer written as its parts (JSON header, then each binary tensor from its
+    own array): no join copy, and none of a Starlette response's header handling."""
+
+    parts: list
+    headers: dict[str, str]
+    join: bool = False  # one bytes body, for Ray Serve (see common.asgi.send_parts)
+    status_code: int = 200
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_parts(send, self.status_code, self.parts, self.headers, self.join)
+
+
 class BodyTooLarge(Exception):
     """A request body over the router's limit (413)."""
 
@@ -154,9 +169,10 @@ def router_metadata(reg: Registry) -> dict[str, Any]:
     }
 
 
-def build_api(core: RouterCore) -> InferFastPath:
+def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
     """The app over ``core`` (same routes for the uvicorn and the Ray Serve router): infer is
-    answered by raw ASGI (:class:`~common.asgi.InferFastPath`), everything else by FastAPI."""
+    answered by raw ASGI (:class:`~common.asgi.InferFastPath`), everything else by FastAPI.
+    ``join``: infer answers go out as one ``bytes`` body (the Ray Serve ingress needs it)."""
     m, s = core.metrics, core.settings
     max_body = int(s.max_body_mb * 1024 * 1024)
 
@@ -262,7 +278,9 @@ def build_api(core: RouterCore) -> InferFastPath:
             m.requests.labels(name, str(resp.status_code)).inc()
             m.seconds.labels(name).observe(time.perf_counter() - received)
 
-    async def answer(name: str, scope: Scope, receive: Receive, received: float) -> Response:
+    async def answer(
+        name: str, scope: Scope, receive: Receive, received: float
+    ) -> Response | PartsResponse:
         """The response to one infer request (errors as their ``{"error"}`` responses)."""
         reg = core.registry  # the snapshot this request is served from, whatever changes meanwhile
         if name != fanout.MODEL_NAME and reg.get(name) is None:
@@ -309,7 +327,7 @@ def build_api(core: RouterCore) -> InferFastPath:
 
     async def _virtual(
         reg: Registry, body: bytes, header_length: str | None, deadline: float, received: float
-    ) -> Response:
+    ) -> PartsResponse:
         if not body:
             raise InputError(
                 "empty body; send an OIP v2 infer document with inputs x [B, D] and t [B]"
@@ -319,7 +337,7 @@ def build_api(core: RouterCore) -> InferFastPath:
         params = result.parameters
         params["server_ms"] = round((time.perf_counter() - received) * 1e3, 4)
         binary = {k for k in result.outputs if wants_binary(msg, k)}
-        content, headers = encode_response(
+        parts, headers = response_parts(
             result.outputs,
             fanout.MODEL_NAME,
             fanout.MODEL_VERSION,
@@ -328,7 +346,7 @@ def build_api(core: RouterCore) -> InferFastPath:
             parameters=params,
         )
         m.states.inc(len(result.outputs.get("teacher", result.outputs.get("v", ()))))
-        return Response(content, headers=headers)
+        return PartsResponse(parts, headers, join)
 
     async def _passthrough(
         reg: Registry,

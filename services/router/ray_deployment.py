@@ -183,7 +183,7 @@ class RayRouter:
         self.core.on_start.append(build_registry)
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.core)
+        return build_api(self.core, join=True)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
