@@ -66,6 +66,11 @@ def datatype_of(arr: np.ndarray) -> str:
         raise CodecError(f"dtype {arr.dtype} has no v2 datatype") from None
 
 
+def _raw(arr: np.ndarray) -> np.ndarray:
+    """``arr``'s bytes in C order, ``uint8 [nbytes]`` (a view when ``arr`` is contiguous)."""
+    return np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+
+
 def _tensor_entries(tensors: dict[str, np.ndarray], binary: bool | set[str]) -> tuple[list, list]:
     entries, chunks = [], []
     for name, arr in tensors.items():
@@ -75,7 +80,7 @@ def _tensor_entries(tensors: dict[str, np.ndarray], binary: bool | set[str]) -> 
             "shape": list(arr.shape),
         }
         if binary is True or (isinstance(binary, set) and name in binary):
-            buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+            buf = _raw(arr)
             entry["parameters"] = {"binary_data_size": int(buf.nbytes)}
             chunks.append(buf)
         else:
@@ -89,17 +94,16 @@ def _parts(doc: dict[str, Any], chunks: list) -> tuple[list, dict[str, str]]:
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not chunks:
         return [header], {"Content-Type": JSON_CONTENT_TYPE}
+    return _binary_parts(header, chunks)
+
+
+def _binary_parts(header: bytes, chunks: list) -> tuple[list, dict[str, str]]:
     parts = [header, *(memoryview(c) for c in chunks)]
     return parts, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
 
 
 def _joined(parts: list) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _pack(doc: dict[str, Any], chunks: list) -> tuple[bytes, dict[str, str]]:
-    parts, headers = _parts(doc, chunks)
-    return _joined(parts), headers
 
 
 #: (inputs' names, dtypes and shapes, outputs) → the JSON header of a binary request
@@ -126,12 +130,8 @@ def encode_request(
         )
         header = _REQUEST_HEADERS.get(key)
         if header is not None:
-            chunks = [
-                memoryview(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
-                for a in inputs.values()
-            ]
-            headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
-            return b"".join([header, *chunks]), headers
+            parts, headers = _binary_parts(header, [_raw(a) for a in inputs.values()])
+            return _joined(parts), headers
     entries, chunks = _tensor_entries(inputs, binary)
     doc: dict[str, Any] = {"inputs": entries}
     if request_id is not None:
@@ -217,7 +217,6 @@ class _Layout:
     slots: _Slots
     end: int  # the body length this header fits: header + every tensor's bytes
     parameters: dict[str, Any]  # scalar values only, so a shallow copy is a full one
-    id: str | None
     model_name: str | None
     model_version: str | None
     outputs: dict[str, bool]
@@ -231,7 +230,7 @@ class _Layout:
         return InferMessage(
             tensors,
             dict(self.parameters),
-            self.id,
+            None,  # a header with a request id is never cached
             self.model_name,
             self.model_version,
             dict(self.outputs),
@@ -360,7 +359,6 @@ def _remember(head: bytes, msg: InferMessage, slots: _Slots, end: int) -> None:
         slots,
         end,
         dict(msg.parameters),
-        msg.id,
         msg.model_name,
         msg.model_version,
         dict(msg.outputs),
