@@ -54,6 +54,8 @@ class Response:
     content: bytearray
 
 
+#: request heads (method, URL, headers) a client keeps framed; emptied when full
+HEAD_CACHE_SIZE = 256
 #: bytes read per ``recv`` while parsing a status line and headers (and small bodies)
 SCRATCH_BYTES = 64 * 1024
 #: a body with at least this many bytes still to come is received straight into its buffer
@@ -229,6 +231,7 @@ class Http1Client:
         self.keepalive_s = keepalive_s
         self.max_response_bytes = max_response_bytes
         self._hosts: dict[tuple[str, int], _Host] = {}
+        self._heads: dict[tuple, tuple[_Host, str, int, bytes]] = {}
         self._closed = False
 
     async def post(
@@ -264,28 +267,43 @@ class Http1Client:
         """
         if self._closed:
             raise HttpClientError("client is closed")
+        key = (method, url, tuple(headers.items()) if headers else ())
+        cached = self._heads.get(key)
+        if cached is None:
+            cached = self._head(method, url, headers)
+            if len(self._heads) >= HEAD_CACHE_SIZE:
+                self._heads.clear()
+            self._heads[key] = cached
+        host, hostname, port, head = cached
+        if body or method == "POST":
+            head += b"content-length: %d\r\n" % len(body)
+        framed = head + b"\r\n"
+        parts = [framed, body] if body else [framed]
+        async with host.slots:
+            exchange = self._exchange(host, hostname, port, parts, connect_timeout)
+            if timeout is None:
+                return await exchange
+            return await _within(exchange, timeout)
+
+    def _head(
+        self, method: str, url: str, headers: dict[str, str] | None
+    ) -> tuple[_Host, str, int, bytes]:
+        """``url``'s host, hostname and port, and the request head up to (not including) its
+        ``content-length`` line; a caller repeats the same few, so :meth:`request` keeps them."""
         split = urlsplit(url)
         if split.scheme != "http" or not split.hostname:
             raise ValueError(f"Http1Client speaks plain http:// only, got {url!r}")
         port = split.port or 80
         target = (split.path or "/") + (f"?{split.query}" if split.query else "")
-        host_header = split.netloc
-        head = [f"{method} {target} HTTP/1.1", f"host: {host_header}"]
+        lines = [f"{method} {target} HTTP/1.1", f"host: {split.netloc}"]
         for k, v in (headers or {}).items():
             if k.lower() not in ("host", "content-length", "connection", "transfer-encoding"):
-                head.append(f"{k}: {v}")
-        if body or method == "POST":
-            head.append(f"content-length: {len(body)}")
-        framed = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        parts = [framed, body] if body else [framed]
+                lines.append(f"{k}: {v}")
+        head = "".join(line + "\r\n" for line in lines).encode("latin-1")
         host = self._hosts.get((split.hostname, port))
         if host is None:
             host = self._hosts[(split.hostname, port)] = _Host(self.limit_per_host)
-        async with host.slots:
-            exchange = self._exchange(host, split.hostname, port, parts, connect_timeout)
-            if timeout is None:
-                return await exchange
-            return await _within(exchange, timeout)
+        return host, split.hostname, port, head
 
     async def _exchange(
         self,
