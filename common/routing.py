@@ -6,7 +6,8 @@ Shapes: ``B`` states of dimension ``D``; ``K`` teachers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -22,48 +23,87 @@ class RoutingError(ValueError):
     """A routing request that cannot be honoured; the message says why."""
 
 
-def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Each state goes to the teacher whose nearest own mode center is closest.
+@dataclass(frozen=True)
+class NearestTable:
+    """Every teacher's mode centers laid out once for :func:`nearest_owner` (a registry
+    snapshot keeps one: its centers never change).
 
-    Args:
-        x: states, ``[B, D]``.
-        teacher_centers: per teacher its mode centers ``[M_k, D]`` (``None`` if it has none).
-    Returns:
-        ``[B]`` int64 teacher indices; ties go to the lower index.
-    Raises:
-        RoutingError: a teacher has no mode centers, or their dimension differs from ``x``'s.
+    ``weights`` float32 ``[M, D]`` holds ``−2 c`` for the ``M`` centers of all teachers in
+    teacher order and ``sq`` float32 ``[M, 1]`` their ``||c||²``; ``spans`` gives each teacher's
+    ``[start, end)`` rows. Teachers whose centers differ in dimension get ``weights=None``: no
+    state can be routed then, and :func:`nearest_owner` says which teacher does not fit.
     """
+
+    weights: np.ndarray | None
+    sq: np.ndarray | None
+    spans: tuple[tuple[int, int], ...]
+    dims: tuple[int, ...]  # per teacher its centers' dimension
+
+
+def nearest_table(teacher_centers: Sequence[torch.Tensor | np.ndarray | None]) -> NearestTable:
+    """Lay out ``teacher_centers`` (per teacher ``[M_k, D]``) for :func:`nearest_owner`.
+
+    Raises:
+        RoutingError: a teacher has no mode centers.
+    """
+    per_teacher = []
     for k, centers in enumerate(teacher_centers):
-        if centers is None or centers.numel() == 0:
+        if centers is None or len(centers) == 0:
             raise RoutingError(
                 f"policy 'nearest' needs mode centers for every teacher; teacher {k} has none "
                 "(use policy 'label' or 'average', or register the teacher with modes)"
             )
-        if centers.shape[-1] != x.shape[1]:
-            raise RoutingError(
-                f"teacher {k} mode centers have dimension {centers.shape[-1]}, states have {x.shape[1]}"
-            )
-    if len(teacher_centers) == 1:  # one teacher owns every state: no distances needed
-        return torch.from_numpy(np.zeros(x.shape[0], dtype=np.int64))
-    # numpy: with M a handful of centers this is microseconds of work, and a torch call costs
-    # several times a numpy call's overhead on the router's hot path.
-    per_teacher = [
-        c.numpy().astype(np.float32, copy=False) for c in teacher_centers if c is not None
-    ]
-    all_centers = np.concatenate(per_teacher)  # [M, D], M = all teachers' centers
-    owners = np.repeat(np.arange(len(per_teacher)), [len(c) for c in per_teacher])  # [M] teacher
-    xs = x.numpy().astype(np.float32, copy=False)
-    # ||x − c||² = ||x||² − 2 x·c + ||c||², and ||x||² is the same for every center of a row:
-    # the argmin needs only ||c||² − 2 x·c, one [B, M] matrix product.
-    # Over all teachers' centers in teacher order: argmin picks the first minimum, so ties go to
-    # the lower teacher index, as a per-teacher min would.
-    nearest = ((all_centers * all_centers).sum(axis=1) - 2.0 * (xs @ all_centers.T)).argmin(axis=1)
-    return torch.from_numpy(owners[nearest])
+        c = centers.numpy() if isinstance(centers, torch.Tensor) else np.asarray(centers)
+        per_teacher.append(c.astype(np.float32, copy=False).reshape(len(c), -1))
+    dims = tuple(int(c.shape[1]) for c in per_teacher)
+    ends = np.cumsum([len(c) for c in per_teacher]).tolist()
+    spans = tuple(zip([0, *ends[:-1]], ends, strict=True))
+    if len(set(dims)) > 1:
+        return NearestTable(None, None, spans, dims)
+    centers = np.concatenate(per_teacher)  # [M, D]
+    weights = np.ascontiguousarray(-2.0 * centers, dtype=np.float32)
+    sq = (centers * centers).sum(axis=1, keepdims=True, dtype=np.float32)
+    return NearestTable(weights, sq, spans, dims)
 
 
-def route_label(
-    route: torch.Tensor | None, num_teachers: int, fallback: torch.Tensor | None = None
-) -> torch.Tensor:
+def nearest_owner(x: np.ndarray, table: NearestTable) -> np.ndarray:
+    """Each state goes to the teacher whose nearest own mode center is closest.
+
+    Args:
+        x: states, float32 ``[B, D]``.
+    Returns:
+        ``[B]`` int64 teacher indices; ties go to the lower index.
+    Raises:
+        RoutingError: the centers' dimension differs from ``x``'s.
+    """
+    d = x.shape[1]
+    for k, dim in enumerate(table.dims):
+        if dim != d:
+            raise RoutingError(f"teacher {k} mode centers have dimension {dim}, states have {d}")
+    owner = np.zeros(len(x), dtype=np.int64)
+    if len(table.spans) == 1:  # one teacher owns every state: no distances needed
+        return owner
+    assert table.weights is not None and table.sq is not None  # equal dims, checked above
+    # ||x − c||² = ||x||² − 2 c·x + ||c||², and ||x||² is the same for every center of a state:
+    # comparing ||c||² − 2 c·x is enough. [M, B], so each center's scores are one contiguous row
+    # and the minimum over a teacher's centers is a few elementwise minimums, not a reduction
+    # along a short axis (several times slower in numpy).
+    scores = table.weights @ x.T + table.sq
+    best = None
+    for k, (lo, hi) in enumerate(table.spans):
+        dist = scores[lo] if hi - lo == 1 else scores[lo:hi].min(axis=0)
+        if best is None:
+            best = dist
+            continue
+        closer = dist < best  # strict: a tie stays with the lower teacher index
+        owner[closer] = k
+        best = np.minimum(best, dist)
+    return owner
+
+
+def label_owner(
+    route: np.ndarray | None, num_teachers: int, fallback: np.ndarray | None = None
+) -> np.ndarray:
     """Use the caller's labels; ``-1`` rows take ``fallback`` (e.g. the nearest assignment).
 
     Args:
@@ -76,18 +116,113 @@ def route_label(
         raise RoutingError(
             "policy 'label' needs the 'route' input (INT32 [B], teacher index per row)"
         )
-    route = route.long().reshape(-1)
+    route = np.asarray(route).astype(np.int64, copy=False).reshape(-1)
     bad = (route < -1) | (route >= num_teachers)
-    if bool(bad.any()):
+    if bad.any():
         raise RoutingError(
             f"route labels must lie in [-1, {num_teachers - 1}]; got {int(route[bad][0])}"
         )
     unset = route == -1
-    if bool(unset.any()):
+    if unset.any():
         if fallback is None:
             raise RoutingError("route has -1 rows but no policy can decide them")
-        route = torch.where(unset, fallback.long(), route)
+        route = np.where(unset, fallback, route)
     return route
+
+
+def assign_rows(
+    policy: str,
+    x: np.ndarray,
+    num_teachers: int,
+    nearest: Callable[[], NearestTable],
+    route: np.ndarray | None = None,
+) -> np.ndarray:
+    """Teacher index per state, int64 ``[B]``, or all ``AVERAGE_INDEX`` for the average policy.
+
+    ``nearest`` gives the centers' table (only asked for by the nearest policy). With ``route``
+    given, rows labelled ``>= 0`` go to that teacher under every policy but ``average``;
+    ``-1`` rows are left to the policy.
+    """
+    if num_teachers == 0:
+        raise RoutingError("no teachers are registered")
+    if policy == "average":
+        return np.full(len(x), AVERAGE_INDEX, dtype=np.int64)
+    if policy == "nearest":
+        owner = nearest_owner(x, nearest())
+        return owner if route is None else label_owner(route, num_teachers, fallback=owner)
+    if policy == "label":
+        return label_owner(route, num_teachers)
+    raise RoutingError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def split_rows(assignment: np.ndarray, num_teachers: int) -> list[np.ndarray]:
+    """Row indices per teacher (int64 ``[n_k]`` each); every teacher gets all rows for average."""
+    b = len(assignment)
+    if num_teachers == 1:  # its rows are all rows, whether routed to it (0) or averaged (-1)
+        return [np.arange(b)]
+    first, last = (int(assignment.min()), int(assignment.max())) if b else (0, 0)
+    if first == last:  # every row to one teacher (or all averaged): no index search
+        everything = np.arange(b)
+        if first == AVERAGE_INDEX:
+            return [everything] * num_teachers
+        return [everything if k == first else everything[:0] for k in range(num_teachers)]
+    if num_teachers <= 8:  # a compare and a nonzero per teacher beat a sort for a few teachers
+        return [np.flatnonzero(assignment == k) for k in range(num_teachers)]
+    # One stable sort groups the rows by teacher, in row order within each group.
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.cumsum(np.bincount(assignment, minlength=num_teachers)[:num_teachers])[:-1]
+    return np.split(order, bounds)
+
+
+def merge_rows(
+    assignment: np.ndarray, rows: Sequence[np.ndarray], answers: Sequence[np.ndarray], dim: int
+) -> np.ndarray:
+    """Put each teacher's answer ``[n_k, D]`` back at its rows; average mode takes the mean.
+
+    Returns:
+        float32 ``[B, D]`` supervised targets.
+    """
+    b = len(assignment)
+    if b and assignment[0] == AVERAGE_INDEX and (assignment == AVERAGE_INDEX).all():
+        return np.mean(np.stack(answers), axis=0, dtype=np.float32)
+    filled = [(idx, ans) for idx, ans in zip(rows, answers, strict=True) if len(idx)]
+    if len(filled) == 1 and len(filled[0][0]) == b:
+        return np.ascontiguousarray(filled[0][1], dtype=np.float32)
+    if not filled:
+        return np.empty((b, dim), dtype=np.float32)
+    # One gather instead of a scatter per teacher: where each row's answer sits among the
+    # concatenated answers (the inverse of the concatenated row order).
+    order = np.concatenate([idx for idx, _ in filled])
+    where = np.empty(b, dtype=np.int64)
+    where[order] = np.arange(b)
+    stacked = np.concatenate([ans for _, ans in filled]).astype(np.float32, copy=False)
+    return np.take(stacked, where, axis=0)
+
+
+# The torch faces of the functions above, for the in-process teacher client (CPU tensors).
+
+
+def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """:func:`nearest_owner` for torch: ``x [B, D]`` → ``[B]`` int64 teacher indices.
+
+    Raises:
+        RoutingError: a teacher has no mode centers, or their dimension differs from ``x``'s.
+    """
+    table = nearest_table(teacher_centers)
+    return torch.from_numpy(nearest_owner(x.detach().numpy().astype(np.float32, copy=False), table))
+
+
+def route_label(
+    route: torch.Tensor | None, num_teachers: int, fallback: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`label_owner` for torch."""
+    return torch.from_numpy(
+        label_owner(
+            None if route is None else route.numpy(),
+            num_teachers,
+            None if fallback is None else fallback.numpy(),
+        )
+    )
 
 
 def assign(
@@ -96,43 +231,21 @@ def assign(
     teacher_centers: Sequence[torch.Tensor | None],
     route: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Teacher index per state, ``[B]`` int64, or all ``AVERAGE_INDEX`` for the average policy.
-
-    With ``route`` given, rows labelled ``>= 0`` go to that teacher under every policy but
-    ``average``; ``-1`` rows are left to the policy.
-    """
-    k = len(teacher_centers)
-    if k == 0:
-        raise RoutingError("no teachers are registered")
-    if policy == "average":
-        return torch.full((x.shape[0],), AVERAGE_INDEX, dtype=torch.long)
-    if policy == "nearest":
-        nearest = route_nearest(x, teacher_centers)
-        return nearest if route is None else route_label(route, k, fallback=nearest)
-    if policy == "label":
-        return route_label(route, k)
-    raise RoutingError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    """:func:`assign_rows` for torch: teacher index per state, ``[B]`` int64."""
+    return torch.from_numpy(
+        assign_rows(
+            policy,
+            x.detach().numpy().astype(np.float32, copy=False),
+            len(teacher_centers),
+            lambda: nearest_table(teacher_centers),
+            None if route is None else route.numpy(),
+        )
+    )
 
 
 def rows_by_teacher(assignment: torch.Tensor, num_teachers: int) -> list[torch.Tensor]:
-    """Row indices per teacher (``[n_k]`` int64 each); every teacher gets all rows for average."""
-    # numpy for the bookkeeping: a torch call costs several times a numpy call's overhead, and
-    # this runs once per request on the router's (or the in-client router's) hot path.
-    a = assignment.numpy()
-    b = len(a)
-    if num_teachers == 1:  # its rows are all rows, whether routed to it (0) or averaged (-1)
-        return [torch.from_numpy(np.arange(b))]
-    first, last = (int(a.min()), int(a.max())) if b else (0, 0)
-    if first == last:  # every row to one teacher (or all averaged): no index search
-        everything = torch.from_numpy(np.arange(b))
-        if first == AVERAGE_INDEX:
-            return [everything] * num_teachers
-        empty = everything[:0]
-        return [everything if k == first else empty for k in range(num_teachers)]
-    # One stable sort groups the rows by teacher, in row order within each group.
-    order = np.argsort(a, kind="stable")
-    bounds = np.cumsum(np.bincount(a, minlength=num_teachers)[:num_teachers])[:-1]
-    return [torch.from_numpy(part) for part in np.split(order, bounds)]
+    """:func:`split_rows` for torch."""
+    return [torch.from_numpy(r) for r in split_rows(assignment.numpy(), num_teachers)]
 
 
 def merge_answers(
@@ -141,17 +254,12 @@ def merge_answers(
     answers: Sequence[torch.Tensor],
     dim: int,
 ) -> torch.Tensor:
-    """Scatter each teacher's answer ``[n_k, D]`` back to its rows; average mode takes the mean.
-
-    Returns:
-        ``[B, D]`` supervised targets.
-    """
-    a = assignment.numpy()
-    b = len(a)
-    if b and a[0] == AVERAGE_INDEX and (a == AVERAGE_INDEX).all():
-        return torch.stack(list(answers), dim=0).mean(dim=0)
-    out = np.empty((b, dim), dtype=np.float32)
-    for idx, ans in zip(rows, answers, strict=True):
-        if len(idx):
-            out[idx.numpy()] = ans.numpy()
-    return torch.from_numpy(out)
+    """:func:`merge_rows` for torch: ``[B, D]`` supervised targets."""
+    return torch.from_numpy(
+        merge_rows(
+            assignment.numpy(),
+            [r.numpy() for r in rows],
+            [a.detach().numpy() for a in answers],
+            dim,
+        )
+    )

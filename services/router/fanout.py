@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from common import routing
 from common.codec import InferMessage
@@ -34,12 +32,6 @@ from services.router.registry import Registry, RegistryError, Teacher
 MODEL_NAME = "opd-router"
 MODEL_VERSION = "1"
 OUTPUTS = ("v", "teacher", "v_anchor")
-
-# Binary tensors decode as read-only views of the body; torch only reads them here (routing and
-# merge write into fresh tensors), so wrapping them without a copy is safe.
-warnings.filterwarnings(
-    "ignore", message="The given NumPy array is not writable", category=UserWarning
-)
 
 
 class InputError(ValueError):
@@ -129,9 +121,10 @@ def _anchor_request(msg: InferMessage, reg: Registry) -> Teacher | None:
     return anchor
 
 
-def _rows(arr: np.ndarray, idx: torch.Tensor, everything: bool) -> np.ndarray:
+def _rows(arr: np.ndarray, idx: np.ndarray, everything: bool) -> np.ndarray:
     # All rows (one teacher, or average): send the decoded view itself, no gather copy.
-    return arr if everything else arr[idx.numpy()]
+    # np.take: several times faster than fancy indexing for a row gather.
+    return arr if everything else np.take(arr, idx, axis=0)
 
 
 def call_parameters(prefix: str, rows: int, ans: TeacherAnswer | None) -> dict[str, Any]:
@@ -178,8 +171,8 @@ class _Fanout:
     x: np.ndarray  # [B, D]
     policy: str
     anchor: Teacher | None
-    assignment: torch.Tensor  # [B] teacher index per row (AVERAGE_INDEX: all)
-    rows: list[torch.Tensor]  # per registered teacher, its row indices
+    assignment: np.ndarray  # int64 [B] teacher index per row (AVERAGE_INDEX: all)
+    rows: list[np.ndarray]  # per registered teacher, its row indices (int64)
     called: list[tuple[str, int, int]]  # per call: (name, teacher index or -1 = anchor, rows)
     calls: list[Awaitable[TeacherAnswer]]
     keep: set[str] | None  # the outputs to return (None: all)
@@ -209,20 +202,17 @@ def _fan_out(
     b = len(x)
 
     try:
-        assignment = routing.assign(
-            policy,
-            torch.from_numpy(x),
-            reg.centers,
-            None if route is None else torch.from_numpy(route),
+        assignment = routing.assign_rows(
+            policy, x, len(reg.teachers), lambda: reg.nearest_table, route
         )
     except routing.RoutingError as exc:
         raise InputError(str(exc)) from None
-    rows = routing.rows_by_teacher(assignment, len(reg.teachers))
+    rows = routing.split_rows(assignment, len(reg.teachers))
 
     called: list[tuple[str, int, int]] = []
     calls = []
     for k, (teacher, idx) in enumerate(zip(reg.teachers, rows, strict=True)):
-        n = int(idx.numel())
+        n = len(idx)
         if n == 0:
             continue
         inputs = {"x": _rows(x, idx, n == b), "t": _rows(t, idx, n == b)}
@@ -311,17 +301,10 @@ def _merged(f: _Fanout, reg: Registry, answers: list[TeacherAnswer]) -> RouterRe
     if f.policy != "average" and len(by_index) == 1:
         v_np = next(iter(by_index.values())).v  # one teacher has every row, in order: no merge copy
     else:
-        empty = torch.empty(0, d)
-        v_np = routing.merge_answers(
-            f.assignment,
-            f.rows,
-            [
-                torch.from_numpy(by_index[k].v) if k in by_index else empty
-                for k in range(len(reg.teachers))
-            ],
-            d,
-        ).numpy()
-    outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": f.assignment.numpy().astype(np.int32)}
+        empty = np.empty((0, d), dtype=np.float32)
+        answered = [by_index[k].v if k in by_index else empty for k in range(len(reg.teachers))]
+        v_np = routing.merge_rows(f.assignment, f.rows, answered, d)
+    outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": f.assignment.astype(np.int32)}
     if f.anchor is not None:
         outputs["v_anchor"] = answers[-1].v
     params = _head(f, reg, with_anchor=True)
@@ -403,11 +386,11 @@ async def route_parts(
                 left.remove(i)
                 name, k, n = f.called[i]
                 ans = _checked(f, i, tasks[i].result())
-                idx = f.rows[k].numpy()
+                idx = f.rows[k]
                 outputs = {"v": ans.v, "teacher": np.full(n, k, dtype=np.int32)}
                 calls = [(name, n, ans)]
                 if v_anchor is not None:
-                    outputs["v_anchor"] = v_anchor[idx]
+                    outputs["v_anchor"] = np.take(v_anchor, idx, axis=0)
                 final = not left and failed is None  # it carries the request-wide costs
                 params = _head(f, reg, with_anchor=final)
                 if final:

@@ -185,6 +185,15 @@ class Registry:
             raise RegistryError(self._nearest_refusal)
 
     @cached_property
+    def nearest_table(self) -> routing.NearestTable:
+        """The teachers' mode centers laid out for the nearest policy, once per snapshot.
+
+        Raises:
+            routing.RoutingError: a teacher has no mode centers.
+        """
+        return routing.nearest_table(self.centers)
+
+    @cached_property
     def _nearest_refusal(self) -> str | None:
         """Why policy ``nearest`` cannot serve this snapshot, or None; worked out once per
         snapshot (snapshots never change), not on every request."""

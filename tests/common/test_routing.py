@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -52,3 +53,44 @@ def test_nearest_with_one_teacher_gives_it_every_state_and_still_checks_centers(
     assert routing.assign("nearest", x, centers()[:1]).tolist() == [0] * 50
     with pytest.raises(routing.RoutingError, match="dimension"):
         routing.assign("nearest", torch.zeros(2, 3), centers()[:1])
+
+
+def test_nearest_owner_matches_brute_force_distances():
+    """The laid-out table (one matrix product, per-teacher minimums) picks the teacher of the
+    closest center, as computing every distance does; ties go to the lower index."""
+    rng = np.random.default_rng(3)
+    per_teacher = [rng.normal(size=(m, 3)).astype(np.float32) * 3 for m in (2, 1, 4)]
+    x = rng.normal(size=(500, 3)).astype(np.float32) * 3
+    table = routing.nearest_table(per_teacher)
+    dist = [((x[:, None, :] - c[None]) ** 2).sum(-1).min(axis=1) for c in per_teacher]
+    want = np.argmin(np.stack(dist), axis=0)
+    got = routing.nearest_owner(x, table)
+    assert got.dtype == np.int64
+    # float32 rounding may flip states that are equally far (to 1e-4) from two teachers
+    near_tie = np.sort(np.stack(dist), axis=0)
+    clear = (near_tie[1] - near_tie[0]) > 1e-4
+    assert np.array_equal(got[clear], want[clear]) and clear.mean() > 0.95
+    same = [np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)]
+    assert (
+        routing.nearest_owner(np.ones((4, 2), np.float32), routing.nearest_table(same)).tolist()
+        == [0] * 4
+    )
+
+
+def test_split_and_merge_rows_put_every_answer_back_in_place():
+    rng = np.random.default_rng(4)
+    for k in (2, 5, 12):  # a compare per teacher up to 8 teachers, one stable sort beyond
+        a = rng.integers(0, k, size=300)
+        rows = routing.split_rows(a, k)
+        assert [r.tolist() for r in rows] == [np.flatnonzero(a == j).tolist() for j in range(k)]
+        answers = [np.stack([r, -r], axis=1).astype(np.float32) for r in rows]  # row's own index
+        merged = routing.merge_rows(a, rows, answers, 2)
+        assert np.array_equal(merged[:, 0], np.arange(300)) and np.array_equal(
+            merged[:, 1], -np.arange(300)
+        )
+
+
+def test_centers_of_different_dimensions_refuse_every_state():
+    table = routing.nearest_table([np.zeros((1, 2)), np.zeros((1, 3))])
+    with pytest.raises(routing.RoutingError, match="teacher 1 mode centers have dimension 3"):
+        routing.nearest_owner(np.zeros((4, 2), np.float32), table)
