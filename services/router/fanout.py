@@ -298,12 +298,10 @@ def _merged(f: _Fanout, reg: Registry, answers: list[TeacherAnswer]) -> RouterRe
     answers = [_checked(f, i, a) for i, a in enumerate(answers)]
     d = f.x.shape[1]
     by_index = {k: ans for (_, k, _), ans in zip(f.called, answers, strict=True) if k >= 0}
-    if f.policy != "average" and len(by_index) == 1:
-        v_np = next(iter(by_index.values())).v  # one teacher has every row, in order: no merge copy
-    else:
-        empty = np.empty((0, d), dtype=np.float32)
-        answered = [by_index[k].v if k in by_index else empty for k in range(len(reg.teachers))]
-        v_np = routing.merge_rows(f.assignment, f.rows, answered, d)
+    empty = np.empty((0, d), dtype=np.float32)
+    answered = [by_index[k].v if k in by_index else empty for k in range(len(reg.teachers))]
+    # one teacher with every row: merge_rows hands its answer back, no copy
+    v_np = routing.merge_rows(f.assignment, f.rows, answered, d)
     outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": f.assignment.astype(np.int32)}
     if f.anchor is not None:
         outputs["v_anchor"] = answers[-1].v
