@@ -11,7 +11,9 @@ client, sequentially, in ``--rounds`` alternating rounds so that the machine's d
 target alike, plus a concurrent run for throughput. The added latency of the router hop and of
 in-client routing is taken per round (their p50 minus the direct call's p50 in that round) and
 reported as the median over rounds. ``route_ms`` is the routing work per request as reported
-(decode, route, split, merge, encode). A benchmark, not a test: no assertions.
+(decode, route, split, merge, encode); ``server_cpu_ms_per_request`` the CPU time of the process
+answering the client (the router, or teacher a for the direct call) over the sequential rounds,
+steadier than latency on a noisy host (Linux). A benchmark, not a test: no assertions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +36,8 @@ from common.procs import Service, start_service
 from services.router.direct import DirectRouter
 
 DIRECT = "direct teacher a"
+#: router registry key → how its targets are labelled
+ROUTED = {"a": "a (one hop)", "ab": "a|b (nearest)", "ab+anchor": "a|b + base anchor"}
 ROUTER_HOP = "router -> a (one hop)"
 IN_CLIENT = "in-client -> a (one hop)"
 
@@ -52,6 +57,25 @@ def _stats(lat_s: list[float], states: int, wall_s: float) -> dict[str, float]:
 
 
 Call = Callable[[], Awaitable[dict]]
+
+
+def cpu_ms(pid: int) -> float | None:
+    """CPU time the process ``pid`` has used so far (all its threads), in ms; None where
+    ``/proc/<pid>/task/*/schedstat`` cannot be read (not Linux). Nanosecond resolution, so a
+    few hundred requests measure a server's CPU per request, which on a noisy host is steadier
+    than its latency."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e6
 
 
 async def _run(call: Call, n: int, concurrency: int) -> tuple[list[float], list[dict], float]:
@@ -102,7 +126,10 @@ async def _bench(
     n: int,
     concurrency: int,
     rounds: int,
+    pids: dict[str, int],
 ) -> tuple[dict, dict[str, list[float]]]:
+    """``pids``: per target label, the process that answers it (a router, or teacher a for
+    the direct call), whose CPU per request is reported."""
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(states, 2)) * 4).astype(np.float32)
     t = rng.uniform(size=states).astype(np.float32)
@@ -115,11 +142,7 @@ async def _bench(
     targets: dict[str, Call] = {
         DIRECT: _http_call(client, f"{teacher_a}/v2/models/a/infer", inputs, ["v"]),
     }
-    for key, label in (
-        ("a", "a (one hop)"),
-        ("ab", "a|b (nearest)"),
-        ("ab+anchor", "a|b + base anchor"),
-    ):
+    for key, label in ROUTED.items():
         outputs = routed + (["v_anchor"] if key == "ab+anchor" else [])
         url = f"{routers[key]}/v2/models/opd-router/infer"
         targets[f"router -> {label}"] = _http_call(client, url, inputs, outputs)
@@ -128,12 +151,18 @@ async def _bench(
     params: dict[str, list[dict]] = {k: [] for k in targets}
     added: dict[str, list[float]] = {ROUTER_HOP: [], IN_CLIENT: []}  # per round, minus direct
     per_round = max(1, n // rounds)
+    cpu: dict[str, float] = {}  # per target: the answering process's CPU ms, summed over rounds
     for call in targets.values():
         await _run(call, 50, 1)  # warm-up: connections, allocator
     for _ in range(rounds):
         p50 = {}
         for label, call in targets.items():
+            pid = pids.get(label)
+            before = None if pid is None else cpu_ms(pid)
             lat_r, params_r, _ = await _run(call, per_round, 1)
+            after = None if pid is None else cpu_ms(pid)
+            if before is not None and after is not None:
+                cpu[label] = cpu.get(label, 0.0) + after - before
             lat[label] += lat_r
             params[label] += params_r
             p50[label] = float(np.percentile(lat_r, 50)) * 1e3
@@ -142,6 +171,8 @@ async def _bench(
     results: dict[str, dict] = {}
     for label, call in targets.items():
         res = _stats(lat[label], states, sum(lat[label]))
+        if label in cpu:
+            res["server_cpu_ms_per_request"] = round(cpu[label] / len(lat[label]), 3)
         ps = params[label]
         if "route_ms" in ps[0]:
             res["route_ms_p50"] = round(float(np.median([p["route_ms"] for p in ps])), 3)
@@ -154,10 +185,12 @@ async def _bench(
         lat_c, _, wall_c = await _run(call, n, concurrency)
         res[f"concurrent{concurrency}"] = _stats(lat_c, states, wall_c)
         results[label] = res
+        server_cpu = res.get("server_cpu_ms_per_request")
         print(
             f"{label:<32} p50 {res['p50_ms']:7.3f} ms  p99 {res['p99_ms']:7.3f} ms  "
             f"{res['states_per_s']:>9} states/s  (x{concurrency}: "
-            f"{res[f'concurrent{concurrency}']['states_per_s']} states/s)",
+            f"{res[f'concurrent{concurrency}']['states_per_s']} states/s)"
+            + ("" if server_cpu is None else f"  server CPU {server_cpu:.3f} ms/request"),
             flush=True,
         )
     for d in directs.values():
@@ -182,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     env = {"OPD_TEACHER_THREADS": "1"}
     services: list[Service] = []
+    pids: dict[str, int] = {}  # target label -> the process that answers it
     try:
         teachers = {}
         for name, f in [("a", "teacher-a"), ("b", "teacher-b"), ("base", "base")]:
@@ -200,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             services.append(svc)
             teachers[name] = svc.url
+            if name == "a":
+                pids[DIRECT] = svc.proc.pid
         routers = {}
         for label, flags in [
             ("a", ["--teacher", f"a={teachers['a']}"]),
@@ -219,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             svc = _start(["serve", "router", "--port", "0", *flags])
             services.append(svc)
             routers[label] = svc.url
+            pids[f"router -> {ROUTED[label]}"] = svc.proc.pid
         results, added = asyncio.run(
-            _bench(routers, teachers["a"], a.states, a.requests, a.concurrency, a.rounds)
+            _bench(routers, teachers["a"], a.states, a.requests, a.concurrency, a.rounds, pids)
         )
     finally:
         for svc in services:
