@@ -212,19 +212,6 @@ def route_nearest(x: torch.Tensor, teacher_centers: Sequence[torch.Tensor | None
     return torch.from_numpy(nearest_owner(x.detach().numpy().astype(np.float32, copy=False), table))
 
 
-def route_label(
-    route: torch.Tensor | None, num_teachers: int, fallback: torch.Tensor | None = None
-) -> torch.Tensor:
-    """:func:`label_owner` for torch."""
-    return torch.from_numpy(
-        label_owner(
-            None if route is None else route.numpy(),
-            num_teachers,
-            None if fallback is None else fallback.numpy(),
-        )
-    )
-
-
 def assign(
     policy: str,
     x: torch.Tensor,

@@ -38,7 +38,7 @@ from services.router.direct import DirectRouter
 DIRECT = "direct teacher a"
 #: router registry key → how its targets are labelled
 ROUTED = {"a": "a (one hop)", "ab": "a|b (nearest)", "ab+anchor": "a|b + base anchor"}
-ROUTER_HOP = "router -> a (one hop)"
+ROUTER_HOP = "router -> " + ROUTED["a"]
 IN_CLIENT = "in-client -> a (one hop)"
 
 
@@ -57,6 +57,11 @@ def _stats(lat_s: list[float], states: int, wall_s: float) -> dict[str, float]:
 
 
 Call = Callable[[], Awaitable[dict]]
+
+
+def _router_target(key: str) -> str:
+    """The label of the target that reaches router ``key`` through its HTTP hop."""
+    return f"router -> {ROUTED[key]}"
 
 
 def cpu_ms(pid: int) -> float | None:
@@ -145,7 +150,7 @@ async def _bench(
     for key, label in ROUTED.items():
         outputs = routed + (["v_anchor"] if key == "ab+anchor" else [])
         url = f"{routers[key]}/v2/models/opd-router/infer"
-        targets[f"router -> {label}"] = _http_call(client, url, inputs, outputs)
+        targets[_router_target(key)] = _http_call(client, url, inputs, outputs)
         targets[f"in-client -> {label}"] = _direct_call(directs[key], inputs, outputs)
     lat: dict[str, list[float]] = {k: [] for k in targets}
     params: dict[str, list[dict]] = {k: [] for k in targets}
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             svc = _start(["serve", "router", "--port", "0", *flags])
             services.append(svc)
             routers[label] = svc.url
-            pids[f"router -> {ROUTED[label]}"] = svc.proc.pid
+            pids[_router_target(label)] = svc.proc.pid
         results, added = asyncio.run(
             _bench(routers, teachers["a"], a.states, a.requests, a.concurrency, a.rounds, pids)
         )
