@@ -41,8 +41,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseSettin
     for name, field in cls.model_fields.items():
         tp = _unwrap_optional(field.annotation)
         env = f"{prefix}{name}".upper()
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description or ''} [env {env}; default {default!r}]".strip()
+        if field.is_required():
+            given_as = "required"
+        else:
+            given_as = f"default {field.get_default(call_default_factory=True)!r}"
+        help_text = f"{field.description or ''} [env {env}; {given_as}]".strip()
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -59,9 +62,14 @@ def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:
     try:
         return cls(**given)
     except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"  {_flag(loc)}: {err['msg']} (got {err.get('input')!r})")
+            if err["type"] == "missing":  # its "input" is the whole settings dict: no help
+                env = f"{prefix}{loc}".upper()
+                lines.append(f"  {_flag(loc)}: required; give {_flag(loc)} or set {env}")
+            else:
+                lines.append(f"  {_flag(loc)}: {err['msg']} (got {err.get('input')!r})")
         sys.stderr.write("opd: invalid settings:\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None

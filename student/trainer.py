@@ -208,10 +208,14 @@ def train(
                 checkpoint(step + 1)
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 elapsed = time.perf_counter() - wall0
+                # refresh=False: the bar shows it at its own next refresh (mininterval), with
+                # the step count current; a forced refresh here printed a line per 10 steps in
+                # a log, and showed the count as of the last refresh (0% for the first 15 s)
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}",
                     states_s=f"{totals.counts['teacher_queries'] / elapsed:,.0f}",
                     wait=f"{totals.timings_s['query_exposed'] / elapsed:.0%}",
+                    refresh=False,
                 )
     finally:
         steps_log.close()
