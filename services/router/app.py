@@ -463,6 +463,16 @@ def specs_from_settings(s: RouterSettings) -> tuple[list[TeacherSpec], str]:
     flag_specs = [parse_flag(f, "teacher") for f in s.teacher] + [
         parse_flag(f, "anchor") for f in s.anchor
     ]
+    # Flags override the file by name, but two flags naming one teacher is a typo (a=URL1
+    # --teacher a=URL2 would silently drop URL1; replicas are written a=URL1,URL2).
+    seen: dict[str, str] = {}
+    for sp in flag_specs:
+        if sp.name in seen:
+            raise RegistryError(
+                f"{sp.name!r} is given twice (--{seen[sp.name]} and --{sp.role}); a name "
+                f"stands for one teacher: list its replicas as {sp.name}=URL1,URL2"
+            )
+        seen[sp.name] = sp.role
     specs = merge_specs(file_specs, flag_specs)
     if not any(sp.role == "teacher" for sp in specs):
         raise RegistryError(

@@ -22,7 +22,7 @@ import httpx
 import torch
 
 from common import routing
-from common.ring import centers_of
+from common.ring import NUM_MODES, centers_of
 
 Role = Literal["teacher", "anchor"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -120,6 +120,7 @@ class Teacher:
     digest: str | None = None
     modes: list[int] = field(default_factory=list)
     centers: torch.Tensor | None = None  # [M, D] float32, or None when unknown
+    dim: int | None = None  # D of its input x [B, D] per its metadata, None when not declared
     rr: int = 0  # round-robin cursor among equally loaded replicas
 
     @property
@@ -297,9 +298,15 @@ def spec_from_doc(name: str, doc: Any, role: Role = "teacher") -> TeacherSpec:
         raise RegistryError(f"teacher {name!r}: unknown keys {sorted(unknown)}")
     modes = doc.get("modes")
     if modes is not None and (
-        not isinstance(modes, list) or not all(isinstance(m, int) for m in modes)
+        not isinstance(modes, list)
+        or not modes
+        or not all(isinstance(m, int) and not isinstance(m, bool) for m in modes)
+        or not all(0 <= m < NUM_MODES for m in modes)
     ):
-        raise RegistryError(f"teacher {name!r}: 'modes' must be a list of ring mode indices")
+        raise RegistryError(
+            f"teacher {name!r}: 'modes' must be a non-empty list of ring mode indices "
+            f"0..{NUM_MODES - 1}, got {modes!r}"
+        )
     centers = doc.get("mode_centers")
     if centers is not None:
         try:
@@ -342,9 +349,10 @@ def read_registry_file(path: Path) -> tuple[list[TeacherSpec], str | None]:
 
             doc = yaml.safe_load(text)
     except Exception as exc:  # yaml and json raise different types; both mean "unreadable"
-        raise RegistryError(
-            f"registry file {path} is not valid {path.suffix or 'YAML'}: {exc}"
-        ) from None
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else exc
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise RegistryError(f"registry file {path} is not valid {kind}: {where}") from None
     if not isinstance(doc, dict):
         raise RegistryError(f"registry file {path} must hold a mapping with 'teachers'")
     specs: list[TeacherSpec] = []
@@ -405,11 +413,22 @@ def _error_text(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
+def _state_dim(meta: dict[str, Any]) -> int | None:
+    """D of input ``x`` ``[B, D]`` as the model metadata declares it, or None."""
+    for spec in meta.get("inputs") or ():
+        if isinstance(spec, dict) and spec.get("name") == "x":
+            shape = spec.get("shape")
+            if isinstance(shape, list) and len(shape) == 2 and isinstance(shape[1], int):
+                return shape[1] if shape[1] > 0 else None
+    return None
+
+
 @dataclass
 class _Discovered:
     replica: Replica
     modes: list[int]
     centers: torch.Tensor | None
+    dim: int | None = None
 
 
 async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float) -> _Discovered:
@@ -455,7 +474,9 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
         ) from None
     except ValueError as exc:  # JSON decode
         raise RegistryError(f"{endpoint}: not an OIP v2 server (bad JSON: {exc})") from None
-    params = meta.get("parameters") or {} if isinstance(meta, dict) else {}
+    if not isinstance(meta, dict):
+        raise RegistryError(f"{endpoint}: not an OIP v2 server (metadata is not an object)")
+    params = meta.get("parameters") or {}
     version = params.get("version") or (meta.get("versions") or [None])[-1]
     digest = params.get("digest")
     replica = Replica(
@@ -463,7 +484,7 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
         str(version) if version is not None else None,
         str(digest) if digest else None,
     )
-    return _Discovered(replica, _modes_from(params), _centers_from(params))
+    return _Discovered(replica, _modes_from(params), _centers_from(params), _state_dim(meta))
 
 
 async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: float) -> Teacher:
@@ -513,8 +534,15 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
         centers = centers_of(spec.modes)
     else:
         centers = ref.centers
+    if centers is not None and ref.dim is not None and int(centers.shape[1]) != ref.dim:
+        given = "its mode_centers" if spec.centers is not None else "the ring modes"
+        raise RegistryError(
+            f"teacher {spec.name!r}: {given} have dimension {int(centers.shape[1])} but its "
+            f"input x is [B, {ref.dim}] ({ref.replica.endpoint}); give centers of dimension "
+            f"{ref.dim}"
+        )
     modes = list(spec.modes) if spec.modes is not None else ref.modes
-    return Teacher(spec.name, replicas, spec.role, ref.replica.digest, modes, centers)
+    return Teacher(spec.name, replicas, spec.role, ref.replica.digest, modes, centers, ref.dim)
 
 
 async def build_registry(

@@ -234,6 +234,19 @@ def test_registry_api_auth_and_refusals(router: Service, teachers: dict) -> None
         assert (
             unreachable.status_code == 422 and "no replica answered" in unreachable.json()["error"]
         )
+        # modes off the ring, or centers of the wrong dimension: refused before they serve
+        for doc, needle in [
+            ({"modes": [9]}, "ring mode indices 0..7"),
+            ({"modes": [-3]}, "ring mode indices 0..7"),
+            ({"mode_centers": [[1.0, 2.0, 3.0]]}, "dimension 3 but its input x is [B, 2]"),
+        ]:
+            r = c.put(
+                f"{router.url}/v1/teachers/a",
+                headers=admin(),
+                json={"endpoints": [teachers["a"].url], **doc},
+            )
+            assert r.status_code == 422 and needle in r.json()["error"], r.text
+        assert c.get(f"{router.url}/v1/teachers/a").json()["modes"] == [0, 2]  # unchanged
         # add, then delete, a third teacher (b's server under another name)
         added = c.put(
             f"{router.url}/v1/teachers/c",
@@ -276,4 +289,13 @@ def test_bad_registries_refused_at_start(teachers: dict, tmp_path: Path) -> None
     )
     with pytest.raises(RuntimeError) as err:
         start_router("--registry", str(f))
-    assert "different dimensions" in str(err.value)
+    assert "dimension 3 but its input x is [B, 2]" in str(err.value)
+    # out-of-range ring modes, in a file: a clear refusal (it was an IndexError traceback)
+    f.write_text(f"teachers:\n  a: {{endpoints: ['{teachers['a'].url}'], modes: [9, -3]}}\n")
+    with pytest.raises(RuntimeError) as err:
+        start_router("--registry", str(f))
+    assert "ring mode indices 0..7, got [9, -3]" in str(err.value)
+    # one name given twice on the command line: refused, not silently the last one
+    with pytest.raises(RuntimeError) as err:
+        start_router("--teacher", f"a={teachers['a'].url}", "--anchor", f"a={teachers['b'].url}")
+    assert "'a' is given twice (--teacher and --anchor)" in str(err.value)

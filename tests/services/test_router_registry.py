@@ -48,6 +48,9 @@ def test_flags_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     f.write_text("teachers:\n  a: {endpoints: [http://h:1], colour: red}\n")
     with pytest.raises(RegistryError, match="unknown keys"):
         read_registry_file(f)
+    f.write_text("teachers: [\n")
+    with pytest.raises(RegistryError, match=r"reg.yaml is not valid YAML: line 2, column 1: "):
+        read_registry_file(f)
 
 
 def test_snapshots_and_nearest_needs_centers() -> None:
