@@ -43,6 +43,7 @@ from services.router.pool import Pool, TeacherRejected, TeacherUnavailable, infe
 from services.router.registry import (
     Registry,
     RegistryError,
+    Replica,
     Teacher,
     TeacherSpec,
     build_registry,
@@ -50,8 +51,10 @@ from services.router.registry import (
     merge_specs,
     parse_flag,
     read_registry_file,
+    refreshed,
     spec_from_doc,
 )
+from services.router.registry import discover as discover_endpoint
 from services.router.settings import ADMIN_TOKEN_ENV, RouterSettings
 
 log = logging.getLogger("opd.router")
@@ -498,6 +501,51 @@ def create_app(
         on_retry=lambda t, _: m.retries.labels(t).inc(),
         on_eject=lambda t, r: m.ejections.labels(t, r).inc(),
     )
+    refreshing: dict[int, asyncio.Task] = {}  # replica id -> its metadata refresh
+
+    def on_version(teacher: Teacher, replica: Replica) -> None:
+        # Off the request path, one refresh per replica at a time: the answer is served as is.
+        if id(replica) not in refreshing:
+            task = asyncio.create_task(refresh(teacher.name, replica))
+            refreshing[id(replica)] = task
+            task.add_done_callback(lambda _: refreshing.pop(id(replica), None))
+
+    async def refresh(name: str, replica: Replica) -> None:
+        """A replica answered with a version the registry does not know (its server loaded a
+        checkpoint): read its metadata again and, once the teacher's live replicas agree on a
+        new digest, publish its new digest and mode centers (watchers see a new generation)."""
+        try:
+            found = await discover_endpoint(
+                pool.client, replica.endpoint, settings.attempt_timeout_s
+            )
+        except RegistryError as exc:
+            log.warning(
+                "teacher %s replica %s: metadata refresh failed: %s", name, replica.endpoint, exc
+            )
+            return
+        assert core._admin is not None
+        async with core._admin:
+            reg = core.registry
+            teacher = reg.get(name)
+            if teacher is None or all(r is not replica for r in teacher.replicas):
+                return  # swapped or deleted through the registry API meanwhile
+            new = refreshed(teacher, replica, found)
+            if new is None:
+                log.warning(
+                    "teacher %s: replicas serve different checkpoints (%s): a rolling swap?",
+                    name,
+                    ", ".join(f"{r.endpoint.url}: {r.digest}" for r in teacher.replicas),
+                )
+            elif new is not teacher:
+                try:
+                    core.set_registry(reg.with_teacher(new))
+                except RegistryError as exc:
+                    log.warning("teacher %s: new checkpoint not routable, kept: %s", name, exc)
+                    return
+                m.registry_changes.labels("refresh").inc()
+                log.warning("teacher %s now serves digest %s", name, new.digest)
+
+    pool.on_version = on_version
 
     async def call(
         teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float

@@ -89,6 +89,7 @@ class Pool:
         max_connections: int = 256,
         on_retry: Callable[[str, str], None] | None = None,
         on_eject: Callable[[str, str], None] | None = None,
+        on_version: Callable[[Teacher, Replica], None] | None = None,
     ) -> None:
         self.attempt_timeout_s = attempt_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -108,6 +109,8 @@ class Pool:
         self.data = Http1Client(limit_per_host=max_connections, keepalive_s=30.0)
         self._on_retry = on_retry or (lambda teacher, cause: None)
         self._on_eject = on_eject or (lambda teacher, replica: None)
+        #: a replica answered with a version other than the registry's: its checkpoint changed
+        self.on_version = on_version or (lambda teacher, replica: None)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -285,6 +288,8 @@ async def infer(
         )
     p = msg.parameters
     version = p.get("version", msg.model_version)
+    if version is not None and str(version) != reply.replica.version:
+        pool.on_version(teacher, reply.replica)  # loaded anew behind the router's back
     batch = p.get("batch_size")
     return TeacherAnswer(
         v,

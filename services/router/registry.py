@@ -121,6 +121,7 @@ class Teacher:
     modes: list[int] = field(default_factory=list)
     centers: torch.Tensor | None = None  # [M, D] float32, or None when unknown
     dim: int | None = None  # D of its input x [B, D] per its metadata, None when not declared
+    pinned: bool = False  # modes / centers were given in its registry entry, not read from it
     rr: int = 0  # round-robin cursor among equally loaded replicas
 
     @property
@@ -424,14 +425,16 @@ def _state_dim(meta: dict[str, Any]) -> int | None:
 
 
 @dataclass
-class _Discovered:
+class Discovered:
+    """What one endpoint said about itself: the replica (version, digest), modes, centers, D."""
+
     replica: Replica
     modes: list[int]
     centers: torch.Tensor | None
     dim: int | None = None
 
 
-async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float) -> _Discovered:
+async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float) -> Discovered:
     """Resolve the model name (repository index when not given) and read its metadata.
 
     Raises:
@@ -484,7 +487,7 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
         str(version) if version is not None else None,
         str(digest) if digest else None,
     )
-    return _Discovered(replica, _modes_from(params), _centers_from(params), _state_dim(meta))
+    return Discovered(replica, _modes_from(params), _centers_from(params), _state_dim(meta))
 
 
 async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: float) -> Teacher:
@@ -502,7 +505,7 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
     for f in found:
         if isinstance(f, BaseException) and not isinstance(f, RegistryError):
             raise f
-    ok = [f for f in found if isinstance(f, _Discovered)]
+    ok = [f for f in found if isinstance(f, Discovered)]
     if not ok:
         causes = "; ".join(str(f) for f in found)
         # Only "nobody answered at all" is worth waiting out; a wrong server is not.
@@ -522,7 +525,7 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
             )
     replicas = []
     for e, f in zip(spec.endpoints, found, strict=True):
-        if isinstance(f, _Discovered):
+        if isinstance(f, Discovered):
             replicas.append(f.replica)
         else:
             r = Replica(Endpoint(e.url, e.model or ref.replica.endpoint.model))
@@ -542,7 +545,34 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
             f"{ref.dim}"
         )
     modes = list(spec.modes) if spec.modes is not None else ref.modes
-    return Teacher(spec.name, replicas, spec.role, ref.replica.digest, modes, centers, ref.dim)
+    pinned = spec.modes is not None or spec.centers is not None
+    return Teacher(
+        spec.name, replicas, spec.role, ref.replica.digest, modes, centers, ref.dim, pinned
+    )
+
+
+def refreshed(teacher: Teacher, replica: Replica, found: Discovered) -> Teacher | None:
+    """``teacher`` after its ``replica`` was found serving a new checkpoint (``found``: that
+    replica's metadata read again), or None while its live replicas disagree on the digest (a
+    rolling swap in progress).
+
+    The replica's version and digest are updated in place (the registry's view of it). Once
+    every live replica serves one digest that is not ``teacher.digest``, the teacher takes that
+    digest and, unless they were pinned by its registry entry, the new modes, centers and D.
+    """
+    replica.version, replica.digest = found.replica.version, found.replica.digest
+    digests = {r.digest for r in teacher.replicas if r.live and r.digest}
+    if len(digests) != 1 or teacher.digest in digests:
+        return teacher if len(digests) <= 1 else None
+    if teacher.pinned:
+        return replace(teacher, digest=found.replica.digest)
+    return replace(
+        teacher,
+        digest=found.replica.digest,
+        modes=found.modes,
+        centers=found.centers,
+        dim=found.dim,
+    )
 
 
 async def build_registry(

@@ -212,3 +212,46 @@ def test_full_queue_answers_503_with_retry_after(tiny_models: Path) -> None:
     finally:
         slow.stop()
         router.stop()
+
+
+def test_checkpoint_loaded_behind_the_router_is_picked_up(tiny_models: Path) -> None:
+    """Teacher a's server loads teacher b's checkpoint through its own repository API: the
+    router's registry follows (version, digest, mode centers) and routes with the new centers."""
+    a = start_teacher(tiny_models / "teacher-a.safetensors", "a")
+    router = start_router("--teacher", f"a={a.url}", "--policy", "nearest")
+    try:
+        with client() as c:
+            before = c.get(f"{router.url}/v1/teachers").json()
+            assert before["teachers"][0]["modes"] == [0, 2]
+            r = c.post(
+                f"{a.url}/v2/repository/models/a/load",
+                headers=admin(),
+                json={"parameters": {"checkpoint": "teacher-b.safetensors"}},
+            )
+            assert r.status_code == 200, r.text
+            x, t = states(16)
+            body, headers = encode_request({"x": x, "t": t}, outputs=["v", "teacher"])
+            # the first answer comes from the new checkpoint and triggers the refresh
+            first = c.post(
+                f"{router.url}/v2/models/opd-router/infer", content=body, headers=headers
+            )
+            assert first.status_code == 200
+            params = decode_response(first.content, first.headers[HEADER_LENGTH]).parameters
+            assert params["a.version"] == r.json()["version"]
+            deadline = time.monotonic() + 20
+            after = before
+            while time.monotonic() < deadline:
+                after = c.get(f"{router.url}/v1/teachers").json()
+                if after["generation"] > before["generation"]:
+                    break
+                time.sleep(0.1)
+            teacher = after["teachers"][0]
+            assert teacher["modes"] == [1, 3], after
+            assert teacher["digest"] != before["teachers"][0]["digest"]
+            assert teacher["version"] == r.json()["version"]
+            assert teacher["replicas"][0]["digest"] == teacher["digest"]
+            metrics = c.get(f"{router.url}/metrics").text
+            assert 'opd_router_registry_changes_total{op="refresh"} 1.0' in metrics
+    finally:
+        router.stop()
+        a.stop()

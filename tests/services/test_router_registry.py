@@ -9,6 +9,7 @@ import torch
 
 from services.router.pool import Pool
 from services.router.registry import (
+    Discovered,
     Endpoint,
     Registry,
     RegistryError,
@@ -16,6 +17,7 @@ from services.router.registry import (
     Teacher,
     parse_flag,
     read_registry_file,
+    refreshed,
 )
 from services.router.settings import RouterSettings
 
@@ -76,3 +78,30 @@ def test_pick_prefers_live_least_loaded_then_ejected() -> None:
     assert Pool.pick(t, set()) is r2
     assert Pool.pick(t, {id(r2), id(r0)}) is r1  # no live one left untried: try the ejected
     assert Pool.pick(t, {id(r0), id(r1), id(r2)}) is None
+
+
+def test_refreshed_follows_a_new_checkpoint_once_replicas_agree() -> None:
+    t = _teacher("a", torch.zeros(2, 2), n=2)
+    t.digest, t.modes = "old", [0, 2]
+    for r in t.replicas:
+        r.version, r.digest = "1", "old"
+    new_centers = torch.ones(2, 2)
+
+    def found(replica: Replica) -> Discovered:
+        return Discovered(Replica(replica.endpoint, "2", "new"), [1, 3], new_centers, 2)
+
+    # one replica swapped, the other not: a rolling swap, the teacher is left as it is
+    assert refreshed(t, t.replicas[0], found(t.replicas[0])) is None
+    assert t.replicas[0].version == "2" and t.replicas[0].digest == "new"
+    # the other replica ejected: the live ones agree on the new checkpoint
+    t.replicas[1].eject("down")
+    new = refreshed(t, t.replicas[0], found(t.replicas[0]))
+    assert new is not None and new is not t
+    assert new.digest == "new" and new.modes == [1, 3] and torch.equal(new.centers, new_centers)
+    assert t.digest == "old" and t.modes == [0, 2]  # the old snapshot's teacher is untouched
+    # same digest again (a reload of the same file): nothing to publish
+    assert refreshed(new, new.replicas[0], found(new.replicas[0])) is new
+    # modes pinned by the registry entry stay; only the digest follows
+    t.pinned = True
+    pinned = refreshed(t, t.replicas[0], found(t.replicas[0]))
+    assert pinned is not None and pinned.digest == "new" and pinned.modes == [0, 2]
