@@ -400,7 +400,13 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
 
     @app.get("/v1/teachers/{name}")
     async def get_teacher(name: str) -> dict:
-        return teacher_or_404(name).describe()
+        teacher = core.registry.get(name)
+        if teacher is None:
+            known = ", ".join(t.name for t in core.registry.all()) or "none"
+            raise StarletteHTTPException(
+                404, f"no teacher named {name!r}; registered teachers and anchors: {known}"
+            )
+        return teacher.describe()
 
     @app.put("/v1/teachers/{name}")
     async def put_teacher(name: str, request: Request) -> JSONResponse:

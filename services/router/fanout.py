@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from common import routing
-from common.codec import InferMessage
+from common.codec import CodecError, InferMessage, datatype_of
 from services.router.registry import Registry, RegistryError, Teacher
 
 MODEL_NAME = "opd-router"
@@ -80,7 +80,7 @@ def _validate(
         if name not in msg.tensors:
             raise InputError(f"missing input {name!r}; opd-router takes x [B, D] and t [B] (FP32)")
         if msg.tensors[name].dtype != np.float32:
-            raise InputError(f"input {name!r} must be FP32, got {msg.tensors[name].dtype}")
+            raise InputError(f"input {name!r} must be FP32, got {_datatype(msg.tensors[name])}")
     x, t = msg.tensors["x"], msg.tensors["t"]
     if x.ndim != 2 or x.shape[1] == 0:
         raise InputError(f"input 'x' must have shape [B, D], got {list(x.shape)}")
@@ -94,7 +94,7 @@ def _validate(
     route = msg.tensors.get("route")
     if route is not None:
         if route.dtype.kind not in "iu":
-            raise InputError(f"input 'route' must be INT32, got {route.dtype}")
+            raise InputError(f"input 'route' must be INT32, got {_datatype(route)}")
         route = route.reshape(-1)
         if len(route) != len(x):
             raise InputError(f"route has {len(route)} rows but x has {len(x)}")
@@ -102,6 +102,14 @@ def _validate(
     if c is not None and (c.ndim == 0 or len(c) != len(x)):
         raise InputError(f"input 'c' must have {len(x)} rows, got shape {list(c.shape)}")
     return x, t, route, c
+
+
+def _datatype(arr: np.ndarray) -> str:
+    """``arr``'s v2 datatype name for an error message (numpy's name if it has none)."""
+    try:
+        return datatype_of(arr)
+    except CodecError:
+        return str(arr.dtype)
 
 
 def _anchor_request(msg: InferMessage, reg: Registry) -> Teacher | None:
@@ -114,10 +122,8 @@ def _anchor_request(msg: InferMessage, reg: Registry) -> Teacher | None:
     anchor = reg.anchor(name)
     if anchor is None:
         have = ", ".join(a.name for a in reg.anchors) or "none"
-        raise InputError(
-            f"the request asks for v_anchor from {name or 'the anchor'!r}, but the "
-            f"registered anchors are: {have}"
-        )
+        asked = f"v_anchor from anchor {name!r}" if name else "v_anchor"
+        raise InputError(f"the request asks for {asked}, but the registered anchors are: {have}")
     return anchor
 
 
@@ -200,6 +206,12 @@ def _fan_out(
         raise InputError(str(exc)) from None
     anchor = _anchor_request(msg, reg)
     b = len(x)
+    for teacher in (*reg.teachers, *((anchor,) if anchor else ())):
+        if teacher.dim is not None and teacher.dim != x.shape[1]:
+            raise InputError(
+                f"input 'x' must be [B, {teacher.dim}]: teacher {teacher.name!r} takes states of "
+                f"dimension {teacher.dim}; got [{b}, {x.shape[1]}]"
+            )
 
     try:
         assignment = routing.assign_rows(

@@ -157,7 +157,7 @@ def test_bad_input_is_a_clear_4xx_and_router_keeps_serving(router: Service) -> N
                     content=encode_request({"x": x.astype(np.float64), "t": t})[0],
                     headers=encode_request({"x": x.astype(np.float64), "t": t})[1],
                 ),
-                "FP32",
+                "input 'x' must be FP32, got FP64",
             ),
             (
                 c.post(
@@ -201,8 +201,14 @@ def test_bad_input_is_a_clear_4xx_and_router_keeps_serving(router: Service) -> N
             content=encode_request({"x": x3, "t": t[:4]})[0],
             headers=encode_request({"x": x3, "t": t[:4]})[1],
         )
-        assert r.status_code == 400 and "dimension" in r.json()["error"]
+        assert r.status_code == 400
+        assert (
+            "input 'x' must be [B, 2]: teacher 'a' takes states of dimension 2; got [4, 3]"
+            in (r.json()["error"])
+        )
         assert c.post(f"{router.url}/v2/models/nobody/infer", json={}).status_code == 404
+        nobody = c.get(f"{router.url}/v1/teachers/nobody")
+        assert nobody.status_code == 404 and "no teacher named 'nobody'" in nobody.json()["error"]
         call_router(c, router.url, x, t)  # still serving
 
 
