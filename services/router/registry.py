@@ -471,6 +471,8 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
                 f"({_error_text(resp)})"
             )
         meta = resp.json()
+    except RegistryError:
+        raise  # a ValueError too: not to be taken for bad JSON below
     except httpx.HTTPError as exc:
         raise TeacherUnreachable(
             f"{endpoint}: unreachable ({type(exc).__name__}: {exc or 'no detail'})"

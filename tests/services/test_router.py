@@ -305,3 +305,8 @@ def test_bad_registries_refused_at_start(teachers: dict, tmp_path: Path) -> None
     with pytest.raises(RuntimeError) as err:
         start_router("--teacher", f"a={teachers['a'].url}", "--anchor", f"a={teachers['b'].url}")
     assert "'a' is given twice (--teacher and --anchor)" in str(err.value)
+    # a v2 server that does not serve the named model: said so, not "not an OIP v2 server"
+    with pytest.raises(RuntimeError) as err:
+        start_router("--teacher", f"a={teachers['a'].url}#nomodel")
+    assert "model 'nomodel' metadata answered 404" in str(err.value)
+    assert "not an OIP v2 server" not in str(err.value)
