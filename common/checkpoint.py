@@ -117,6 +117,8 @@ def read_model(path: str | Path, device: str = "cpu") -> tuple[VelocityNet, Chec
         CheckpointError: missing file, not safetensors, bad metadata, or digest mismatch.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give a .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     tensors, raw = decode_tensors(path.read_bytes(), source=str(path))

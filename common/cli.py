@@ -68,10 +68,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: opd COMMAND [flags]   (opd COMMAND --help for its flags)", "", "commands:"]
+def _usage(group: str | None = None) -> str:
+    """Every command, or with ``group`` (``serve``, ``cluster``, ``bench``) only its own."""
+    name = f"opd {group}" if group else "opd"
+    what = "SUBCOMMAND" if group else "COMMAND"
+    lines = [f"usage: {name} {what} [flags]   ({name} {what} --help for its flags)", ""]
+    lines.append("subcommands:" if group else "commands:")
     for words, (help_text, _) in COMMANDS.items():
-        lines.append(f"  {' '.join(words):<16} {help_text}")
+        if group is None or words[0] == group:
+            lines.append(f"  {' '.join(words):<16} {help_text}")
     return "\n".join(lines)
 
 
@@ -83,21 +88,39 @@ def _find(argv: Sequence[str]) -> tuple[tuple[str, ...], str] | None:
     return None
 
 
+_HELP = ("-h", "--help")
+
+
+def _no_command(argv: Sequence[str]) -> int:
+    """``argv`` names no command: help (exit 0) if asked for, else a usage error (exit 2)."""
+    groups = {words[0] for words in COMMANDS if len(words) > 1}
+    group = argv[0] if argv and argv[0] in groups else None
+    rest = argv[1:] if group else argv
+    if rest and rest[0] in _HELP:  # `opd --help`, `opd serve --help`
+        sys.stdout.write(_usage(group) + "\n")
+        return 0
+    if rest:
+        unknown = " ".join(argv[:2]) if group else argv[0]
+        sys.stderr.write(f"opd: unknown command {unknown!r}\n")
+    elif group:
+        sys.stderr.write(f"opd {group}: give a subcommand\n")
+    # `opd` alone is a usage error too: scripts that forget the command should not pass.
+    sys.stderr.write(_usage(group) + "\n")
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     found = _find(argv)
     if found is None:
-        stream = sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr
-        if argv and argv[0] not in ("-h", "--help"):
-            stream.write(f"opd: unknown command {' '.join(argv[:2])!r}\n")
-        stream.write(_usage() + "\n")
-        return 0 if stream is sys.stdout else 2
+        return _no_command(argv)
     words, target = found
     module, attr = target.split(":")
     command: Command = getattr(importlib.import_module(module), attr)
     parser = argparse.ArgumentParser(prog="opd " + " ".join(words), description=command.help)
     add_settings_arguments(parser, command.settings)
-    settings = settings_from_args(command.settings, parser.parse_args(argv[len(words) :]))
+    args = parser.parse_args(argv[len(words) :])
+    settings = settings_from_args(command.settings, args, prog=parser.prog)
     from common.checkpoint import CheckpointError
     from common.routing import RoutingError
 

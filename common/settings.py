@@ -11,10 +11,13 @@ import argparse
 import sys
 import types
 import typing
+from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
+
+from common.names import is_http_base_url
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -25,6 +28,33 @@ class UsageError(Exception):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def out_dir(path: Path, flag: str = "--out") -> Path:
+    """Create the output directory ``path`` (and parents) now, or say why it cannot be one.
+
+    Called before a command does any work, so that a file in the way or an unwritable place
+    costs the user a one-line error instead of a traceback after minutes of training.
+    """
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from None
+    return path
+
+
+def http_base_url(value: str) -> str:
+    """``value`` if it is an http(s) base URL; for field validators of URL settings.
+
+    Checked up front: the clients would otherwise retry a URL they can never reach.
+    """
+    if not is_http_base_url(value):
+        raise ValueError(
+            f"must be an http:// or https:// base URL, e.g. http://127.0.0.1:8000; got {value!r}"
+        )
+    return value
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -44,7 +74,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseSettin
         if field.is_required():
             given_as = "required"
         else:
-            given_as = f"default {field.get_default(call_default_factory=True)!r}"
+            default = field.get_default(call_default_factory=True)
+            # A path reads as the user would type it ('models'), not PosixPath('models').
+            default = str(default) if isinstance(default, PurePath) else default
+            given_as = f"default {default!r}"
         help_text = f"{field.description or ''} [env {env}; {given_as}]".strip()
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if tp is bool:
@@ -56,20 +89,35 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseSettin
         parser.add_argument(_flag(name), **kwargs)
 
 
-def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:
-    """Build ``cls`` from the flags that were given (plus env and defaults); exit 2 on bad values."""
+def _problem(err: Any, prefix: str) -> str:
+    """One pydantic error as the user should read it: the flag, then what is wrong."""
+    # pydantic puts "Value error, " before a validator's message: noise to the user.
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a model validator: the problem spans flags, its "input" is all of them
+        return msg
+    name = str(err["loc"][0])  # a list flag's item error adds its index; the flag is the name
+    flag = _flag(name)
+    if err["type"] == "missing":  # its "input" is the whole settings dict: no help
+        return f"{flag}: required; give {flag} or set {f'{prefix}{name}'.upper()}"
+    got = repr(err.get("input"))
+    # Validators that quote the value already (", got 'abc'") need no second copy of it.
+    return f"{flag}: {msg}" if got in msg else f"{flag}: {msg} (got {got})"
+
+
+def settings_from_args(cls: type[S], args: argparse.Namespace, prog: str = "opd") -> S:
+    """Build ``cls`` from the flags that were given (plus env and defaults); exit 2 on bad values.
+
+    Problems are printed like :class:`UsageError`: ``PROG: error: ...``, one line each.
+    """
     given = {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
     try:
         return cls(**given)
     except ValidationError as exc:
         prefix = cls.model_config.get("env_prefix", "")
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "settings"
-            if err["type"] == "missing":  # its "input" is the whole settings dict: no help
-                env = f"{prefix}{loc}".upper()
-                lines.append(f"  {_flag(loc)}: required; give {_flag(loc)} or set {env}")
-            else:
-                lines.append(f"  {_flag(loc)}: {err['msg']} (got {err.get('input')!r})")
-        sys.stderr.write("opd: invalid settings:\n" + "\n".join(lines) + "\n")
+        problems = [_problem(err, prefix) for err in exc.errors()]
+        if len(problems) == 1:
+            sys.stderr.write(f"{prog}: error: {problems[0]}\n")
+        else:
+            lines = "".join(f"  {p}\n" for p in problems)
+            sys.stderr.write(f"{prog}: error: invalid settings:\n{lines}")
         raise SystemExit(2) from None

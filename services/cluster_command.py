@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.checkpoint import atomic_write_bytes
 from common.cli import Command, UsageError
 from common.procs import pid_alive, start_detached, stop_pid
+from common.settings import out_dir
 from services.cluster import PYTHON, launch
 
 STATE_NAME = "cluster.json"
@@ -54,16 +55,24 @@ def _read_state(s: ClusterSettings) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _down_command(s: ClusterSettings) -> str:
+    """The ``opd cluster down`` that stops this cluster: a custom state dir must be named."""
+    default = ClusterSettings.model_fields["state_dir"].default
+    return "opd cluster down" + ("" if s.state_dir == default else f" --state-dir {s.state_dir}")
+
+
 def up(s: ClusterSettings) -> int:
     state = _read_state(s)
     if state and any(pid_alive(v["pid"]) for v in state["services"].values()):
         raise UsageError(
             f"a cluster is already running (state {_state_path(s)}); "
-            "`opd cluster down` first, or use another --state-dir"
+            f"`{_down_command(s)}` first, or use another --state-dir"
         )
     from student.pretrain import pretrain_all
 
-    pretrain_all(s.models)  # keeps what exists
+    out_dir(s.models, "--models")
+    # keeps what exists; `cluster up` has no --force, so the hint names the command that has
+    pretrain_all(s.models, retrain_hint=f"`opd pretrain --out {s.models} --force` to retrain")
     if s.backend == "ray" and not s.ray_config.is_file():
         raise UsageError(f"--ray-config {s.ray_config} does not exist")
     services: dict[str, dict] = {}

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.cli import Command, UsageError
 from common.nets import NetConfig, VelocityNet
+from common.settings import http_base_url, out_dir
 from student.methods import METHODS
 
 PARTS = ("rollout", "query_exposed", "update")
@@ -62,6 +63,11 @@ class BenchCostSettings(BaseSettings):
     max_in_flight: int = Field(8, ge=1, description="requests in flight at once")
     threads: int = Field(1, ge=1, description="torch threads (trainer and started teachers)")
     out: Path = Field(Path("bench-cost"), description="directory for cost.json/csv/png")
+
+    @field_validator("router_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else http_base_url(v)
 
     @property
     def synthetic(self) -> bool:
@@ -249,6 +255,7 @@ def run_bench_cost(s: BenchCostSettings) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UsageError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    out_dir(s.out)  # before the runs, not after them
     cluster = None
     if s.router_url is None:
         if s.synthetic:
@@ -274,7 +281,6 @@ def run_bench_cost(s: BenchCostSettings) -> int:
         else "toy D=2, pretrained teachers a, b, base"
     )
     title = f"{mode}; batch {s.batch}, N={s.rollout_steps}, {s.steps} steps"
-    s.out.mkdir(parents=True, exist_ok=True)
     (s.out / "cost.json").write_text(
         json.dumps({"mode": mode, "settings": s.model_dump(mode="json"), "rows": rows}, indent=2)
         + "\n"

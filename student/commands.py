@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.checkpoint import read_model
 from common.cli import Command, UsageError
+from common.settings import http_base_url, out_dir
 from student.clients import LocalTeacherClient, TeacherClient, TeacherInfo, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.models import BASE_NAME, load_named, parse_names
@@ -35,6 +36,7 @@ class PretrainSettings(BaseSettings):
 
 
 def run_pretrain(s: PretrainSettings) -> int:
+    out_dir(s.out)
     if s.threads:
         torch.set_num_threads(s.threads)
     pretrain_all(s.out, seed=s.seed, force=s.force, steps=s.steps)
@@ -95,6 +97,11 @@ class TrainSettings(BaseSettings):
     lr: float = Field(8e-4, gt=0, description="Adam learning rate")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("router_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else http_base_url(v)
 
 
 def local_client(models: Path, teachers: list[str], supervise: str, anchor: bool) -> TeacherClient:
@@ -160,6 +167,7 @@ def run_train(s: TrainSettings) -> int:
         trace_steps=s.trace_steps,
     )
     student, base_meta = load_named(s.models, BASE_NAME)
+    out_dir(s.out)  # a usage error now, not a traceback from the trainer
     with make_client(s, teachers) as client:
         try:
             report = train(
@@ -198,6 +206,7 @@ def run_eval(s: EvalSettings) -> int:
         raise UsageError(str(exc)) from None
     net, meta = read_model(s.checkpoint)
     modes = [load_named(s.models, n)[1].modes for n in names]
+    out_dir(s.out)
     metrics, samples = evaluate(net, modes, s.samples, s.eval_steps, s.seed)
     report = build_report(
         method="eval",
@@ -214,7 +223,6 @@ def run_eval(s: EvalSettings) -> int:
             "checkpoint_role": meta.role,
         },
     )
-    s.out.mkdir(parents=True, exist_ok=True)
     write_json(s.out / "report.json", report)
     plot_samples(
         s.out / "samples.png",

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common import ring
 from common.cli import Command
 from common.procs import start_service
+from common.settings import out_dir
 from services.cluster import router_cmd, start_cluster
 from student.commands import TrainSettings, make_client
 from student.evaluate import evaluate
@@ -58,8 +59,10 @@ class DemoSettings(BaseSettings):
 
 def run_demo(s: DemoSettings) -> int:
     torch.set_num_threads(s.threads)
-    pretrain_all(s.models)
-    s.out.mkdir(parents=True, exist_ok=True)
+    out_dir(s.models, "--models")
+    out_dir(s.out)
+    # `opd demo` has no --force: the hint names the command that has
+    pretrain_all(s.models, retrain_hint=f"`opd pretrain --out {s.models} --force` to retrain")
     print("starting the cluster: teachers a, b, base (anchor) and the router ...", flush=True)
     t0 = time.perf_counter()
     with start_cluster(s.models) as cluster:

@@ -75,16 +75,18 @@ def pretrain_all(
     steps: int | None = None,
     recipes: Sequence[Recipe] = STANDARD,
     log=print,
+    retrain_hint: str = "--force to retrain",
 ) -> list[Path]:
     """Pretrain every recipe into ``out``; existing files are kept unless ``force``.
 
-    ``steps`` overrides every recipe's step count (for quick tests only).
+    ``steps`` overrides every recipe's step count (for quick tests only). ``retrain_hint`` ends
+    the "keep" line: callers without a ``--force`` flag name the command that has one.
     """
     written = []
     for r in recipes:
         path = checkpoint_path(out, r.name)
         if path.exists() and not force:
-            log(f"keep {path} (exists; --force to retrain)")
+            log(f"keep {path} (exists; {retrain_hint})")
             continue
         n = steps if steps is not None else r.steps
         net = pretrain(r.modes, n, seed + r.seed_offset, r.lr, r.batch, desc=f"pretrain {r.name}")

@@ -42,3 +42,22 @@ def models(tmp_path_factory) -> Path:
     else:
         pretrain_all(out, seed=0, log=lambda *_: None)
     return out
+
+
+@pytest.fixture
+def opd_cli(capsys):
+    """Run ``opd ARGS...`` in this process: ``(exit status, stdout, stderr)``.
+
+    Only for commands that stop early (help, usage errors): a valid command runs for real.
+    """
+    from common.cli import main
+
+    def run(*argv: object) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse and settings errors exit from inside
+            code = exc.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

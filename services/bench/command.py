@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.cli import Command, UsageError
 from common.http1 import Http1Client
 from common.serving import run_async
+from common.settings import http_base_url, out_dir
 from services.bench.echo import echo_rate
 from services.bench.limits import forward_rate, net_from_metadata
 from services.bench.prom import scrape_states
@@ -42,9 +43,13 @@ ECHO_SAMPLE_S = 0.5
 
 def int_list(value: str) -> list[int]:
     """``"1,2,4"`` → ``[1, 2, 4]`` (positive integers)."""
-    out = [int(v) for v in str(value).split(",") if v.strip()]
+    problem = f"must be whole numbers >= 1, comma-separated (e.g. 1,2,4); got {value!r}"
+    try:
+        out = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:  # int()'s own message names neither the flag nor the rule
+        raise ValueError(problem) from None
     if not out or min(out) < 1:
-        raise ValueError(f"expected comma-separated positive integers, got {value!r}")
+        raise ValueError(problem)
     return out
 
 
@@ -84,6 +89,11 @@ class BenchServeSettings(BaseSettings):
     )
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout (s)")
     out: Path = Field(Path("bench-serve"), description="directory for sweep.csv/json/png")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return http_base_url(v)
 
     @field_validator("concurrency", "states")
     @classmethod
@@ -263,6 +273,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench_serve(s: BenchServeSettings) -> int:
+    out_dir(s.out)  # before the sweep, not after minutes of it
     started = time.time()
     context: dict[str, Any] = {
         "url": s.url,
@@ -290,7 +301,6 @@ def run_bench_serve(s: BenchServeSettings) -> int:
             )
     context["machine_end"] = machine()
     context["elapsed_s"] = round(time.time() - started, 2)
-    s.out.mkdir(parents=True, exist_ok=True)
     write_csv(s.out / "sweep.csv", points)
     write_json(s.out / "sweep.json", points, context)
     plot(s.out / "sweep.png", points, f"{s.model} at {s.url}")

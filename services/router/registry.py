@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -22,10 +21,10 @@ import httpx
 import torch
 
 from common import routing
+from common.names import PLAIN_NAME_RULE, is_http_base_url, is_plain_name
 from common.ring import NUM_MODES, centers_of
 
 Role = Literal["teacher", "anchor"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class RegistryError(ValueError):
@@ -38,11 +37,8 @@ class TeacherUnreachable(RegistryError):
 
 def check_name(name: str) -> str:
     """Teacher names appear in URLs and response parameter keys: keep them plain."""
-    if not _NAME.match(name):
-        raise RegistryError(
-            f"teacher name {name!r} must be 1-64 characters of letters, digits, "
-            "'_', '-' or '.', starting with a letter or digit"
-        )
+    if not is_plain_name(name):
+        raise RegistryError(f"teacher name {name!r} must be {PLAIN_NAME_RULE}")
     if name == "opd-router":
         raise RegistryError(
             "'opd-router' is the router's own model name; pick another teacher name"
@@ -63,7 +59,7 @@ class Endpoint:
         text = text.strip()
         url, _, model = text.partition("#")
         url = url.rstrip("/")
-        if not re.match(r"^https?://[^/\s]+", url):
+        if not is_http_base_url(url):
             raise RegistryError(
                 f"endpoint {text!r} is not an http(s) base URL "
                 "(write e.g. http://127.0.0.1:8001 or http://host:8001#teacher-a)"

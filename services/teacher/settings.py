@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.names import PLAIN_NAME_RULE, is_plain_name
 
 #: Environment variable holding the bearer token for admin calls (load / unload). Kept out of
 #: the flags on purpose: a token on the command line is visible to every user in ``ps``.
@@ -62,10 +64,45 @@ class TeacherSettings(BaseSettings):
         "warning", description="uvicorn log level"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if not v:  # empty (e.g. OPD_TEACHER_NAME= in a compose file) keeps meaning "the default"
+            return None
+        if not is_plain_name(v):
+            raise ValueError(f"must be {PLAIN_NAME_RULE}; got {v!r}")
+        return v
+
+    @field_validator("model_root")
+    @classmethod
+    def _existing_root(cls, v: Path | None) -> Path | None:
+        # Load calls resolve names under it: a typo would only show at the first swap.
+        if v is not None and not v.is_dir():
+            what = "is not a directory" if v.exists() else "does not exist"
+            raise ValueError(f"{str(v)!r} {what}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_present(cls, v: str) -> str:
+        # Checked here, not at the first .to(): torch's own error is a traceback
+        # ("Torch not compiled with CUDA enabled").
+        if v == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("CUDA is not available on this machine; use --device cpu")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSettings:
         if (self.checkpoint is None) == (not self.synthetic):
             raise ValueError("give either --checkpoint FILE or --synthetic (not both, not neither)")
+        if self.name is None and not is_plain_name(self.served_name()):
+            raise ValueError(
+                f"the served name {self.served_name()!r} (the checkpoint's file stem) must be "
+                f"{PLAIN_NAME_RULE}; give --name"
+            )
         return self
 
     def served_name(self) -> str:

@@ -34,6 +34,8 @@ def test_roundtrip_keeps_weights_metadata_and_digest(tmp_path):
 def test_corrupt_or_foreign_files_are_refused_with_reason(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_model(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="is a directory; give a .safetensors file"):
+        read_model(tmp_path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         read_model(tmp_path / "junk.safetensors")
@@ -64,5 +66,7 @@ def test_pretrain_is_byte_identical_per_seed_and_keeps_files(tmp_path):
         and len(meta.mode_centers) == 2
     )
     before = (a / "base.safetensors").stat().st_mtime_ns
-    assert pretrain_all(a, seed=5, steps=20, log=lambda *_: None) == []  # kept without --force
+    lines: list[str] = []
+    assert pretrain_all(a, seed=5, steps=20, log=lines.append) == []  # kept without --force
+    assert len(lines) == 3 and all(line.endswith("(exists; --force to retrain)") for line in lines)
     assert (a / "base.safetensors").stat().st_mtime_ns == before

@@ -216,6 +216,24 @@ def test_teacher_needs_checkpoint_or_synthetic():
         timeout=60,
     )
     assert proc.returncode == 2 and "--synthetic" in proc.stderr
+    # a model-level check: no made-up flag, no pydantic prefix, no dump of the settings
+    assert proc.stderr.startswith("opd serve teacher: error: give either --checkpoint")
+    assert "--settings" not in proc.stderr and "Value error" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--states", "abc"], "--states: must be whole numbers >= 1, comma-separated"),
+        (["--concurrency", "1,0"], "--concurrency: must be whole numbers >= 1"),
+        (["--url", "notaurl"], "--url: must be an http:// or https:// base URL"),
+    ],
+)
+def test_bench_serve_bad_flag_is_one_line(opd_cli, flags, says):
+    # a flag given twice: the last one counts, so `flags` may replace the valid --url
+    code, _, err = opd_cli("bench", "serve", "--url", "http://127.0.0.1:9", "--model", "m", *flags)
+    assert code == 2 and err.startswith(f"opd bench serve: error: {says}"), err
+    assert len(err.splitlines()) == 1 and "int()" not in err
 
 
 @pytest.mark.parametrize("frequencies", [8, 0])

@@ -86,3 +86,48 @@ def test_swapping_teacher_a_during_training_completes_and_shows_the_version(tiny
     assert len(versions) == 80
     assert versions[0] == "1" and versions[-1] == "2"
     assert versions == sorted(versions)  # one switch, never back
+
+
+def _running_state(state_dir: Path) -> None:
+    """A state file whose service is alive (this test process): `up` must refuse."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"services": {"router": {"pid": os.getpid(), "url": "http://127.0.0.1:9"}}}
+    (state_dir / "cluster.json").write_text(json.dumps(doc))
+
+
+def test_already_running_hint_names_a_custom_state_dir(opd_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    custom = tmp_path / "custom"
+    _running_state(custom)
+    code, _, err = opd_cli("cluster", "up", "--state-dir", custom)
+    assert code == 2 and f"`opd cluster down --state-dir {custom}` first" in err
+    _running_state(Path(".opd"))  # the default: the plain command is right
+    code, _, err = opd_cli("cluster", "up")
+    assert code == 2 and "`opd cluster down` first" in err
+
+
+def test_cluster_up_keep_hint_names_the_command_with_force(
+    opd_cli, tiny_models, tmp_path, monkeypatch
+):
+    from common.settings import UsageError
+    from services import cluster_command
+
+    def launch(*_args, **_kwargs):
+        raise UsageError("stopped before starting services")
+
+    monkeypatch.setattr(cluster_command, "launch", launch)
+    code, out, err = opd_cli(
+        "cluster", "up", "--models", tiny_models, "--state-dir", tmp_path / "state"
+    )
+    assert code == 2 and "stopped before starting services" in err
+    assert f"(exists; `opd pretrain --out {tiny_models} --force` to retrain)" in out
+    assert "; --force" not in out  # cluster up has no --force of its own
+
+
+def test_cluster_up_models_that_is_a_file_names_the_flag(opd_cli, tmp_path):
+    (tmp_path / "models").write_text("")
+    code, _, err = opd_cli(
+        "cluster", "up", "--models", tmp_path / "models", "--state-dir", tmp_path
+    )
+    assert code == 2 and err.startswith("opd cluster up: error: --models ")
+    assert "exists and is not a directory" in err
