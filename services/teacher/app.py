@@ -204,6 +204,7 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
         checkpoint = params.get("checkpoint") if isinstance(params, dict) else None
         if checkpoint is not None and not isinstance(checkpoint, str):
             raise ProtocolError(400, "input", "parameters.checkpoint must be a file name string")
+        before = repo.current
         try:
             model = await repo.load(checkpoint)
         except RepositoryError as exc:
@@ -213,14 +214,26 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
             return error_response(exc.status, f"load failed: {exc}{kept}")
         metrics.loads.labels(repo.name, "ok").inc()
         metrics.version.labels(repo.name).set(model.version)
-        return JSONResponse(
-            {
-                "name": name,
-                "version": str(model.version),
-                "digest": model.meta.digest,
-                "checkpoint": model.checkpoint.name,
-            }
-        )
+        answer = {
+            "name": name,
+            "version": str(model.version),
+            "digest": model.meta.digest,
+            "checkpoint": model.checkpoint.name,
+            "role": model.meta.role,
+            "modes": list(model.meta.modes),
+        }
+        if before is not None and (before.meta.role, before.meta.modes) != (
+            model.meta.role,
+            model.meta.modes,
+        ):
+            # Legal (a checkpoint is the operator's choice), but rarely meant: say so.
+            answer["warning"] = (
+                f"version {before.version} was a {before.meta.role} of modes "
+                f"{list(before.meta.modes)}; version {model.version} is a {model.meta.role} of "
+                f"modes {list(model.meta.modes)}. Routers re-read the mode centers on its next "
+                "answer."
+            )
+        return JSONResponse(answer)
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str, request: Request) -> JSONResponse:

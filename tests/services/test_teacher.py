@@ -298,6 +298,7 @@ def test_hot_swap_under_load(swap_root: Path) -> None:
                 load, headers=auth, json={"parameters": {"checkpoint": "teacher-b.safetensors"}}
             )
             assert r.status_code == 200 and r.json()["version"] == "2", r.text
+            assert r.json()["modes"] == [1, 3] and "of modes [0, 2]" in r.json()["warning"]
             n = len(seen)
             while len(seen) < n + 20:
                 stop.wait(0.05)
