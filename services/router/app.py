@@ -509,14 +509,14 @@ def create_app(
     )
     refreshing: dict[int, asyncio.Task] = {}  # replica id -> its metadata refresh
 
-    def on_version(teacher: Teacher, replica: Replica) -> None:
+    def on_version(teacher: Teacher, replica: Replica, periodic: bool = False) -> None:
         # Off the request path, one refresh per replica at a time: the answer is served as is.
         if id(replica) not in refreshing:
-            task = asyncio.create_task(refresh(teacher.name, replica))
+            task = asyncio.create_task(refresh(teacher.name, replica, periodic))
             refreshing[id(replica)] = task
             task.add_done_callback(lambda _: refreshing.pop(id(replica), None))
 
-    async def refresh(name: str, replica: Replica) -> None:
+    async def refresh(name: str, replica: Replica, periodic: bool = False) -> None:
         """A replica answered with a version the registry does not know (its server loaded a
         checkpoint): read its metadata again and, once the teacher's live replicas agree on a
         new digest, publish its new digest and mode centers (watchers see a new generation)."""
@@ -525,7 +525,8 @@ def create_app(
                 pool.client, replica.endpoint, settings.attempt_timeout_s
             )
         except RegistryError as exc:
-            log.warning(
+            # A periodic check of an idle replica that is down is the health checks' business.
+            (log.debug if periodic else log.warning)(
                 "teacher %s replica %s: metadata refresh failed: %s", name, replica.endpoint, exc
             )
             return
@@ -585,6 +586,18 @@ def create_app(
         health.append(
             asyncio.create_task(pool.health_loop(lambda: core.registry, settings.health_interval_s))
         )
+        if settings.metadata_refresh_s > 0:
+            health.append(asyncio.create_task(metadata_loop(settings.metadata_refresh_s)))
+
+    async def metadata_loop(interval_s: float) -> None:
+        # Answers that pass through this router reveal a new version at once; this catches the
+        # rest: an idle router, and in-client routers whose answers it never sees.
+        while True:
+            await asyncio.sleep(interval_s)
+            for teacher in core.registry.all():
+                for replica in teacher.replicas:
+                    if replica.live:
+                        on_version(teacher, replica, periodic=True)
 
     async def close() -> None:
         for task in health:

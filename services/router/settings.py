@@ -55,6 +55,12 @@ class RouterSettings(BaseSettings):
     attempt_timeout_s: float = Field(5.0, gt=0, description="timeout of one call to one replica")
     connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout to a replica")
     health_interval_s: float = Field(0.5, gt=0, description="how often ejected replicas are probed")
+    metadata_refresh_s: float = Field(
+        5.0,
+        ge=0,
+        description="how often live replicas' metadata is re-read to catch a checkpoint loaded "
+        "on the server itself (0 = only when an answer shows a new version)",
+    )
     max_inflight: int = Field(64, ge=1, description="router requests fanned out at once")
     max_queue: int = Field(256, ge=0, description="requests waiting beyond max_inflight before 503")
     max_connections: int = Field(256, ge=1, description="keep-alive connections over all replicas")

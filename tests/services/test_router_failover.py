@@ -216,13 +216,16 @@ def test_full_queue_answers_503_with_retry_after(tiny_models: Path) -> None:
 
 def test_checkpoint_loaded_behind_the_router_is_picked_up(tiny_models: Path) -> None:
     """Teacher a's server loads teacher b's checkpoint through its own repository API: the
-    router's registry follows (version, digest, mode centers) and routes with the new centers."""
+    routers' registries follow (version, digest, mode centers). One router learns it from an
+    answer (periodic re-reads off), the other, never asked, from its periodic metadata re-read
+    (how an in-client router's registry, whose answers the router never sees, follows)."""
     a = start_teacher(tiny_models / "teacher-a.safetensors", "a")
-    router = start_router("--teacher", f"a={a.url}", "--policy", "nearest")
+    asked = start_router("--teacher", f"a={a.url}", "--metadata-refresh-s", "0")
+    idle = start_router("--teacher", f"a={a.url}", "--metadata-refresh-s", "0.2")
     try:
         with client() as c:
-            before = c.get(f"{router.url}/v1/teachers").json()
-            assert before["teachers"][0]["modes"] == [0, 2]
+            before = {r.url: c.get(f"{r.url}/v1/teachers").json() for r in (asked, idle)}
+            assert before[asked.url]["teachers"][0]["modes"] == [0, 2]
             r = c.post(
                 f"{a.url}/v2/repository/models/a/load",
                 headers=admin(),
@@ -232,26 +235,26 @@ def test_checkpoint_loaded_behind_the_router_is_picked_up(tiny_models: Path) -> 
             x, t = states(16)
             body, headers = encode_request({"x": x, "t": t}, outputs=["v", "teacher"])
             # the first answer comes from the new checkpoint and triggers the refresh
-            first = c.post(
-                f"{router.url}/v2/models/opd-router/infer", content=body, headers=headers
-            )
+            first = c.post(f"{asked.url}/v2/models/opd-router/infer", content=body, headers=headers)
             assert first.status_code == 200
             params = decode_response(first.content, first.headers[HEADER_LENGTH]).parameters
             assert params["a.version"] == r.json()["version"]
-            deadline = time.monotonic() + 20
-            after = before
-            while time.monotonic() < deadline:
-                after = c.get(f"{router.url}/v1/teachers").json()
-                if after["generation"] > before["generation"]:
-                    break
-                time.sleep(0.1)
-            teacher = after["teachers"][0]
-            assert teacher["modes"] == [1, 3], after
-            assert teacher["digest"] != before["teachers"][0]["digest"]
-            assert teacher["version"] == r.json()["version"]
-            assert teacher["replicas"][0]["digest"] == teacher["digest"]
-            metrics = c.get(f"{router.url}/metrics").text
-            assert 'opd_router_registry_changes_total{op="refresh"} 1.0' in metrics
+            for url in (asked.url, idle.url):
+                deadline = time.monotonic() + 20
+                after = before[url]
+                while time.monotonic() < deadline:
+                    after = c.get(f"{url}/v1/teachers").json()
+                    if after["generation"] > before[url]["generation"]:
+                        break
+                    time.sleep(0.1)
+                teacher = after["teachers"][0]
+                assert teacher["modes"] == [1, 3], after
+                assert teacher["digest"] != before[url]["teachers"][0]["digest"]
+                assert teacher["version"] == r.json()["version"]
+                assert teacher["replicas"][0]["digest"] == teacher["digest"]
+                metrics = c.get(f"{url}/metrics").text
+                assert 'opd_router_registry_changes_total{op="refresh"} 1.0' in metrics
     finally:
-        router.stop()
+        asked.stop()
+        idle.stop()
         a.stop()
