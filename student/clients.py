@@ -82,6 +82,9 @@ class QueryCost:
     server_compute_s: float = 0.0  # teacher forward time (in-process: the forward itself)
     transport_s: float = 0.0  # latency minus the server's own time: wire + (de)serialisation
     versions: dict[str, str] = field(default_factory=dict)
+    #: the checkpoint digest each teacher answered from: a version counts loads per server
+    #: process, so only the digest says which weights supervised the step
+    digests: dict[str, str] = field(default_factory=dict)
     spans: list[RequestSpan] = field(default_factory=list)
 
     def add(self, other: QueryCost) -> None:
@@ -89,6 +92,7 @@ class QueryCost:
         for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.versions.update(other.versions)
+        self.digests.update(other.digests)
         self.spans.extend(other.spans)
 
 
@@ -241,5 +245,6 @@ class LocalTeacherClient(TeacherClient):
             latency_s=elapsed,
             server_compute_s=elapsed,
             versions={i.name: i.version for i in infos},
+            digests={i.name: i.digest for i in infos},
         )
         return answers, cost

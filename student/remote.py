@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -85,6 +85,7 @@ class _Reply:
     versions: dict[str, str]
     queue_s: float = 0.0  # the servers' reports for the calls behind this answer
     compute_s: float = 0.0
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 #: a request's last item on its queue of answers: it has ended (answered, or failed)
@@ -335,6 +336,7 @@ class HttpTeacherClient(TeacherClient):
             server_queue_s=reply.queue_s,
             server_compute_s=reply.compute_s,
             versions=dict(reply.versions),
+            digests=dict(reply.digests),
         )
         if (s := reply.span) is not None:
             cost.requests, cost.latency_s, cost.spans = 1, s.end - s.start, [s]
@@ -526,6 +528,7 @@ class HttpTeacherClient(TeacherClient):
             *([self.anchor.name] if self.anchor else []),
         ]
         versions = {n: str(p[f"{n}.version"]) for n in names if n and f"{n}.version" in p}
+        digests = {n: str(p[f"{n}.digest"]) for n in names if n and p.get(f"{n}.digest")}
         queue_s = float(p.get("queue_ms", 0.0)) / 1e3
         compute_s = float(p.get("compute_ms", 0.0)) / 1e3
         span = None
@@ -539,4 +542,6 @@ class HttpTeacherClient(TeacherClient):
                 before[1] + compute_s,
                 server_ms / 1e3,
             )
-        return _Reply(v, teacher, v_anchor, span, sent, received, versions, queue_s, compute_s)
+        return _Reply(
+            v, teacher, v_anchor, span, sent, received, versions, queue_s, compute_s, digests
+        )

@@ -52,6 +52,7 @@ class TeacherAnswer:
     attempts: int = 1
     sent: int = 0  # request bytes of the successful attempt
     received: int = 0  # response bytes
+    digest: str = ""  # the answering checkpoint's, when the teacher reports it
 
 
 #: (teacher, inputs {"x": [n, D], "t": [n], ...}, deadline as time.monotonic()) -> answer
@@ -135,7 +136,8 @@ def _rows(arr: np.ndarray, idx: np.ndarray, everything: bool) -> np.ndarray:
 
 def call_parameters(prefix: str, rows: int, ans: TeacherAnswer | None) -> dict[str, Any]:
     """Per-call response parameters ``{prefix}.rows / .latency_ms / .queue_ms / .compute_ms /
-    .batch_size / .version / .replica / .attempts`` (flat: OIP parameters are scalars)."""
+    .batch_size / .version / .digest / .replica / .attempts`` (flat: OIP parameters are
+    scalars)."""
     out: dict[str, Any] = {f"{prefix}.rows": rows}
     if ans is None:
         return out
@@ -143,6 +145,7 @@ def call_parameters(prefix: str, rows: int, ans: TeacherAnswer | None) -> dict[s
         {
             f"{prefix}.latency_ms": round(ans.latency_ms, 4),
             f"{prefix}.version": ans.version,
+            f"{prefix}.digest": ans.digest,
             f"{prefix}.replica": ans.replica,
             f"{prefix}.attempts": ans.attempts,
         }

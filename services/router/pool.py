@@ -288,8 +288,13 @@ async def infer(
         )
     p = msg.parameters
     version = p.get("version", msg.model_version)
-    if version is not None and str(version) != reply.replica.version:
-        pool.on_version(teacher, reply.replica)  # loaded anew behind the router's back
+    digest = p.get("digest")
+    if (version is not None and str(version) != reply.replica.version) or (
+        digest and digest != reply.replica.digest
+    ):
+        # Loaded anew behind the router's back (or restarted on another checkpoint: versions
+        # count loads per process, so only the digest tells two processes' "1" apart).
+        pool.on_version(teacher, reply.replica)
     batch = p.get("batch_size")
     return TeacherAnswer(
         v,
@@ -302,4 +307,5 @@ async def infer(
         reply.attempts,
         len(body),
         len(reply.content),
+        str(digest or reply.replica.digest or ""),
     )

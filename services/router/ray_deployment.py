@@ -69,6 +69,7 @@ class HandleTeacher(_plain_teacher_class()):  # type: ignore[misc]
         return {
             "v": res.v,
             "version": str(res.version),
+            "digest": res.digest,
             "queue_ms": res.queue_s * 1e3,
             "compute_ms": res.compute_s * 1e3,
             "batch_size": res.batch_states,
@@ -156,6 +157,7 @@ class RayRouter:
                 out["compute_ms"],
                 out["batch_size"],
                 f"ray://{teacher.name}",
+                digest=out.get("digest", ""),
             )
 
         async def discover(spec: TeacherSpec) -> Teacher:

@@ -32,6 +32,7 @@ class ForwardResult:
     compute_s: float  # duration of the batch it ran in (one or more forwards, see forward_parts)
     batch_states: int  # states in that batch
     batch_requests: int  # requests in that batch
+    digest: str = ""  # sha256 of the weights that answered: a version number is per process
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Batcher:
                         compute_s,
                         states,
                         len(items),
+                        model.meta.digest,
                     )
                 )
         if self.observer is not None:

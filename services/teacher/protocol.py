@@ -170,6 +170,7 @@ def timing_parameters(res: ForwardResult) -> dict[str, float | int | str]:
         "batch_size": res.batch_states,
         "batch_requests": res.batch_requests,
         "version": str(res.version),
+        "digest": res.digest,
     }
 
 

@@ -239,6 +239,7 @@ def test_checkpoint_loaded_behind_the_router_is_picked_up(tiny_models: Path) -> 
             assert first.status_code == 200
             params = decode_response(first.content, first.headers[HEADER_LENGTH]).parameters
             assert params["a.version"] == r.json()["version"]
+            assert params["a.digest"] == r.json()["digest"]  # which weights, not just a count
             for url in (asked.url, idle.url):
                 deadline = time.monotonic() + 20
                 after = before[url]
