@@ -438,9 +438,12 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
         m.registry_changes.labels("put").inc()
         reg = core.registry
         index = reg.names.index(name) if name in reg.names else None
-        return JSONResponse(
-            {"index": index, **teacher.describe()}, status_code=200 if current else 201
-        )
+        answer = {"index": index, **teacher.describe()}
+        if warnings := swap_warnings(reg, current, teacher):
+            # Accepted (a deliberate experiment may want either), but usually a wrong URL.
+            answer["warnings"] = warnings
+            log.warning("PUT /v1/teachers/%s: %s", name, "; ".join(warnings))
+        return JSONResponse(answer, status_code=200 if current else 201)
 
     @app.delete("/v1/teachers/{name}")
     async def delete_teacher(name: str, request: Request) -> JSONResponse:
@@ -464,6 +467,19 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
 
 
 # -------------------------------------------------------------------- uvicorn router
+
+
+def swap_warnings(reg: Registry, old: Teacher | None, new: Teacher) -> list[str]:
+    """What a registry change did that is legal but rarely meant: ``new`` serves the checkpoint
+    another registered teacher serves, or routes by other modes than ``old`` did."""
+    out = [
+        f"{new.name!r} now serves the same checkpoint as {t.name!r} ({new.digest})"
+        for t in reg.all()
+        if t.name != new.name and new.digest and t.digest == new.digest
+    ]
+    if old is not None and old.modes != new.modes:
+        out.append(f"{new.name!r} routes by modes {new.modes} now, {old.modes} before")
+    return out
 
 
 def specs_from_settings(s: RouterSettings) -> tuple[list[TeacherSpec], str]:

@@ -260,6 +260,16 @@ def test_registry_api_auth_and_refusals(router: Service, teachers: dict) -> None
             json={"endpoints": [f"{teachers['b'].url}#b"], "modes": [5]},
         )
         assert added.status_code == 201 and added.json()["index"] == 2
+        assert added.json()["warnings"] == [
+            f"'c' now serves the same checkpoint as 'b' ({added.json()['digest']})"
+        ]
+        moved = c.put(
+            f"{router.url}/v1/teachers/c",
+            headers=admin(),
+            json={"endpoints": [f"{teachers['b'].url}#b"], "modes": [6]},
+        )
+        assert moved.status_code == 200
+        assert "'c' routes by modes [6] now, [5] before" in moved.json()["warnings"]
         x, t = states(64)
         out, params = call_router(
             c, router.url, x, t, parameters={"policy": "label"}, route=np.full(64, 2, np.int32)
