@@ -461,6 +461,7 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
     async def prometheus() -> Response:
         for t in core.registry.all():
             m.live_replicas.labels(t.name).set(sum(r.live for r in t.replicas))
+            m.checkpoints.labels(t.name).set(len(t.live_digests))
         return Response(m.render(), media_type=m.content_type)
 
     return InferFastPath(app, infer)

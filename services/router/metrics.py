@@ -60,6 +60,12 @@ class RouterMetrics:
         self.pending = Gauge(
             "opd_router_pending", "requests admitted (running + waiting)", registry=r
         )
+        self.checkpoints = Gauge(
+            "opd_router_teacher_checkpoints",
+            "distinct checkpoint digests among a teacher's live replicas (> 1: mixed answers)",
+            ["teacher"],
+            registry=r,
+        )
         self.live_replicas = Gauge(
             "opd_router_live_replicas", "live replicas per teacher", ["teacher"], registry=r
         )

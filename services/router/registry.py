@@ -125,11 +125,17 @@ class Teacher:
         versions = sorted({r.version for r in self.replicas if r.live and r.version})
         return ",".join(versions) or None
 
+    @property
+    def live_digests(self) -> list[str]:
+        """The distinct checkpoints its live replicas serve: one, or more mid rolling swap."""
+        return sorted({r.digest for r in self.replicas if r.live and r.digest})
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "role": self.role,
             "digest": self.digest,
+            "live_digests": self.live_digests,
             "version": self.version,
             "modes": self.modes,
             "mode_centers": None if self.centers is None else self.centers.tolist(),
@@ -559,7 +565,7 @@ def refreshed(teacher: Teacher, replica: Replica, found: Discovered) -> Teacher 
     digest and, unless they were pinned by its registry entry, the new modes, centers and D.
     """
     replica.version, replica.digest = found.replica.version, found.replica.digest
-    digests = {r.digest for r in teacher.replicas if r.live and r.digest}
+    digests = teacher.live_digests
     if len(digests) != 1 or teacher.digest in digests:
         return teacher if len(digests) <= 1 else None
     if teacher.pinned:

@@ -93,6 +93,7 @@ def test_refreshed_follows_a_new_checkpoint_once_replicas_agree() -> None:
     # one replica swapped, the other not: a rolling swap, the teacher is left as it is
     assert refreshed(t, t.replicas[0], found(t.replicas[0])) is None
     assert t.replicas[0].version == "2" and t.replicas[0].digest == "new"
+    assert t.live_digests == ["new", "old"] and t.describe()["live_digests"] == ["new", "old"]
     # the other replica ejected: the live ones agree on the new checkpoint
     t.replicas[1].eject("down")
     new = refreshed(t, t.replicas[0], found(t.replicas[0]))
