@@ -19,7 +19,8 @@ from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.models import BASE_NAME, load_named, parse_names
 from student.pretrain import pretrain_all
 from student.report import RunTotals, build_report, plot_samples, write_json
-from student.trainer import TrainConfig, TrainingAborted, train
+from student.state import read_state_meta
+from student.trainer import TrainConfig, TrainingAborted, TrainingInterrupted, train
 
 
 class PretrainSettings(BaseSettings):
@@ -146,6 +147,37 @@ def make_client(s: TrainSettings, teachers: list[str]) -> TeacherClient:
         raise UsageError(str(exc)) from None
 
 
+def _finished(out: Path, checkpoint: dict) -> bool:
+    """Whether the checkpoint in ``out`` (its metadata) is a leftover of a run that finished:
+    a report covers its steps (a periodic or resumed-from checkpoint stays when the run ends; a
+    new run clears the report as it starts)."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return report.get("steps", 0) >= checkpoint["step"]
+
+
+def check_out(s: TrainSettings) -> None:
+    """Refuse, before any work, a run that would mix with the one in ``--out``: a new run over an
+    unfinished one (a later --resume would splice the two), or a resume to fewer steps than are
+    done (its report and its counts would disagree)."""
+    checkpoint = read_state_meta(s.out)
+    if checkpoint is None:
+        return  # nothing to mix with (--resume says so itself when it finds no checkpoint)
+    done, of = checkpoint["step"], checkpoint["config"]["steps"]
+    if not s.resume and not _finished(s.out, checkpoint):
+        raise UsageError(
+            f"--out {s.out} holds a checkpoint of an earlier run (step {done} of {of}); "
+            "add --resume to continue it, or use another --out"
+        )
+    if s.resume and s.steps < done:
+        raise UsageError(
+            f"--resume: the run in {s.out} has done {done} steps, more than --steps {s.steps}; "
+            f"give --steps {done} or more"
+        )
+
+
 def run_train(s: TrainSettings) -> int:
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -168,6 +200,7 @@ def run_train(s: TrainSettings) -> int:
     )
     student, base_meta = load_named(s.models, BASE_NAME)
     out_dir(s.out)  # a usage error now, not a traceback from the trainer
+    check_out(s)
     with make_client(s, teachers) as client:
         try:
             report = train(
@@ -182,6 +215,9 @@ def run_train(s: TrainSettings) -> int:
         except TrainingAborted as exc:
             sys.stderr.write(f"opd train: {exc}\n")
             return 1
+        except TrainingInterrupted as exc:
+            sys.stderr.write(f"opd train: {exc}\n")
+            return 128 + exc.signum  # what a shell reports for a process the signal ended
     print(
         json.dumps({"out": str(s.out), **report["metrics"], "wall_s": report["timings_s"]["wall"]})
     )

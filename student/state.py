@@ -82,3 +82,12 @@ def load_state(out: Path, student: VelocityNet, opt: torch.optim.Adam) -> TrainS
     return TrainState(
         meta["step"], meta["totals"], meta["versions_seen"], meta["config"], tensors["init.params"]
     )
+
+
+def read_state_meta(out: Path) -> dict[str, Any] | None:
+    """The metadata (``step``, ``config``, ...) of ``out/checkpoint.safetensors``, or None when
+    there is none: what a command checks before it starts, without restoring anything."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        return None
+    return decode_tensors(path.read_bytes(), source=str(path))[1]

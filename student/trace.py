@@ -24,8 +24,34 @@ class Tracer:
     def wants(self, step: int) -> bool:
         return step < self.max_steps
 
+    def continue_from(self, path: str | Path, before_step: int) -> None:
+        """Start from the events of the steps before ``before_step`` in ``path`` (the trace of
+        the run this one resumes), on the same tracks, and draw this part's events after them.
+
+        Steps from ``before_step`` on are dropped: the resumed run replays them. A trace that is
+        missing (a killed run writes none) or unreadable is left out: it is only diagnostics, and
+        a resume must not fail over it.
+        """
+        try:
+            earlier = json.loads(Path(path).read_text())["traceEvents"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        for e in earlier:
+            if e.get("ph") == "M" and e.get("name") == "thread_name":
+                self._tids[e["args"]["name"]] = e["tid"]
+        kept = [
+            e
+            for e in earlier
+            if e.get("ph") == "X" and e.get("args", {}).get("step", 0) < before_step
+        ]
+        self.events = kept + self.events
+        # Trace times are microseconds from ``origin``: moving the origin back by the earlier
+        # part's length puts this part's events after its last one, not on top of its first.
+        self.origin -= max((e["ts"] + e["dur"] for e in kept), default=0.0) / 1e6
+
     def span(self, name: str, track: str, start: float, end: float, **args: Any) -> None:
-        tid = self._tids.setdefault(track, len(self._tids) + 1)
+        # a new track gets the next free id (ids continue those of a trace this one continues)
+        tid = self._tids.setdefault(track, max(self._tids.values(), default=0) + 1)
         self.events.append(
             {
                 "name": name,

@@ -3,7 +3,8 @@
 Each optimizer step: (1) plan which rollout states to query, (2) roll out the student without
 grad, handing each queried state to the teacher client as soon as it exists, (3) wait for the
 teachers' answers, (4) regress the student toward them with one Adam step, (5) account, and
-every ``checkpoint_every`` steps save everything a resumed run needs.
+every ``checkpoint_every`` steps save everything a resumed run needs. Unreachable teachers,
+SIGINT and SIGTERM also end the run with such a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ from common.checkpoint import CheckpointError, CheckpointMeta, TeacherRef, save_
 from common.nets import VelocityNet
 from student.clients import QueryCost, TeacherClient, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
+from student.interrupt import Interrupt, SignalGuard
 from student.methods import METHODS, Method
 from student.report import RunTotals, build_report, plot_samples, write_json
 from student.rollout import StateHook, rollout
-from student.state import TrainState, load_state, save_state
+from student.state import STATE_FILE, TrainState, load_state, save_state
 from student.trace import Tracer
 
 #: Settings a resumed run must share with the run it continues (``steps`` may grow).
 RESUME_KEYS = ("method", "teachers", "supervise", "seed", "batch", "rollout_steps", "lr")
 #: names of the trainer's time segments after the rollout (also its trace spans)
 WAIT, UPDATE = "wait for teachers", "update"
+#: what a finished or stopped run leaves in its directory besides steps.jsonl and trace.json
+#: (which a new run rewrites from its first step)
+RUN_FILES = (STATE_FILE, "report.json", "student.safetensors", "samples.png")
 
 
 class TrainConfig(BaseModel):
@@ -57,6 +62,18 @@ class TrainingAborted(RuntimeError):
     """The run stopped early (teachers unreachable); a checkpoint was written to resume from."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; a checkpoint was written to resume from.
+
+    A ``KeyboardInterrupt``: callers that do not handle it (``opd demo``, ``opd bench cost``) stop
+    as they did on Ctrl-C before, releasing what they hold, never with a traceback.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def _cat(answers, attr: str) -> torch.Tensor | None:
     parts = [getattr(a, attr) for a in answers]
     return None if any(p is None for p in parts) else torch.cat(parts)
@@ -76,12 +93,34 @@ def train(
     Writes ``out/report.json``, ``steps.jsonl``, ``trace.json``, ``student.safetensors``,
     ``samples.png`` (and ``checkpoint.safetensors`` every ``checkpoint_every`` steps).
 
+    Without ``resume`` the run replaces whatever run ``out`` held (an earlier run's checkpoint
+    left there would otherwise be what a later ``resume=True`` continues, spliced onto this one).
+
     Raises:
         TrainingAborted: the teachers stayed unreachable; the state at the last completed step
             was saved, and ``resume=True`` continues from it.
+        TrainingInterrupted: SIGINT or SIGTERM; the same, at the step the signal came in (a
+            step cut short is replayed on resume).
     """
-    out = Path(out)
+    with SignalGuard() as guard:
+        return _train(cfg, student, client, Path(out), base_meta, progress, resume, guard)
+
+
+def _train(
+    cfg: TrainConfig,
+    student: VelocityNet,
+    client: TeacherClient,
+    out: Path,
+    base_meta: CheckpointMeta | None,
+    progress: bool,
+    resume: bool,
+    guard: SignalGuard,
+) -> dict[str, Any]:
+    """:func:`train`, with SIGINT and SIGTERM raising :class:`Interrupt` where ``guard`` lets them."""
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     method = METHODS[cfg.method]
     if method.uses_anchor and client.anchor is None:
         raise ValueError(f"{cfg.method} needs an anchor teacher (the frozen base) in the client")
@@ -101,11 +140,18 @@ def train(
                 f"--resume: the run in {out} differs in {', '.join(mismatch)}; "
                 "resume with the same settings or pick a new --out"
             )
+        if state.step > cfg.steps:  # the run cannot be shortened: records would disagree
+            raise CheckpointError(
+                f"--resume: the run in {out} has done {state.step} steps, more than "
+                f"--steps {cfg.steps}; give --steps {state.step} or more"
+            )
         start_step, versions_seen = state.step, {k: set(v) for k, v in state.versions_seen.items()}
         totals.add(state.totals["counts"], state.totals["timings_s"])
         params_before = state.params_init
     wall0 = time.perf_counter() - totals.timings_s["wall"]
     tracer = Tracer(origin=time.perf_counter(), max_steps=cfg.trace_steps)
+    if resume:  # keep the earlier part's trace; this part's steps (if any) follow it
+        tracer.continue_from(out / "trace.json", before_step=start_step)
 
     def checkpoint(step: int, rng: torch.Tensor | None = None) -> Path:
         totals.timings_s["wall"] = time.perf_counter() - wall0
@@ -123,6 +169,23 @@ def train(
             rng,
         )
 
+    # Where a resumed run would start if a signal stopped this one now: the steps whose update
+    # is in the student, and the RNG state the next step starts with.
+    resume_at = (start_step, torch.get_rng_state())
+
+    def interrupted(sig: Interrupt) -> TrainingInterrupted:
+        if not steps_log.closed:  # its lines must reach the disk with the checkpoint
+            steps_log.flush()
+        path = checkpoint(*resume_at)
+        return TrainingInterrupted(
+            sig.signum,
+            f"interrupted after {resume_at[0]} of {cfg.steps} steps; state saved to {path}; "
+            "rerun with --resume to continue",
+        )
+
+    # A signal during the Adam update or the step's accounting would leave a state that is
+    # neither this step's start nor its end: hold signals from the update until the step is in.
+    opt.register_step_pre_hook(guard.hold)
     steps_log = _open_steps_log(out / "steps.jsonl", keep=start_step)
     # In a log file (not a terminal) every refresh is a new line: refresh rarely there.
     bar = tqdm(
@@ -134,9 +197,11 @@ def train(
         total=cfg.steps,
     )
     try:
+        guard.release()  # signals stop the run from here on (and one that came during setup)
         for step in bar:
             t0 = time.perf_counter()
             rng_at_step = torch.get_rng_state()  # a failure checkpoint replays this step
+            resume_at = (step, rng_at_step)  # so does an interrupt, until the update is in
             # 1. plan: which rollout indices to query (DanceOPD draws its index before the rollout)
             plan = method.plan(n)
             marks: list[float] = []
@@ -197,6 +262,7 @@ def train(
                 )
                 + "\n"
             )
+            resume_at = (step + 1, torch.get_rng_state())
             if tracer.wants(step):
                 _trace_step(tracer, step, t0, marks, t1, segments, cost)
             if (
@@ -217,12 +283,21 @@ def train(
                     wait=f"{totals.timings_s['query_exposed'] / elapsed:.0%}",
                     refresh=False,
                 )
+            guard.release()  # a signal held while the step committed stops the run here
+        guard.hold()  # until the files below are written
+    except Interrupt as sig:
+        raise interrupted(sig) from None
     finally:
+        guard.hold()  # (when leaving with another error)
         steps_log.close()
         bar.close()
         tracer.write(out / "trace.json")
     totals.timings_s["wall"] = time.perf_counter() - wall0
-    return _finish(cfg, student, client, out, totals, versions_seen, params_before, base_meta)
+    try:  # an interrupt during evaluation leaves a checkpoint after the last step
+        guard.release()
+        return _finish(cfg, student, client, out, totals, versions_seen, params_before, base_meta)
+    except Interrupt as sig:
+        raise interrupted(sig) from None
 
 
 def _open_steps_log(path: Path, keep: int):
