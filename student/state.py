@@ -6,7 +6,7 @@ the same student as an uninterrupted run of the same seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class TrainState:
     versions_seen: dict[str, list[str]]
     config: dict[str, Any]
     params_init: torch.Tensor  # flat student parameters at step 0, for the report's change norm
+    digests_seen: dict[str, list[str]] = field(default_factory=dict)  # checkpoints that answered
 
 
 def save_state(
@@ -53,6 +54,7 @@ def save_state(
         "step": state.step,
         "totals": state.totals,
         "versions_seen": state.versions_seen,
+        "digests_seen": state.digests_seen,
         "config": state.config,
     }
     path = out / STATE_FILE
@@ -80,7 +82,12 @@ def load_state(out: Path, student: VelocityNet, opt: torch.optim.Adam) -> TrainS
             opt.state[p] = st
     torch.set_rng_state(tensors["rng.torch"])
     return TrainState(
-        meta["step"], meta["totals"], meta["versions_seen"], meta["config"], tensors["init.params"]
+        meta["step"],
+        meta["totals"],
+        meta["versions_seen"],
+        meta["config"],
+        tensors["init.params"],
+        meta.get("digests_seen", {}),  # absent in checkpoints written before it was recorded
     )
 
 

@@ -131,6 +131,7 @@ def _train(
     params_before = torch.cat([p.detach().flatten() for p in student.parameters()]).clone()
     totals = RunTotals()
     versions_seen: dict[str, set[str]] = {}
+    digests_seen: dict[str, set[str]] = {}  # a version counts loads per process; this says which
     start_step = 0
     if resume:
         state = load_state(out, student, opt)
@@ -146,6 +147,7 @@ def _train(
                 f"--steps {cfg.steps}; give --steps {state.step} or more"
             )
         start_step, versions_seen = state.step, {k: set(v) for k, v in state.versions_seen.items()}
+        digests_seen = {k: set(v) for k, v in state.digests_seen.items()}
         totals.add(state.totals["counts"], state.totals["timings_s"])
         params_before = state.params_init
     wall0 = time.perf_counter() - totals.timings_s["wall"]
@@ -163,6 +165,7 @@ def _train(
                 {k: sorted(v) for k, v in versions_seen.items()},
                 cfg.model_dump(),
                 params_before,
+                {k: sorted(v) for k, v in digests_seen.items()},
             ),
             student,
             opt,
@@ -247,6 +250,8 @@ def _train(
             totals.add(counts, timings)
             for name, version in cost.versions.items():
                 versions_seen.setdefault(name, set()).add(version)
+            for name, digest in cost.digests.items():
+                _note_digest(digests_seen.setdefault(name, set()), name, digest, step, bar.write)
             steps_log.write(
                 json.dumps(
                     {
@@ -258,6 +263,7 @@ def _train(
                         "server_queue_s": round(cost.server_queue_s, 6),
                         "transport_s": round(cost.transport_s, 6),
                         "versions": cost.versions,
+                        "digests": cost.digests,
                     }
                 )
                 + "\n"
@@ -295,9 +301,23 @@ def _train(
     totals.timings_s["wall"] = time.perf_counter() - wall0
     try:  # an interrupt during evaluation leaves a checkpoint after the last step
         guard.release()
-        return _finish(cfg, student, client, out, totals, versions_seen, params_before, base_meta)
+        seen = (versions_seen, digests_seen)
+        return _finish(cfg, student, client, out, totals, seen, params_before, base_meta)
     except Interrupt as sig:
         raise interrupted(sig) from None
+
+
+def _note_digest(seen: set[str], name: str, digest: str, step: int, say) -> None:
+    """Add ``digest`` to teacher ``name``'s ``seen`` checkpoints; a new one after the first is
+    said (``say``: a line that keeps the progress bar intact): other weights supervise from here."""
+    if digest in seen:
+        return
+    if seen:
+        say(
+            f"step {step}: teacher {name!r} answered from checkpoint {digest} "
+            f"(earlier steps: {', '.join(sorted(seen))})"
+        )
+    seen.add(digest)
 
 
 def _open_steps_log(path: Path, keep: int):
@@ -410,7 +430,7 @@ def _finish(
     client: TeacherClient,
     out: Path,
     totals: RunTotals,
-    versions_seen: dict[str, set[str]],
+    seen: tuple[dict[str, set[str]], dict[str, set[str]]],
     params_before: torch.Tensor,
     base_meta: CheckpointMeta | None,
 ) -> dict[str, Any]:
@@ -426,8 +446,9 @@ def _finish(
     refs = [
         TeacherRef(
             name=i.name,
-            digest=i.digest,
-            version=",".join(sorted(versions_seen.get(i.name, {i.version}))),
+            version=",".join(sorted(seen[0].get(i.name, {i.version}))),
+            # every checkpoint that answered: more than one when it was swapped mid-run
+            digest=",".join(sorted(seen[1].get(i.name) or {i.digest})),
         )
         for i in [*client.teachers, *([client.anchor] if client.anchor else [])]
     ]

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -59,6 +60,13 @@ def test_http_backend_equals_local(cluster, tiny_models, tmp_path, method, routi
     assert http["timings_s"]["teacher_compute"] > 0
     line = json.loads((tmp_path / "http" / "steps.jsonl").read_text().splitlines()[-1])
     assert set(line["versions"]) == ({"a", "b", "base"} if method == "flowopd" else {"a", "b"})
+    # which weights answered: the same checkpoints as the in-process teachers
+    local_line = json.loads((tmp_path / "local" / "steps.jsonl").read_text().splitlines()[-1])
+    assert line["digests"] == local_line["digests"] and len(line["digests"]) == len(
+        line["versions"]
+    )
+    digests = [[r["digest"] for r in run["teacher_refs"]] for run in (http, local)]
+    assert digests[0] == digests[1] and all("," not in d for d in digests[0])
     trace = json.loads((tmp_path / "http" / "trace.json").read_text())
     names = {e["name"] for e in trace["traceEvents"]}
     assert {"update", "wait for teachers", "rollout 0", "server compute"} <= names
@@ -266,3 +274,46 @@ def test_client_start_errors_name_the_router_and_leave_no_thread(cluster, routin
     with pytest.raises((ValueError, TeacherUnavailable), match=r"after 2 attempt"):
         HttpTeacherClient(dead, ["a", "b"], routing=routing, retries=1, backoff_s=0.05)
     assert http_threads() == before
+
+
+def test_checkpoint_swapped_on_a_teacher_mid_run_is_recorded(tiny_models, tmp_path):
+    """Teacher a's server loads another checkpoint while a run trains through the router: the
+    run completes, steps.jsonl names the digest that answered each step, the trainer says when
+    a new checkpoint started answering, and the report lists both."""
+    from tests.services.router_helpers import admin, start_router, start_teachers
+
+    teachers = start_teachers(tiny_models)
+    router = start_router(
+        "--teacher",
+        f"a={teachers['a'].url}",
+        "--teacher",
+        f"b={teachers['b'].url}",
+        "--anchor",
+        f"base={teachers['base'].url}",
+    )
+    try:
+        out = tmp_path / "run"
+        proc = train_proc(tiny_models, out, router.url, 40, "--checkpoint-every", "0")
+        wait_for_lines(out / "steps.jsonl", 8, proc)
+        r = httpx.post(
+            f"{teachers['a'].url}/v2/repository/models/a/load",
+            headers=admin(),
+            json={"parameters": {"checkpoint": "base.safetensors"}},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output
+        lines = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        first, new = lines[0]["digests"]["a"], r.json()["digest"]
+        assert first != new and lines[-1]["digests"]["a"] == new
+        switch = next(x["step"] for x in lines if x["digests"]["a"] == new)
+        assert all(x["digests"]["a"] == first for x in lines[:switch])
+        assert f"step {switch}: teacher 'a' answered from checkpoint {new}" in output
+        report = json.loads((out / "report.json").read_text())
+        ref = next(t for t in report["teacher_refs"] if t["name"] == "a")
+        assert ref["digest"] == ",".join(sorted([first, new]))
+    finally:
+        router.stop()
+        for svc in teachers.values():
+            svc.stop()
