@@ -130,16 +130,20 @@ def status(s: ClusterSettings) -> int:
         return 1
     healthy = True
     for name, svc in state["services"].items():
+        why = ""
         try:
             base = svc.get("ready_url", svc["url"])
-            ready = httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            ready = False
+            resp = httpx.get(f"{base}/v2/health/ready", timeout=2)
+            ready = resp.status_code == 200
+            if not ready:  # the router names its teachers that are down: worth a glance
+                why = f": {resp.text.strip()[:200]}" if resp.text.strip() else ""
+        except httpx.HTTPError as exc:
+            ready, why = False, f": {type(exc).__name__}"
         alive = pid_alive(svc["pid"])
         healthy &= ready and alive
         print(
             f"  {name:<7} {svc['url']:<28} pid {svc['pid']:<8} "
-            f"{'ready' if ready else 'NOT READY'}{'' if alive else ' (process gone)'}"
+            f"{'ready' if ready else 'NOT READY' + why}{'' if alive else ' (process gone)'}"
         )
     print(f"router: {state['router_url']}")
     return 0 if healthy else 1
@@ -156,6 +160,9 @@ def down(s: ClusterSettings) -> int:
     grace = {"ray": max(s.grace_s, 60.0)}
     for name in order:
         pid = state["services"][name]["pid"]
+        if not pid_alive(pid):
+            print(f"  {name:<7} pid {pid} already gone")
+            continue
         killed = stop_pid(pid, grace.get(name, s.grace_s))
         print(f"  {name:<7} pid {pid} {'killed after grace period' if killed else 'stopped'}")
     left = [n for n in order if pid_alive(state["services"][n]["pid"])]

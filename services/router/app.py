@@ -46,6 +46,7 @@ from services.router.registry import (
     Replica,
     Teacher,
     TeacherSpec,
+    TeacherUnreachable,
     build_registry,
     build_teacher,
     merge_specs,
@@ -526,14 +527,14 @@ def create_app(
     )
     refreshing: dict[int, asyncio.Task] = {}  # replica id -> its metadata refresh
 
-    def on_version(teacher: Teacher, replica: Replica, periodic: bool = False) -> None:
+    def on_version(teacher: Teacher, replica: Replica) -> None:
         # Off the request path, one refresh per replica at a time: the answer is served as is.
         if id(replica) not in refreshing:
-            task = asyncio.create_task(refresh(teacher.name, replica, periodic))
+            task = asyncio.create_task(refresh(teacher.name, replica))
             refreshing[id(replica)] = task
             task.add_done_callback(lambda _: refreshing.pop(id(replica), None))
 
-    async def refresh(name: str, replica: Replica, periodic: bool = False) -> None:
+    async def refresh(name: str, replica: Replica) -> None:
         """A replica answered with a version the registry does not know (its server loaded a
         checkpoint): read its metadata again and, once the teacher's live replicas agree on a
         new digest, publish its new digest and mode centers (watchers see a new generation)."""
@@ -541,9 +542,15 @@ def create_app(
             found = await discover_endpoint(
                 pool.client, replica.endpoint, settings.attempt_timeout_s
             )
+        except TeacherUnreachable as exc:
+            # Down while no request went its way: out of rotation (and readiness) now, not at
+            # the next request; the health checks admit it again when it is back.
+            teacher = core.registry.get(name)
+            if teacher is not None and any(r is replica for r in teacher.replicas):
+                pool.eject(teacher, replica, f"metadata re-read failed: {exc}")
+            return
         except RegistryError as exc:
-            # A periodic check of an idle replica that is down is the health checks' business.
-            (log.debug if periodic else log.warning)(
+            log.warning(
                 "teacher %s replica %s: metadata refresh failed: %s", name, replica.endpoint, exc
             )
             return
@@ -614,7 +621,7 @@ def create_app(
             for teacher in core.registry.all():
                 for replica in teacher.replicas:
                     if replica.live:
-                        on_version(teacher, replica, periodic=True)
+                        on_version(teacher, replica)
 
     async def close() -> None:
         for task in health:

@@ -139,6 +139,10 @@ class Pool:
 
     def _fail(self, teacher: Teacher, replica: Replica, cause: str, causes: list[str]) -> None:
         causes.append(f"{replica.endpoint.url}: {cause}")
+        self.eject(teacher, replica, cause)
+
+    def eject(self, teacher: Teacher, replica: Replica, cause: str) -> None:
+        """Take ``replica`` out of rotation (if it is in) until a health check admits it."""
         if replica.live:
             replica.eject(cause)
             self._on_eject(teacher.name, replica.endpoint.url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,8 +47,23 @@ def test_cluster_up_status_down_leaves_no_process(tiny_models, tmp_path):
     assert again.returncode == 2 and "already running" in again.stderr
     status = opd("cluster", "status", *args, cwd=tmp_path)
     assert status.returncode == 0 and status.stdout.count("ready") == 4
+    # teacher b dies with no traffic: the idle router's metadata re-read notices, and status
+    # says which teacher the router lacks
+    os.kill(doc["services"]["b"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = opd("cluster", "status", *args, cwd=tmp_path)
+        router_line = next(x for x in status.stdout.splitlines() if x.strip().startswith("router "))
+        if "NOT READY" in router_line:
+            break
+        time.sleep(0.5)
+    assert status.returncode == 1 and '"down":["b"]' in router_line, status.stdout
+    assert "(process gone)" in next(
+        x for x in status.stdout.splitlines() if x.strip().startswith("b ")
+    )
     down = opd("cluster", "down", *args, cwd=tmp_path)
     assert down.returncode == 0, down.stdout + down.stderr
+    assert f"b       pid {doc['services']['b']['pid']} already gone" in down.stdout
     deadline = time.monotonic() + 5
     while any(map(pid_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
