@@ -526,6 +526,13 @@ def create_app(
         on_eject=lambda t, r: m.ejections.labels(t, r).inc(),
     )
     refreshing: dict[int, asyncio.Task] = {}  # replica id -> its metadata refresh
+    # teacher -> the condition last logged for it: the periodic re-read must not repeat a warning
+    logged: dict[str, tuple] = {}
+
+    def warn_once(name: str, condition: tuple, msg: str, *args: object) -> None:
+        if logged.get(name) != condition:
+            logged[name] = condition
+            log.warning(msg, *args)
 
     def on_version(teacher: Teacher, replica: Replica) -> None:
         # Off the request path, one refresh per replica at a time: the answer is served as is.
@@ -535,9 +542,10 @@ def create_app(
             task.add_done_callback(lambda _: refreshing.pop(id(replica), None))
 
     async def refresh(name: str, replica: Replica) -> None:
-        """A replica answered with a version the registry does not know (its server loaded a
-        checkpoint): read its metadata again and, once the teacher's live replicas agree on a
-        new digest, publish its new digest and mode centers (watchers see a new generation)."""
+        """Read ``replica``'s metadata again (it answered with a version or digest the registry
+        does not know, or the periodic re-read is due) and, once the teacher's live replicas
+        agree on a new digest, publish its new digest and mode centers (watchers see a new
+        generation). An unreachable replica is ejected."""
         try:
             found = await discover_endpoint(
                 pool.client, replica.endpoint, settings.attempt_timeout_s
@@ -562,17 +570,27 @@ def create_app(
                 return  # swapped or deleted through the registry API meanwhile
             new = refreshed(teacher, replica, found)
             if new is None:
-                log.warning(
+                warn_once(
+                    name,
+                    ("mixed", *teacher.live_digests),
                     "teacher %s: replicas serve different checkpoints (%s): a rolling swap?",
                     name,
                     ", ".join(f"{r.endpoint.url}: {r.digest}" for r in teacher.replicas),
                 )
-            elif new is not teacher:
+                return
+            if new is not teacher:
                 try:
                     core.set_registry(reg.with_teacher(new))
                 except RegistryError as exc:
-                    log.warning("teacher %s: new checkpoint not routable, kept: %s", name, exc)
+                    warn_once(
+                        name,
+                        ("unroutable", new.digest),
+                        "teacher %s: new checkpoint not routable, kept: %s",
+                        name,
+                        exc,
+                    )
                     return
+                logged.pop(name, None)
                 m.registry_changes.labels("refresh").inc()
                 log.warning("teacher %s now serves digest %s", name, new.digest)
 

@@ -109,7 +109,7 @@ class Pool:
         self.data = Http1Client(limit_per_host=max_connections, keepalive_s=30.0)
         self._on_retry = on_retry or (lambda teacher, cause: None)
         self._on_eject = on_eject or (lambda teacher, replica: None)
-        #: a replica answered with a version other than the registry's: its checkpoint changed
+        #: a replica answered with a version or digest other than the registry's: it changed
         self.on_version = on_version or (lambda teacher, replica: None)
 
     async def aclose(self) -> None:
