@@ -85,7 +85,12 @@ class TrainSettings(BaseSettings):
         "its own HTTP thread (docs/http-training.md)",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="per-attempt request timeout (http)")
-    retries: int = Field(5, ge=0, description="retries of a failed request, with backoff (http)")
+    retries: int = Field(
+        7,
+        ge=0,
+        description="retries of a failed request, with backoff 0.2 s doubling to 5 s (http); "
+        "7 waits ~16 s: long enough for a teacher or router to restart",
+    )
     checkpoint_every: int = Field(
         100, ge=0, description="save resumable state every N steps (0: never)"
     )
