@@ -56,6 +56,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "services.cluster_command:UP",
     ),
     ("cluster", "status"): ("show the local cluster's services", "services.cluster_command:STATUS"),
+    ("cluster", "restart"): (
+        "restart one service of the local cluster on its port",
+        "services.cluster_command:RESTART",
+    ),
     ("cluster", "down"): ("stop the local cluster", "services.cluster_command:DOWN"),
     ("bench", "serve"): (
         "throughput/latency sweep against any OIP v2 endpoint",

@@ -61,19 +61,25 @@ class Service:
 
 
 def start_detached(
-    cmd: list[str], log_path: str | Path, timeout_s: float = 60.0, env: dict[str, str] | None = None
+    cmd: list[str],
+    log_path: str | Path,
+    timeout_s: float = 60.0,
+    env: dict[str, str] | None = None,
+    append: bool = False,
 ) -> tuple[int, str]:
     """Start ``cmd`` in its own session, output to ``log_path``, and wait for its URL line.
 
     The service outlives the caller (``opd cluster up`` exits while the cluster runs).
-    Returns ``(pid, url)``.
+    ``append``: keep the log's earlier content (a restart: why the last one died is in it);
+    only what this process writes is searched for its URL. Returns ``(pid, url)``.
 
     Raises:
         RuntimeError: the process exited or stayed silent past ``timeout_s`` (log tail included).
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
+    start = log_path.stat().st_size if append and log_path.is_file() else 0
+    with log_path.open("a" if append else "w") as log:
         proc = subprocess.Popen(
             cmd,
             stdout=log,
@@ -84,7 +90,10 @@ def start_detached(
         )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
+        with log_path.open(errors="replace") as log:
+            log.seek(start)
+            lines = log.read().splitlines()
+        for line in lines:
             if line.startswith(URL_PREFIX):
                 return proc.pid, line[len(URL_PREFIX) :].strip()
         if proc.poll() is not None:

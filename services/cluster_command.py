@@ -1,8 +1,10 @@
-"""``opd cluster up|status|down``: the standard topology as detached local processes.
+"""``opd cluster up|status|restart|down``: the standard topology as detached local processes.
 
 ``up`` pretrains missing checkpoints, starts teachers ``a``, ``b``, the ``base`` anchor and the
-router on free loopback ports, waits until each is ready and records URLs and PIDs in a state
-file; ``down`` stops them (SIGTERM, drain, SIGKILL after a grace period).
+router on free loopback ports, waits until each is ready and records URLs, PIDs and commands in
+a state file; ``restart --service NAME`` stops one service and starts it again on its port (the
+router's registry keeps pointing at it); ``down`` stops them (SIGTERM, drain, SIGKILL after a
+grace period).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import time
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import Field
@@ -43,6 +46,9 @@ class ClusterSettings(BaseSettings):
     grace_s: float = Field(10.0, ge=0, description="down: seconds to drain before SIGKILL")
     timeout_s: float = Field(
         120.0, gt=0, description="up: seconds each service may take to get ready"
+    )
+    service: str | None = Field(
+        None, description="restart: the service to restart (a, b, base, router; ray)"
     )
 
 
@@ -80,7 +86,7 @@ def up(s: ClusterSettings) -> int:
     def start(name: str, cmd: list[str]) -> tuple[int, str]:
         log = s.state_dir / "logs" / f"{name}.log"
         pid, url = start_detached(cmd, log, s.timeout_s)
-        services[name] = {"pid": pid, "url": url, "log": str(log)}
+        services[name] = {"pid": pid, "url": url, "log": str(log), "cmd": cmd}
         print(f"  {name:<7} ready at {url}  (pid {pid})", flush=True)
         return pid, url
 
@@ -149,6 +155,32 @@ def status(s: ClusterSettings) -> int:
     return 0 if healthy else 1
 
 
+def restart(s: ClusterSettings) -> int:
+    """Stop ``--service`` (if it still runs) and start its command again on the same port."""
+    state = _read_state(s)
+    if state is None:
+        raise UsageError(f"no cluster (no state file {_state_path(s)}); `opd cluster up` first")
+    names = ", ".join(sorted(state["services"]))
+    if s.service not in state["services"]:
+        raise UsageError(f"--service: give one of {names} (got {s.service!r})")
+    svc = state["services"][s.service]
+    if "cmd" not in svc:
+        raise UsageError(
+            f"the state file {_state_path(s)} predates restarts (no commands in it); "
+            f"`{_down_command(s)}` and `opd cluster up` once"
+        )
+    # The same port: the router (and trainers) keep the URL they have.
+    cmd = list(svc["cmd"])
+    cmd[cmd.index("--port") + 1] = str(urlsplit(svc["url"]).port)
+    if pid_alive(svc["pid"]):
+        stop_pid(svc["pid"], s.grace_s)
+    pid, url = start_detached(cmd, svc["log"], s.timeout_s, append=True)
+    state["services"][s.service].update(pid=pid, url=url)
+    atomic_write_bytes(_state_path(s), (json.dumps(state, indent=2) + "\n").encode())
+    print(f"  {s.service:<7} ready at {url}  (pid {pid}; log {svc['log']})")
+    return 0
+
+
 def down(s: ClusterSettings) -> int:
     state = _read_state(s)
     if state is None:
@@ -176,4 +208,9 @@ def down(s: ClusterSettings) -> int:
 
 UP = Command("start teachers a, b, base and the router on loopback", ClusterSettings, up)
 STATUS = Command("show the local cluster's services and readiness", ClusterSettings, status)
+RESTART = Command(
+    "restart one service of the local cluster on its port (--service NAME)",
+    ClusterSettings,
+    restart,
+)
 DOWN = Command("stop the local cluster (SIGTERM, drain, SIGKILL)", ClusterSettings, down)

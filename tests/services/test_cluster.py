@@ -61,9 +61,26 @@ def test_cluster_up_status_down_leaves_no_process(tiny_models, tmp_path):
     assert "(process gone)" in next(
         x for x in status.stdout.splitlines() if x.strip().startswith("b ")
     )
+    # restart b on its port: the router admits it again, the cluster is whole
+    bad = opd("cluster", "restart", *args, "--service", "zz", cwd=tmp_path)
+    assert bad.returncode == 2 and "--service: give one of a, b, base, router" in bad.stderr
+    again = opd("cluster", "restart", *args, "--service", "b", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    new = json.loads((state / "cluster.json").read_text())["services"]["b"]
+    assert new["url"] == doc["services"]["b"]["url"] and new["pid"] != doc["services"]["b"]["pid"]
+    assert Path(new["log"]).read_text().count("OPD_URL=") == 2  # the first run's log is kept
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = opd("cluster", "status", *args, cwd=tmp_path)
+        if status.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert status.returncode == 0 and "NOT READY" not in status.stdout, status.stdout
+    pids.append(new["pid"])
+    os.kill(new["pid"], signal.SIGKILL)
     down = opd("cluster", "down", *args, cwd=tmp_path)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert f"b       pid {doc['services']['b']['pid']} already gone" in down.stdout
+    assert f"b       pid {new['pid']} already gone" in down.stdout
     deadline = time.monotonic() + 5
     while any(map(pid_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
