@@ -36,57 +36,65 @@ def opd(
 def test_cluster_up_status_down_leaves_no_process(tiny_models, tmp_path):
     state = tmp_path / "state"
     args = ["--models", str(tiny_models), "--state-dir", str(state)]
-    up = opd("cluster", "up", *args, cwd=tmp_path)
-    assert up.returncode == 0, up.stdout + up.stderr
-    doc = json.loads((state / "cluster.json").read_text())
-    pids = [s["pid"] for s in doc["services"].values()]
-    assert set(doc["services"]) == {"a", "b", "base", "router"} and all(map(pid_alive, pids))
-    teachers = httpx.get(f"{doc['router_url']}/v1/teachers", timeout=10).json()
-    assert [t["name"] for t in teachers["teachers"]] == ["a", "b"]
-    again = opd("cluster", "up", *args, cwd=tmp_path)
-    assert again.returncode == 2 and "already running" in again.stderr
-    status = opd("cluster", "status", *args, cwd=tmp_path)
-    assert status.returncode == 0 and status.stdout.count("ready") == 4
-    # teacher b dies with no traffic: the idle router's metadata re-read notices, and status
-    # says which teacher the router lacks
-    os.kill(doc["services"]["b"]["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    try:
+        up = opd("cluster", "up", *args, cwd=tmp_path)
+        assert up.returncode == 0, up.stdout + up.stderr
+        doc = json.loads((state / "cluster.json").read_text())
+        pids = [s["pid"] for s in doc["services"].values()]
+        assert set(doc["services"]) == {"a", "b", "base", "router"} and all(map(pid_alive, pids))
+        teachers = httpx.get(f"{doc['router_url']}/v1/teachers", timeout=10).json()
+        assert [t["name"] for t in teachers["teachers"]] == ["a", "b"]
+        again = opd("cluster", "up", *args, cwd=tmp_path)
+        assert again.returncode == 2 and "already running" in again.stderr
         status = opd("cluster", "status", *args, cwd=tmp_path)
-        router_line = next(x for x in status.stdout.splitlines() if x.strip().startswith("router "))
-        if "NOT READY" in router_line:
-            break
-        time.sleep(0.5)
-    assert status.returncode == 1 and '"down":["b"]' in router_line, status.stdout
-    assert "(process gone)" in next(
-        x for x in status.stdout.splitlines() if x.strip().startswith("b ")
-    )
-    # restart b on its port: the router admits it again, the cluster is whole
-    bad = opd("cluster", "restart", *args, "--service", "zz", cwd=tmp_path)
-    assert bad.returncode == 2 and "--service: give one of a, b, base, router" in bad.stderr
-    again = opd("cluster", "restart", *args, "--service", "b", cwd=tmp_path)
-    assert again.returncode == 0, again.stdout + again.stderr
-    new = json.loads((state / "cluster.json").read_text())["services"]["b"]
-    assert new["url"] == doc["services"]["b"]["url"] and new["pid"] != doc["services"]["b"]["pid"]
-    assert Path(new["log"]).read_text().count("OPD_URL=") == 2  # the first run's log is kept
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        status = opd("cluster", "status", *args, cwd=tmp_path)
-        if status.returncode == 0:
-            break
-        time.sleep(0.5)
-    assert status.returncode == 0 and "NOT READY" not in status.stdout, status.stdout
-    pids.append(new["pid"])
-    os.kill(new["pid"], signal.SIGKILL)
-    down = opd("cluster", "down", *args, cwd=tmp_path)
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert f"b       pid {new['pid']} already gone" in down.stdout
-    deadline = time.monotonic() + 5
-    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(map(pid_alive, pids))
-    assert not (state / "cluster.json").exists()
-    assert opd("cluster", "status", *args, cwd=tmp_path).returncode == 1
+        assert status.returncode == 0 and status.stdout.count("ready") == 4
+        # teacher b dies with no traffic: the idle router's metadata re-read notices, and status
+        # says which teacher the router lacks
+        os.kill(doc["services"]["b"]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = opd("cluster", "status", *args, cwd=tmp_path)
+            router_line = next(
+                x for x in status.stdout.splitlines() if x.strip().startswith("router ")
+            )
+            if "NOT READY" in router_line:
+                break
+            time.sleep(0.5)
+        assert status.returncode == 1 and '"down":["b"]' in router_line, status.stdout
+        assert "(process gone)" in next(
+            x for x in status.stdout.splitlines() if x.strip().startswith("b ")
+        )
+        # restart b on its port: the router admits it again, the cluster is whole
+        bad = opd("cluster", "restart", *args, "--service", "zz", cwd=tmp_path)
+        assert bad.returncode == 2 and "--service: give one of a, b, base, router" in bad.stderr
+        again = opd("cluster", "restart", *args, "--service", "b", cwd=tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        new = json.loads((state / "cluster.json").read_text())["services"]["b"]
+        assert (
+            new["url"] == doc["services"]["b"]["url"] and new["pid"] != doc["services"]["b"]["pid"]
+        )
+        assert Path(new["log"]).read_text().count("OPD_URL=") == 2  # the first run's log is kept
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = opd("cluster", "status", *args, cwd=tmp_path)
+            if status.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert status.returncode == 0 and "NOT READY" not in status.stdout, status.stdout
+        pids.append(new["pid"])
+        os.kill(new["pid"], signal.SIGKILL)
+        down = opd("cluster", "down", *args, cwd=tmp_path)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert f"b       pid {new['pid']} already gone" in down.stdout
+        deadline = time.monotonic() + 5
+        while any(map(pid_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(pid_alive, pids))
+        assert not (state / "cluster.json").exists()
+        assert opd("cluster", "status", *args, cwd=tmp_path).returncode == 1
+    finally:  # a failed assertion must not leave the cluster running
+        if (state / "cluster.json").exists():
+            opd("cluster", "down", *args, "--grace-s", "2", cwd=tmp_path)
 
 
 def test_swapping_teacher_a_during_training_completes_and_shows_the_version(tiny_models, tmp_path):
