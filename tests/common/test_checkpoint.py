@@ -70,3 +70,20 @@ def test_pretrain_is_byte_identical_per_seed_and_keeps_files(tmp_path):
     assert pretrain_all(a, seed=5, steps=20, log=lines.append) == []  # kept without --force
     assert len(lines) == 3 and all(line.endswith("(exists; --force to retrain)") for line in lines)
     assert (a / "base.safetensors").stat().st_mtime_ns == before
+
+
+def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path):
+    import os
+    import stat
+
+    from common.checkpoint import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.bin", b"data")
+        (tmp_path / "y.bin").write_bytes(b"data")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "x.bin").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "y.bin").stat().st_mode) == 0o644
+    assert (tmp_path / "x.bin").read_bytes() == b"data"
