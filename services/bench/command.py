@@ -110,6 +110,14 @@ class BenchServeSettings(BaseSettings):
         return v
 
 
+class SweepFailed(Exception):
+    """A point failed more requests than it answered; the points so far go with it."""
+
+    def __init__(self, points: list[Point], meta: dict[str, Any], why: str) -> None:
+        super().__init__(why)
+        self.points, self.meta = points, meta
+
+
 async def sweep(
     s: BenchServeSettings, echo_samples: dict[str, list[float]] | None = None
 ) -> tuple[list[Point], dict[str, Any]]:
@@ -185,6 +193,16 @@ async def _sweep(
                         point.server_states = after - before
                     points.append(point)
                     print(_line(point), flush=True)
+                    if point.errors and point.errors >= point.requests_total:
+                        # Mostly refusals: the server is gone or broken. The remaining points
+                        # would only fire --max-requests more of them each.
+                        raise SweepFailed(
+                            points,
+                            meta,
+                            f"{point.errors} of {point.errors + point.requests_total} requests "
+                            f"failed at {states:,} states/req c{c} ({point.error_sample}); "
+                            "remaining points skipped",
+                        )
                     if echo_samples is not None and enc == "binary":
                         size = max(point.request_bytes, point.response_bytes)
                         echo_samples.setdefault(str(states), []).append(
@@ -282,7 +300,12 @@ def run_bench_serve(s: BenchServeSettings) -> int:
         "settings": s.model_dump(mode="json"),
     }
     echo_samples: dict[str, list[float]] | None = {} if s.limits else None
-    points, meta = run_async(sweep(s, echo_samples))
+    failed = None
+    try:
+        points, meta = run_async(sweep(s, echo_samples))
+    except SweepFailed as exc:  # keep what was measured, then fail loudly
+        points, meta, failed = exc.points, exc.meta, str(exc)
+        context["failed"] = failed
     context["model_parameters"] = meta.get("parameters") or {}
     if s.limits and points:
         context["limits"] = lim = physical_limits(s, points, meta, echo_samples)
@@ -305,6 +328,9 @@ def run_bench_serve(s: BenchServeSettings) -> int:
     write_json(s.out / "sweep.json", points, context)
     plot(s.out / "sweep.png", points, f"{s.model} at {s.url}")
     print(f"wrote {s.out}/sweep.csv, sweep.json, sweep.png ({len(points)} points)")
+    if failed:
+        sys.stderr.write(f"opd bench serve: {failed}\n")
+        return 1
     return 0
 
 

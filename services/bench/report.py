@@ -39,7 +39,9 @@ def plot(path: Path, points: Sequence[Point], title: str) -> None:
             (
                 p
                 for p in points
-                if (p.encoding, p.states_per_request) == (enc, states) and p.requests_total
+                # a point that failed more requests than it answered measured no service
+                if (p.encoding, p.states_per_request) == (enc, states)
+                and p.requests_total > p.errors
             ),
             key=lambda p: p.concurrency,
         )
@@ -63,7 +65,10 @@ def plot(path: Path, points: Sequence[Point], title: str) -> None:
         ax.set_xlabel("latency p50 (ms), points = concurrency")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    ax_s.legend(fontsize=8)
+    if ax_s.get_legend_handles_labels()[1]:
+        ax_s.legend(fontsize=8)
+    else:  # every point failed: say so on the figure rather than draw empty axes silently
+        ax_s.text(0.5, 0.5, "no point answered", ha="center", transform=ax_s.transAxes)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -249,3 +249,23 @@ def test_wide_velocity_net_equals_velocity_net(frequencies):
     x, t = torch.randn(7, 300, generator=gen), torch.rand(7, generator=gen)
     with torch.inference_mode():
         assert torch.allclose(wide(x, t), plain(x, t), atol=1e-6, rtol=0)
+
+
+def test_sweep_against_a_dead_backend_stops_and_fails(tmp_path):
+    """The router stays up but its only teacher is gone: every infer is a 503. The sweep keeps
+    the point it measured, skips the rest and exits 1 instead of reporting success."""
+    teacher = start_service(
+        [*PYTHON, "serve", "teacher", "--synthetic", "--state-dim", "8", "--width", "8"]
+        + ["--name", "gone", "--port", "0", "--threads", "1"]
+    )
+    router = start_service(router_cmd({"a": teacher.url}, {}, policy="average"))
+    try:
+        teacher.kill()
+        s = quick(router.url, "opd-router", tmp_path, limits=False, state_dim=8, max_requests=200)
+        assert run_bench_serve(s) == 1
+        doc = json.loads((tmp_path / "sweep.json").read_text())
+        assert len(doc["points"]) == 1 and doc["points"][0]["requests_total"] == 0
+        assert "remaining points skipped" in doc["failed"] and "503" in doc["failed"]
+    finally:
+        router.stop()
+        teacher.stop()
