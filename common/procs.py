@@ -99,13 +99,18 @@ def start_detached(
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    if proc.poll() is None:
+    exited = proc.poll()
+    if exited is None:
         proc.kill()
     tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
-    raise RuntimeError(
-        f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
-        f"(exit {proc.poll()}); log {log_path}:\n{tail}"
-    )
+    raise RuntimeError(f"{_no_url(cmd, exited, timeout_s)}; log {log_path}:\n{tail}")
+
+
+def _no_url(cmd: list[str], exit_code: int | None, timeout_s: float) -> str:
+    """Why a service never announced its URL: it exited (the log says why), or it hung."""
+    if exit_code is not None:
+        return f"{' '.join(cmd)} exited with status {exit_code} before announcing its URL"
+    return f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s (killed)"
 
 
 def pid_alive(pid: int) -> bool:
@@ -177,10 +182,8 @@ def start_service(
         if time.monotonic() > deadline:
             break
     if not found:
+        exited = proc.poll()
         proc.kill()
         proc.wait(5)
-        raise RuntimeError(
-            f"{' '.join(cmd)} did not announce a URL within {timeout_s:.0f} s "
-            f"(exit {proc.returncode}); output:\n{''.join(tail)}"
-        )
+        raise RuntimeError(f"{_no_url(cmd, exited, timeout_s)}; output:\n{''.join(tail)}")
     return Service(proc, found[0], tail)

@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.cli import Command, UsageError
 from common.nets import NetConfig, VelocityNet
 from common.settings import http_base_url, out_dir
+from student.clients import TeacherUnavailable
 from student.methods import METHODS
 
 PARTS = ("rollout", "query_exposed", "update")
@@ -62,7 +63,9 @@ class BenchCostSettings(BaseSettings):
     models: Path = Field(Path("models"), description="pretrained checkpoints (toy mode)")
     max_in_flight: int = Field(8, ge=1, description="requests in flight at once")
     threads: int = Field(1, ge=1, description="torch threads (trainer and started teachers)")
-    out: Path = Field(Path("bench-cost"), description="directory for cost.json/csv/png")
+    out: Path = Field(
+        Path("bench-cost"), description="directory for cost.json, cost.png (and toy runs/)"
+    )
 
     @field_validator("router_url")
     @classmethod
@@ -262,7 +265,12 @@ def run_bench_cost(s: BenchCostSettings) -> int:
             cluster = start_synthetic_cluster(s)
         else:
             from services.cluster import start_cluster
+            from student.pretrain import pretrain_all
 
+            out_dir(s.models, "--models")  # missing checkpoints are pretrained, as cluster up does
+            pretrain_all(
+                s.models, retrain_hint=f"`opd pretrain --out {s.models} --force` to retrain"
+            )
             cluster = start_cluster(s.models)
     url = s.router_url or cluster.router_url
     rows = []
@@ -271,6 +279,11 @@ def run_bench_cost(s: BenchCostSettings) -> int:
             run = (synthetic_run if s.synthetic else toy_run)(s, m, url)
             rows.append(summarise(m, run))
             print(f"{m}: done ({rows[-1]['step_ms']:.1f} ms/step)", file=sys.stderr)
+    except TeacherUnavailable as exc:  # the router or its teachers went away: not a bug
+        sys.stderr.write(f"opd bench cost: {exc}\n")
+        return 1
+    except ValueError as exc:  # e.g. the router serves other teachers than the run needs
+        raise UsageError(f"--router-url {url}: {exc}") from None
     finally:
         if cluster is not None:
             cluster.stop()

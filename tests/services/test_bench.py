@@ -269,3 +269,12 @@ def test_sweep_against_a_dead_backend_stops_and_fails(tmp_path):
     finally:
         router.stop()
         teacher.stop()
+
+
+def test_bench_cost_unreachable_router_is_one_line(opd_cli, tmp_path):
+    code, _, err = opd_cli(
+        "bench", "cost", "--router-url", "http://127.0.0.1:1", "--methods", "danceopd",
+        "--steps", "2", "--out", tmp_path / "cost",
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("opd bench cost: router http://127.0.0.1:1 is unreachable"), err
