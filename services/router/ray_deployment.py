@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve._private.http_util import ASGIAppReplicaWrapper
@@ -88,6 +88,8 @@ HandleTeacherDeployment = serve.deployment(
 
 class RayRouterArgs(BaseModel):
     """``args`` of the router application."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy, not silently
 
     teachers: dict[str, dict[str, Any]] = Field(
         description="name -> teacher args (checkpoint, threads, ...)"

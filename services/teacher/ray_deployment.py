@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
@@ -34,6 +34,8 @@ _DEFAULT_MAX_STATES = 16384
 
 class TeacherArgs(BaseModel):
     """``args`` of a teacher application in a Serve config (paths relative to the cwd)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy, not silently
 
     checkpoint: Path
     name: str | None = Field(None, description="served model name (default: file stem)")

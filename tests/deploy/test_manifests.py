@@ -40,6 +40,11 @@ def test_kuberay_args_match_the_builders() -> None:
     for group in (args.teachers, args.anchors):
         for targs in group.values():
             TeacherArgs(**targs)
+    # a misspelt key fails the deploy instead of being dropped
+    with pytest.raises(ValueError, match="threds"):
+        TeacherArgs(**{**targs, "threds": 2})
+    with pytest.raises(ValueError, match="polcy"):
+        RayRouterArgs(**{**app["args"], "polcy": "label"})
 
 
 def test_prometheus_scrapes_every_service() -> None:
