@@ -282,8 +282,8 @@ def run_bench_cost(s: BenchCostSettings) -> int:
     except TeacherUnavailable as exc:  # the router or its teachers went away: not a bug
         sys.stderr.write(f"opd bench cost: {exc}\n")
         return 1
-    except ValueError as exc:  # e.g. the router serves other teachers than the run needs
-        raise UsageError(f"--router-url {url}: {exc}") from None
+    except ValueError as exc:  # the router serves other teachers, a checkpoint is missing, ...
+        raise UsageError(str(exc)) from None
     finally:
         if cluster is not None:
             cluster.stop()

@@ -271,10 +271,19 @@ def test_sweep_against_a_dead_backend_stops_and_fails(tmp_path):
         teacher.stop()
 
 
-def test_bench_cost_unreachable_router_is_one_line(opd_cli, tmp_path):
+def test_bench_cost_unreachable_router_is_one_line(opd_cli, tiny_models, tmp_path):
     code, _, err = opd_cli(
         "bench", "cost", "--router-url", "http://127.0.0.1:1", "--methods", "danceopd",
-        "--steps", "2", "--out", tmp_path / "cost",
+        "--steps", "2", "--models", tiny_models, "--out", tmp_path / "cost",
     )  # fmt: skip
     assert code == 1 and "Traceback" not in err
     assert err.startswith("opd bench cost: router http://127.0.0.1:1 is unreachable"), err
+
+
+def test_bench_cost_missing_checkpoint_is_a_usage_error(opd_cli, tmp_path):
+    code, _, err = opd_cli(
+        "bench", "cost", "--router-url", "http://127.0.0.1:1", "--methods", "danceopd",
+        "--steps", "2", "--models", tmp_path / "none", "--out", tmp_path / "cost",
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("opd bench cost: error: no checkpoint for teacher 'base'"), err
