@@ -12,9 +12,9 @@ import sys
 import types
 import typing
 from pathlib import Path, PurePath
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, ValidationError
 from pydantic_settings import BaseSettings
 
 from common.names import is_http_base_url
@@ -55,6 +55,10 @@ def http_base_url(value: str) -> str:
             f"must be an http:// or https:// base URL, e.g. http://127.0.0.1:8000; got {value!r}"
         )
     return value
+
+
+#: A settings field holding an http(s) base URL, checked as the settings are read.
+BaseUrl = Annotated[str, AfterValidator(http_base_url)]
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -22,7 +22,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.checkpoint import atomic_write_bytes
 from common.cli import Command, UsageError
 from common.procs import pid_alive, start_detached, stop_pid
-from common.settings import out_dir
 from services.cluster import PYTHON, launch
 
 STATE_NAME = "cluster.json"
@@ -74,11 +73,9 @@ def up(s: ClusterSettings) -> int:
             f"a cluster is already running (state {_state_path(s)}); "
             f"`{_down_command(s)}` first, or use another --state-dir"
         )
-    from student.pretrain import pretrain_all
+    from student.pretrain import ensure_models
 
-    out_dir(s.models, "--models")
-    # keeps what exists; `cluster up` has no --force, so the hint names the command that has
-    pretrain_all(s.models, retrain_hint=f"`opd pretrain --out {s.models} --force` to retrain")
+    ensure_models(s.models)
     if s.backend == "ray" and not s.ray_config.is_file():
         raise UsageError(f"--ray-config {s.ray_config} does not exist")
     services: dict[str, dict] = {}

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.cli import Command, UsageError
 from common.nets import NetConfig, VelocityNet
-from common.settings import http_base_url, out_dir
+from common.settings import BaseUrl, out_dir
 from student.clients import TeacherUnavailable
 from student.methods import METHODS
 
@@ -57,7 +57,7 @@ class BenchCostSettings(BaseSettings):
         "(implies synthetic teachers; default 128 when D > 2)",
     )
     student_width: int = Field(128, ge=1, description="synthetic mode: the student's width")
-    router_url: str | None = Field(
+    router_url: BaseUrl | None = Field(
         None, description="use this router instead of starting a cluster"
     )
     models: Path = Field(Path("models"), description="pretrained checkpoints (toy mode)")
@@ -66,11 +66,6 @@ class BenchCostSettings(BaseSettings):
     out: Path = Field(
         Path("bench-cost"), description="directory for cost.json, cost.png (and toy runs/)"
     )
-
-    @field_validator("router_url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        return None if v is None else http_base_url(v)
 
     @property
     def synthetic(self) -> bool:
@@ -265,12 +260,9 @@ def run_bench_cost(s: BenchCostSettings) -> int:
             cluster = start_synthetic_cluster(s)
         else:
             from services.cluster import start_cluster
-            from student.pretrain import pretrain_all
+            from student.pretrain import ensure_models
 
-            out_dir(s.models, "--models")  # missing checkpoints are pretrained, as cluster up does
-            pretrain_all(
-                s.models, retrain_hint=f"`opd pretrain --out {s.models} --force` to retrain"
-            )
+            ensure_models(s.models)
             cluster = start_cluster(s.models)
     url = s.router_url or cluster.router_url
     rows = []

@@ -8,18 +8,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.checkpoint import read_model
 from common.cli import Command, UsageError
-from common.settings import http_base_url, out_dir
+from common.settings import BaseUrl, out_dir
 from student.clients import LocalTeacherClient, TeacherClient, TeacherInfo, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.models import BASE_NAME, load_named, parse_names
 from student.pretrain import pretrain_all
 from student.report import RunTotals, build_report, plot_samples, write_json
-from student.state import read_state_meta
+from student.state import check_not_shorter, read_state_meta
 from student.trainer import TrainConfig, TrainingAborted, TrainingInterrupted, train
 
 
@@ -56,7 +56,7 @@ class TrainSettings(BaseSettings):
     backend: Literal["local", "http"] = Field(
         "local", description="local: in-process teachers; http: through a router"
     )
-    router_url: str | None = Field(
+    router_url: BaseUrl | None = Field(
         None, description="router base URL for --backend http (uvicorn or Ray Serve route)"
     )
     routing: Literal["router", "client"] = Field(
@@ -103,11 +103,6 @@ class TrainSettings(BaseSettings):
     lr: float = Field(8e-4, gt=0, description="Adam learning rate")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     progress: bool = Field(True, description="show a progress bar")
-
-    @field_validator("router_url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        return None if v is None else http_base_url(v)
 
 
 def local_client(models: Path, teachers: list[str], supervise: str, anchor: bool) -> TeacherClient:
@@ -176,11 +171,8 @@ def check_out(s: TrainSettings) -> None:
             f"--out {s.out} holds a checkpoint of an earlier run (step {done} of {of}); "
             "add --resume to continue it, or use another --out"
         )
-    if s.resume and s.steps < done:
-        raise UsageError(
-            f"--resume: the run in {s.out} has done {done} steps, more than --steps {s.steps}; "
-            f"give --steps {done} or more"
-        )
+    if s.resume:  # checked again by train() for in-process callers; here before any work
+        check_not_shorter(s.out, done, s.steps)
 
 
 def run_train(s: TrainSettings) -> int:

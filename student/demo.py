@@ -24,7 +24,7 @@ from services.cluster import router_cmd, start_cluster
 from student.commands import TrainSettings, make_client
 from student.evaluate import evaluate
 from student.models import BASE_NAME, load_named, parse_names
-from student.pretrain import pretrain_all
+from student.pretrain import ensure_models
 from student.summary import (
     COST_HEAD,
     QUALITY_HEAD,
@@ -59,10 +59,8 @@ class DemoSettings(BaseSettings):
 
 def run_demo(s: DemoSettings) -> int:
     torch.set_num_threads(s.threads)
-    out_dir(s.models, "--models")
+    ensure_models(s.models)
     out_dir(s.out)
-    # `opd demo` has no --force: the hint names the command that has
-    pretrain_all(s.models, retrain_hint=f"`opd pretrain --out {s.models} --force` to retrain")
     print("starting the cluster: teachers a, b, base (anchor) and the router ...", flush=True)
     t0 = time.perf_counter()
     with start_cluster(s.models) as cluster:

@@ -108,3 +108,13 @@ def pretrain_all(
         log(f"wrote {path} ({meta.digest[:19]}…)")
         written.append(path)
     return written
+
+
+def ensure_models(models: Path) -> list[Path]:
+    """What commands that need the standard checkpoints do first (``cluster up``, ``demo``,
+    ``bench cost``): ``models`` must be a usable directory (``--models``), and what is missing
+    in it is pretrained. They have no ``--force``, so the "keep" hint names the one that has."""
+    from common.settings import out_dir
+
+    out_dir(models, "--models")
+    return pretrain_all(models, retrain_hint=f"`opd pretrain --out {models} --force` to retrain")

@@ -91,6 +91,16 @@ def load_state(out: Path, student: VelocityNet, opt: torch.optim.Adam) -> TrainS
     )
 
 
+def check_not_shorter(out: Path, done: int, steps: int) -> None:
+    """Refuse resuming the run in ``out`` (``done`` steps in) to ``steps`` < ``done``: its report
+    would say ``steps`` while its counts hold ``done``. Raises :class:`CheckpointError`."""
+    if done > steps:
+        raise CheckpointError(
+            f"--resume: the run in {out} has done {done} steps, more than --steps {steps}; "
+            f"give --steps {done} or more"
+        )
+
+
 def read_state_meta(out: Path) -> dict[str, Any] | None:
     """The metadata (``step``, ``config``, ...) of ``out/checkpoint.safetensors``, or None when
     there is none: what a command checks before it starts, without restoring anything."""

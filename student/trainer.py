@@ -27,7 +27,7 @@ from student.interrupt import Interrupt, SignalGuard
 from student.methods import METHODS, Method
 from student.report import RunTotals, build_report, plot_samples, write_json
 from student.rollout import StateHook, rollout
-from student.state import STATE_FILE, TrainState, load_state, save_state
+from student.state import STATE_FILE, TrainState, check_not_shorter, load_state, save_state
 from student.trace import Tracer
 
 #: Settings a resumed run must share with the run it continues (``steps`` may grow).
@@ -141,11 +141,7 @@ def _train(
                 f"--resume: the run in {out} differs in {', '.join(mismatch)}; "
                 "resume with the same settings or pick a new --out"
             )
-        if state.step > cfg.steps:  # the run cannot be shortened: records would disagree
-            raise CheckpointError(
-                f"--resume: the run in {out} has done {state.step} steps, more than "
-                f"--steps {cfg.steps}; give --steps {state.step} or more"
-            )
+        check_not_shorter(out, state.step, cfg.steps)
         start_step, versions_seen = state.step, {k: set(v) for k, v in state.versions_seen.items()}
         digests_seen = {k: set(v) for k, v in state.digests_seen.items()}
         totals.add(state.totals["counts"], state.totals["timings_s"])

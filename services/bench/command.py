@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.cli import Command, UsageError
 from common.http1 import Http1Client
 from common.serving import run_async
-from common.settings import http_base_url, out_dir
+from common.settings import BaseUrl, out_dir
 from services.bench.echo import echo_rate
 from services.bench.limits import forward_rate, net_from_metadata
 from services.bench.prom import scrape_states
@@ -58,7 +58,7 @@ class BenchServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OPD_BENCH_")
 
-    url: str = Field(description="base URL of the v2 server, e.g. http://127.0.0.1:8000")
+    url: BaseUrl = Field(description="base URL of the v2 server, e.g. http://127.0.0.1:8000")
     model: str = Field(description="model name, e.g. teacher-a, synthetic, opd-router")
     concurrency: str = Field("1,2,4,8,16,32", description="requests in flight, comma-separated")
     states: str = Field("16,128,1536", description="states per request, comma-separated")
@@ -89,11 +89,6 @@ class BenchServeSettings(BaseSettings):
     )
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout (s)")
     out: Path = Field(Path("bench-serve"), description="directory for sweep.csv/json/png")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return http_base_url(v)
 
     @field_validator("concurrency", "states")
     @classmethod

@@ -471,6 +471,13 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
 # -------------------------------------------------------------------- uvicorn router
 
 
+def holder(reg: Registry, name: str, replica: Replica) -> Teacher | None:
+    """Teacher ``name`` of ``reg`` if ``replica`` is still one of its replicas (a registry
+    change may have replaced it while a refresh of it was under way), else None."""
+    teacher = reg.get(name)
+    return teacher if teacher is not None and any(r is replica for r in teacher.replicas) else None
+
+
 def swap_warnings(reg: Registry, old: Teacher | None, new: Teacher) -> list[str]:
     """What a registry change did that is legal but rarely meant: ``new`` serves the checkpoint
     another registered teacher serves, or routes by other modes than ``old`` did."""
@@ -553,8 +560,7 @@ def create_app(
         except TeacherUnreachable as exc:
             # Down while no request went its way: out of rotation (and readiness) now, not at
             # the next request; the health checks admit it again when it is back.
-            teacher = core.registry.get(name)
-            if teacher is not None and any(r is replica for r in teacher.replicas):
+            if (teacher := holder(core.registry, name, replica)) is not None:
                 pool.eject(teacher, replica, f"metadata re-read failed: {exc}")
             return
         except RegistryError as exc:
@@ -565,8 +571,7 @@ def create_app(
         assert core._admin is not None
         async with core._admin:
             reg = core.registry
-            teacher = reg.get(name)
-            if teacher is None or all(r is not replica for r in teacher.replicas):
+            if (teacher := holder(reg, name, replica)) is None:
                 return  # swapped or deleted through the registry API meanwhile
             new = refreshed(teacher, replica, found)
             if new is None:
