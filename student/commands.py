@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.checkpoint import read_model
 from common.cli import Command, UsageError
+from common.nets import VelocityNet
 from common.settings import BaseUrl, out_dir
+from common.threads import THREADS_HELP, apply_threads, model_params, thread_budget
 from student.clients import LocalTeacherClient, TeacherClient, TeacherInfo, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.models import BASE_NAME, load_named, parse_names
@@ -33,13 +34,12 @@ class PretrainSettings(BaseSettings):
     steps: int | None = Field(
         None, ge=1, description="override every model's step count (tests only)"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    threads: int | None = Field(None, ge=1, description=THREADS_HELP)
 
 
 def run_pretrain(s: PretrainSettings) -> int:
     out_dir(s.out)
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    apply_threads(s.threads or thread_budget(model_params(VelocityNet())))  # what it trains
     pretrain_all(s.out, seed=s.seed, force=s.force, steps=s.steps)
     return 0
 
@@ -101,7 +101,7 @@ class TrainSettings(BaseSettings):
     batch: int = Field(128, ge=1, description="rollout batch")
     rollout_steps: int = Field(12, ge=2, description="Euler steps per rollout (N)")
     lr: float = Field(8e-4, gt=0, description="Adam learning rate")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    threads: int | None = Field(None, ge=1, description=THREADS_HELP)
     progress: bool = Field(True, description="show a progress bar")
 
 
@@ -176,8 +176,6 @@ def check_out(s: TrainSettings) -> None:
 
 
 def run_train(s: TrainSettings) -> int:
-    if s.threads:
-        torch.set_num_threads(s.threads)
     try:
         teachers = parse_names(s.teachers)
     except ValueError as exc:
@@ -196,6 +194,8 @@ def run_train(s: TrainSettings) -> int:
         trace_steps=s.trace_steps,
     )
     student, base_meta = load_named(s.models, BASE_NAME)
+    # the student (and, in-process, the teachers) set the budget: the toy net takes one thread
+    apply_threads(s.threads or thread_budget(model_params(student)))
     out_dir(s.out)  # a usage error now, not a traceback from the trainer
     check_out(s)
     with make_client(s, teachers) as client:
@@ -230,6 +230,7 @@ class EvalSettings(BaseSettings):
     samples: int = Field(EVAL_SAMPLES, ge=1, description="samples to draw")
     eval_steps: int = Field(EVAL_STEPS, ge=1, description="Euler steps per sample")
     seed: int = Field(EVAL_SEED, description="sampling seed")
+    threads: int | None = Field(None, ge=1, description=THREADS_HELP)
 
 
 def run_eval(s: EvalSettings) -> int:
@@ -238,6 +239,7 @@ def run_eval(s: EvalSettings) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     net, meta = read_model(s.checkpoint)
+    apply_threads(s.threads or thread_budget(model_params(net)))
     modes = [load_named(s.models, n)[1].modes for n in names]
     out_dir(s.out)
     metrics, samples = evaluate(net, modes, s.samples, s.eval_steps, s.seed)

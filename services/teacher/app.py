@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.asgi import InferFastPath
 from common.httpapi import bare_app, error_response
+from common.threads import apply_threads, model_params, thread_budget
 from services.teacher.batcher import Batcher, ForwardResult
 from services.teacher.fastpath import infer_handler
 from services.teacher.metrics import TeacherMetrics
@@ -258,8 +258,6 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
 
     ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
     """
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     name = settings.served_name()
     repo = ModelRepository(name, settings.root(), settings.device, settings.forward_chunk_states)
     if settings.synthetic:
@@ -272,6 +270,8 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
     else:
         assert settings.checkpoint is not None  # the settings validator guarantees one source
         repo.load_now(settings.checkpoint)
+    # Before the batcher starts its forward thread, which takes this thread's count.
+    apply_threads(settings.threads or thread_budget(model_params(repo.current.net)))
     metrics = TeacherMetrics(name)
     metrics.version.labels(name).set(1)
     batcher = Batcher(settings.max_batch_states, settings.max_delay_ms / 1e3, metrics.observe_batch)

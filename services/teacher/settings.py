@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.names import PLAIN_NAME_RULE, is_plain_name
+from common.threads import THREADS_HELP
 
 #: Environment variable holding the bearer token for admin calls (load / unload). Kept out of
 #: the flags on purpose: a token on the command line is visible to every user in ``ps``.
@@ -59,7 +60,7 @@ class TeacherSettings(BaseSettings):
         description="directory that load calls may read "
         "checkpoints from (default: the checkpoint's)",
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads for the forward pass")
+    threads: int | None = Field(None, ge=1, description=THREADS_HELP)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "warning", description="uvicorn log level"
     )
