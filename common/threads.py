@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 #: Models with fewer parameters run on one intra-op thread: below ~1M parameters a forward of a
@@ -64,19 +65,44 @@ def usable_cpus() -> float:
     return min(cpus, limit) if limit else cpus
 
 
-def thread_budget(params: int | None, share: int = 1, cpus: float | None = None) -> int:
+#: Launchers that start several computing processes on one host (``opd cluster up``, ``opd
+#: demo``) put their count here, so each process takes an equal share of the cores.
+CPU_SHARE_ENV = "OPD_CPU_SHARE"
+
+
+def cpu_share_env(processes: int) -> dict[str, str]:
+    """Environment for children of a launcher that starts ``processes`` computing processes."""
+    return {CPU_SHARE_ENV: str(max(1, processes))}
+
+
+def thread_budget(params: int | None, share: int | None = None, cpus: float | None = None) -> int:
     """torch intra-op threads for a process whose model has ``params`` parameters.
 
     Args:
         params: parameters of the model it computes with (``None``: unknown, treated as large).
-        share: computing processes this one shares ``cpus`` with (e.g. the services that
-            ``opd cluster up`` starts); each gets an equal whole share, at least one.
+        share: computing processes this one shares ``cpus`` with (default: ``OPD_CPU_SHARE``,
+            set by launchers, else 1); each gets an equal whole share, at least one thread.
         cpus: cores available (default :func:`usable_cpus`).
     """
     if params is not None and params < SMALL_MODEL_PARAMS:
         return 1
     cpus = usable_cpus() if cpus is None else cpus
+    if share is None:
+        try:
+            share = int(os.environ.get(CPU_SHARE_ENV, "1"))
+        except ValueError:
+            share = 1
     return max(1, math.floor(cpus / max(1, share)))
+
+
+def replica_cpus() -> float | None:
+    """CPUs Ray reserved for this actor (its ``num_cpus``), or ``None`` outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not in a Ray worker, or Ray absent: fall back to the host's cores
+        return None
 
 
 def apply_threads(n: int) -> int:
@@ -92,3 +118,64 @@ def model_params(module: object) -> int | None:
     """Parameter count of a torch module (``None`` for anything without ``parameters()``)."""
     params = getattr(module, "parameters", None)
     return sum(p.numel() for p in params()) if callable(params) else None
+
+
+def _schedstat_ns(task_dir: Path = Path("/proc/self/task")) -> tuple[int, int] | None:
+    """Nanoseconds this process's threads have run and waited runnable for a core (Linux
+    schedstat: the second number is run-queue delay), or ``None`` where it cannot be read."""
+    run = wait = 0
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            fields = (task_dir / tid / "schedstat").read_text().split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        run, wait = run + int(fields[0]), wait + int(fields[1])
+    return run, wait
+
+
+class CpuWatch:
+    """Tells when this process waits for a core more than it runs: an oversubscribed machine.
+
+    ``update()`` reads the process's run and run-queue wait times; over windows of at least
+    ``window_s`` it computes the fraction of runnable time spent waiting (quiet machine: a few
+    per cent; beside busy processes on every core: half or more). ``warning()`` says so once.
+    """
+
+    def __init__(self, threads: int, window_s: float = 5.0, threshold: float = 0.5) -> None:
+        self.threads, self.window_s, self.threshold = threads, window_s, threshold
+        self.start = self._last = (time.perf_counter(), *(_schedstat_ns() or (0, 0)))
+        self.wait_fraction = 0.0  # of the last full window
+        self.warned = False
+
+    def update(self) -> str | None:
+        """Close a window when ``window_s`` has passed; a warning (once) if it was oversubscribed."""
+        now = (time.perf_counter(), *(_schedstat_ns() or (0, 0)))
+        if now[0] - self._last[0] < self.window_s:
+            return None
+        ran, waited = now[1] - self._last[1], now[2] - self._last[2]
+        self._last = now
+        self.wait_fraction = waited / (ran + waited) if ran + waited > 0 else 0.0
+        if self.warned or self.wait_fraction < self.threshold:
+            return None
+        self.warned = True
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        return (
+            f"the machine is oversubscribed: this process waited {self.wait_fraction:.0%} of "
+            f"its runnable time for a CPU over the last {now[0] - self.start[0]:.0f} s "
+            f"(load average {load:.1f} on {usable_cpus():g} usable cores; {self.threads} torch "
+            f"thread{'s' if self.threads != 1 else ''}); steps run slower until other work "
+            "stops (README 'CPU threads')"
+        )
+
+    def totals(self) -> dict[str, float]:
+        """Seconds this process's threads ran and waited for a core since the watch began."""
+        now = (time.perf_counter(), *(_schedstat_ns() or (0, 0)))
+        return {
+            "threads": self.threads,
+            "run_s": round((now[1] - self.start[1]) / 1e9, 3),
+            "runqueue_wait_s": round((now[2] - self.start[2]) / 1e9, 3),
+        }

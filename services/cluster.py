@@ -14,31 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from common.procs import Service, start_service
+from common.threads import cpu_share_env
 
 PYTHON = [sys.executable, "-m", "common.cli"]
+#: the standard topology's teachers and Flow-OPD anchor
+DEFAULT_TEACHERS: tuple[str, ...] = ("a", "b")
+DEFAULT_ANCHOR = "base"
 
 
 def teacher_cmd(
     checkpoint: Path,
     name: str | None = None,
     port: int = 0,
-    threads: int = 1,
+    threads: int | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    cmd = [
-        *PYTHON,
-        "serve",
-        "teacher",
-        "--checkpoint",
-        str(checkpoint),
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-        "--log-level",
-        "warning",
-        *extra,
-    ]
+    """``opd serve teacher`` for ``checkpoint``; ``threads=None`` leaves the count to the
+    teacher's budget (common/threads.py: one thread for the toy net)."""
+    cmd = [*PYTHON, "serve", "teacher", "--checkpoint", str(checkpoint), "--port", str(port)]
+    cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--log-level", "warning", *extra]
     return cmd + (["--name", name] if name else [])
 
 
@@ -93,11 +88,19 @@ class Cluster:
 Starter = Callable[[str, list[str]], tuple[Any, str]]
 
 
+def computing_processes(
+    teachers: Sequence[str] = DEFAULT_TEACHERS, anchor: str | None = DEFAULT_ANCHOR
+) -> int:
+    """Processes of the standard topology that compute on the host's cores: each teacher, the
+    anchor and the trainer that will use them (the router's routing math is negligible)."""
+    return len(teachers) + (1 if anchor else 0) + 1
+
+
 def launch(
     models: str | Path,
     start: Starter,
-    teachers: Sequence[str] = ("a", "b"),
-    anchor: str | None = "base",
+    teachers: Sequence[str] = DEFAULT_TEACHERS,
+    anchor: str | None = DEFAULT_ANCHOR,
     policy: str = "nearest",
 ) -> dict[str, tuple[Any, str]]:
     """Start one teacher per name (+ the anchor) from ``models``, then the router over them.
@@ -124,14 +127,15 @@ def launch(
 
 def start_cluster(
     models: str | Path,
-    teachers: Sequence[str] = ("a", "b"),
-    anchor: str | None = "base",
+    teachers: Sequence[str] = DEFAULT_TEACHERS,
+    anchor: str | None = DEFAULT_ANCHOR,
     policy: str = "nearest",
     env: dict[str, str] | None = None,
     timeout_s: float = 90.0,
 ) -> Cluster:
     """Start the topology as child processes of this one (tests, ``opd demo``)."""
     cluster = Cluster()
+    env = {**cpu_share_env(computing_processes(teachers, anchor)), **(env or {})}
 
     def start(name: str, cmd: list[str]) -> tuple[Service, str]:
         cluster.services[name] = start_service(cmd, timeout_s, env=env)

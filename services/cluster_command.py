@@ -22,7 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.checkpoint import atomic_write_bytes
 from common.cli import Command, UsageError
 from common.procs import pid_alive, start_detached, stop_pid
-from services.cluster import PYTHON, launch
+from common.threads import cpu_share_env
+from services.cluster import PYTHON, computing_processes, launch
 
 STATE_NAME = "cluster.json"
 ROUTER_PREFIX = "/router"  # the router application's route_prefix in deploy/serve_config.yaml
@@ -79,10 +80,11 @@ def up(s: ClusterSettings) -> int:
     if s.backend == "ray" and not s.ray_config.is_file():
         raise UsageError(f"--ray-config {s.ray_config} does not exist")
     services: dict[str, dict] = {}
+    share = cpu_share_env(computing_processes())
 
     def start(name: str, cmd: list[str]) -> tuple[int, str]:
         log = s.state_dir / "logs" / f"{name}.log"
-        pid, url = start_detached(cmd, log, s.timeout_s)
+        pid, url = start_detached(cmd, log, s.timeout_s, env=share)
         services[name] = {"pid": pid, "url": url, "log": str(log), "cmd": cmd}
         print(f"  {name:<7} ready at {url}  (pid {pid})", flush=True)
         return pid, url
@@ -171,7 +173,13 @@ def restart(s: ClusterSettings) -> int:
     cmd[cmd.index("--port") + 1] = str(urlsplit(svc["url"]).port)
     if pid_alive(svc["pid"]):
         stop_pid(svc["pid"], s.grace_s)
-    pid, url = start_detached(cmd, svc["log"], s.timeout_s, append=True)
+    pid, url = start_detached(
+        cmd,
+        svc["log"],
+        s.timeout_s,
+        env=cpu_share_env(computing_processes()),
+        append=True,
+    )
     state["services"][s.service].update(pid=pid, url=url)
     atomic_write_bytes(_state_path(s), (json.dumps(state, indent=2) + "\n").encode())
     print(f"  {s.service:<7} ready at {url}  (pid {pid}; log {svc['log']})")

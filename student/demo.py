@@ -12,15 +12,16 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common import ring
 from common.cli import Command
+from common.nets import VelocityNet
 from common.procs import start_service
 from common.settings import out_dir
-from services.cluster import router_cmd, start_cluster
+from common.threads import THREADS_HELP, apply_threads, model_params, thread_budget
+from services.cluster import computing_processes, router_cmd, start_cluster
 from student.commands import TrainSettings, make_client
 from student.evaluate import evaluate
 from student.models import BASE_NAME, load_named, parse_names
@@ -53,12 +54,15 @@ class DemoSettings(BaseSettings):
     steps: int = Field(1500, ge=1, description="optimizer steps per run (shorten for a quick look)")
     seed: int = Field(123, description="run seed")
     stream_chunk: int = Field(12, ge=1, description="queried rollout steps per request")
-    threads: int = Field(1, ge=1, description="torch threads of the trainer (teachers get 1 each)")
+    threads: int | None = Field(None, ge=1, description=THREADS_HELP + "; the trainer's")
     progress: bool = Field(True, description="progress bars")
 
 
 def run_demo(s: DemoSettings) -> int:
-    torch.set_num_threads(s.threads)
+    # Like the services the cluster starts, the in-process trainer takes its share of cores.
+    apply_threads(
+        s.threads or thread_budget(model_params(VelocityNet()), share=computing_processes())
+    )
     ensure_models(s.models)
     out_dir(s.out)
     print("starting the cluster: teachers a, b, base (anchor) and the router ...", flush=True)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, CheckpointMeta, TeacherRef, save_model
 from common.nets import VelocityNet
+from common.threads import CpuWatch
 from student.clients import QueryCost, TeacherClient, TeacherUnavailable
 from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
 from student.interrupt import Interrupt, SignalGuard
@@ -195,6 +196,7 @@ def _train(
         initial=start_step,
         total=cfg.steps,
     )
+    cpu = CpuWatch(torch.get_num_threads())
     try:
         guard.release()  # signals stop the run from here on (and one that came during setup)
         for step in bar:
@@ -274,6 +276,8 @@ def _train(
             ):
                 steps_log.flush()
                 checkpoint(step + 1)
+            if step % 10 == 0 and (warning := cpu.update()):
+                bar.write(f"step {step}: {warning}")
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 elapsed = time.perf_counter() - wall0
                 # refresh=False: the bar shows it at its own next refresh (mininterval), with
@@ -283,6 +287,8 @@ def _train(
                     loss=f"{loss_value:.4f}",
                     states_s=f"{totals.counts['teacher_queries'] / elapsed:,.0f}",
                     wait=f"{totals.timings_s['query_exposed'] / elapsed:.0%}",
+                    threads=cpu.threads,
+                    cpu_wait=f"{cpu.wait_fraction:.0%}",
                     refresh=False,
                 )
             guard.release()  # a signal held while the step committed stops the run here
@@ -298,7 +304,9 @@ def _train(
     try:  # an interrupt during evaluation leaves a checkpoint after the last step
         guard.release()
         seen = (versions_seen, digests_seen)
-        return _finish(cfg, student, client, out, totals, seen, params_before, base_meta)
+        return _finish(
+            cfg, student, client, out, totals, seen, params_before, base_meta, cpu.totals()
+        )
     except Interrupt as sig:
         raise interrupted(sig) from None
 
@@ -429,8 +437,10 @@ def _finish(
     seen: tuple[dict[str, set[str]], dict[str, set[str]]],
     params_before: torch.Tensor,
     base_meta: CheckpointMeta | None,
+    cpu: dict[str, float],
 ) -> dict[str, Any]:
-    """Evaluate, save the student and write report.json and samples.png."""
+    """Evaluate, save the student and write report.json and samples.png; ``cpu``: the
+    trainer's torch threads and CPU run / run-queue wait seconds over the steps."""
     student.eval().requires_grad_(False)
     params_after = torch.cat([p.detach().flatten() for p in student.parameters()])
     t_eval = time.perf_counter()
@@ -484,6 +494,7 @@ def _finish(
             "student_digest": meta.digest,
             "teacher_refs": [r.model_dump() for r in refs],
             "param_change_l2": float((params_after - params_before).norm()),
+            "cpu": cpu,
             "config": cfg.model_dump(),
         },
     )

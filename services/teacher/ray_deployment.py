@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from common.threads import model_params, replica_cpus, thread_budget
 from services.teacher.app import TeacherCore, build_api
 from services.teacher.batcher import ForwardResult, forward_executor
 from services.teacher.metrics import TeacherMetrics
@@ -43,7 +44,12 @@ class TeacherArgs(BaseModel):
     max_batch_states: int = Field(_DEFAULT_MAX_STATES, ge=1)
     max_delay_ms: float = Field(0.0, ge=0)
     max_body_mb: float = Field(64.0, gt=0)
-    threads: int | None = Field(1, ge=1, description="torch threads per replica")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per replica (default: common.threads budget "
+        "from the model size and the replica's num_cpus)",
+    )
     device: str = "cpu"
 
     def served_name(self) -> str:
@@ -61,25 +67,24 @@ class TeacherDeployment:
     """One replica: a model repository, a state-batched forward, the shared OIP v2 routes."""
 
     def __init__(self, **kwargs: Any) -> None:
-        import torch
-
         from common.serving import keep_freed_memory
 
         keep_freed_memory()  # see there: forwards reuse activation memory, no page faults
         args = TeacherArgs(**kwargs)
-        if args.threads:
-            torch.set_num_threads(args.threads)
         name = args.served_name()
         root = (args.model_root or args.checkpoint.parent).resolve()
         self.repository = ModelRepository(name, root, args.device)
         self.repository.load_now(args.checkpoint.resolve())
+        threads = args.threads or thread_budget(
+            model_params(self.repository.current.net), cpus=replica_cpus()
+        )
         self.metrics = TeacherMetrics(name)
         self.metrics.version.labels(name).set(1)
         self.max_states = args.max_batch_states
         self._batched.set_max_batch_size(args.max_batch_states)
         self._batched.set_batch_wait_timeout_s(args.max_delay_ms / 1e3)
         # One forward thread per replica, so the replica's event loop keeps serving sockets.
-        self._executor = forward_executor(args.threads)
+        self._executor = forward_executor(threads)
         self.core = TeacherCore(
             self.repository,
             self._run,
