@@ -20,8 +20,14 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
+#: BF16 on the wire: numpy has no bfloat16, so a BF16 tensor is carried as its raw 16-bit
+#: patterns in a ``uint16`` array whose dtype is tagged (dtype metadata) so that it encodes back
+#: as BF16; :func:`bf16_to_float32` / :func:`float32_to_bf16` convert (round to nearest even).
+BF16 = np.dtype("<u2", metadata={"datatype": "BF16"})
+
 DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
+    "BF16": BF16,
     "FP64": np.dtype("<f8"),
     "FP16": np.dtype("<f2"),
     "INT8": np.dtype("i1"),
@@ -31,7 +37,8 @@ DATATYPES: dict[str, np.dtype] = {
     "UINT8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_NAMES = {dt: name for name, dt in DATATYPES.items()}
+# BF16 is told apart by its dtype's metadata (a plain uint16 array has no v2 datatype here)
+_NAMES = {dt: name for name, dt in DATATYPES.items() if name != "BF16"}
 #: entries in each of the header caches (encoded request headers, decoded request layouts);
 #: a cache that fills up is emptied: a client cycles through a few shapes, not hundreds
 LAYOUT_CACHE_SIZE = 256
@@ -58,8 +65,33 @@ class InferMessage:
     binary_output: bool = False  # request-level parameters.binary_data_output
 
 
+def is_bf16(arr: np.ndarray) -> bool:
+    """Whether ``arr`` holds BF16 bit patterns (tagged ``uint16``, see :data:`BF16`)."""
+    meta = arr.dtype.metadata
+    return meta is not None and meta.get("datatype") == "BF16"
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (``uint16 [...]``) as ``float32 [...]`` (exact: BF16 is FP32's top half)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """``float32 [...]`` rounded to nearest even BF16, as tagged bit patterns (:data:`BF16`).
+
+    NaN stays NaN (its quiet bit is kept); values past BF16's range round to Inf, as torch does.
+    """
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+    nan = np.isnan(values)
+    out = np.where(nan, (u >> 16) | np.uint32(0x40), rounded).astype(np.uint16)
+    return out.view(BF16)
+
+
 def datatype_of(arr: np.ndarray) -> str:
     """The v2 datatype name of ``arr``'s dtype."""
+    if is_bf16(arr):
+        return "BF16"
     try:
         return _NAMES[arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype]
     except KeyError:
@@ -84,7 +116,8 @@ def _tensor_entries(tensors: dict[str, np.ndarray], binary: bool | set[str]) -> 
             entry["parameters"] = {"binary_data_size": int(buf.nbytes)}
             chunks.append(buf)
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            flat = bf16_to_float32(arr) if is_bf16(arr) else arr
+            entry["data"] = flat.reshape(-1).tolist()
         entries.append(entry)
     return entries, chunks
 
@@ -125,7 +158,7 @@ def encode_request(
     key = None
     if binary and parameters is None and request_id is None:
         key = (
-            tuple((k, a.dtype.str, a.shape) for k, a in inputs.items()),
+            tuple((k, a.dtype.str, is_bf16(a), a.shape) for k, a in inputs.items()),
             None if outputs is None else tuple(outputs),
         )
         header = _REQUEST_HEADERS.get(key)
@@ -373,6 +406,8 @@ def _json_array(data: Any, dtype: np.dtype, name: str) -> np.ndarray:
         raise CodecError(f"tensor {name!r}: 'data' is not a regular array") from None
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise CodecError(f"tensor {name!r}: 'data' must hold numbers")
+    if dtype is BF16:  # JSON BF16 values are numbers: round them to BF16 bit patterns
+        return float32_to_bf16(arr.astype(np.float32).reshape(-1))
     if dtype.kind in "iu" and arr.dtype.kind == "f":
         raise CodecError(f"tensor {name!r}: integer datatype but 'data' holds floats")
     return arr.astype(dtype, copy=False).reshape(-1)

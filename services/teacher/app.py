@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,10 +25,12 @@ from common.asgi import InferFastPath
 from common.httpapi import bare_app, error_response
 from common.threads import apply_threads, model_params, thread_budget
 from services.teacher.batcher import Batcher, ForwardResult
+from services.teacher.cond_cache import CondCache
+from services.teacher.diffusers_repository import DiffusersRepository
 from services.teacher.fastpath import infer_handler
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.protocol import ProtocolError, read_body
-from services.teacher.repository import LoadedModel, ModelRepository, RepositoryError
+from services.teacher.repository import ModelRepository, RepositoryError
 from services.teacher.settings import TeacherSettings, admin_token_from_env
 
 SERVER_NAME = "opd-teacher"
@@ -37,20 +38,23 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 ADMIN_BODY_LIMIT = 64 * 1024
 
-#: runs a forward: (model snapshot, x [B, D], t [B]) -> result with v [B, D]
-Runner = Callable[[LoadedModel, np.ndarray, np.ndarray], Awaitable[ForwardResult]]
+#: runs a forward: (model snapshot, x [B, *S], t [B][, extra]) -> result with v [B, *S];
+#: ``extra`` (conditioning and guidance of a diffusers model) is passed only when there is one
+Runner = Callable[..., Awaitable[ForwardResult]]
 
 
 @dataclass
 class TeacherCore:
-    """What the routes need: the repository, a forward runner, metrics, limits, the admin token."""
+    """What the routes need: the repository, a forward runner, metrics, limits, the admin token,
+    and the conditioning cache (``cond_id``; shared by every model of the process)."""
 
-    repository: ModelRepository
+    repository: ModelRepository | DiffusersRepository
     run: Runner
     metrics: TeacherMetrics
     max_body_bytes: int
     admin_token: str | None
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    conds: CondCache | None = None
 
 
 def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> InferFastPath:
@@ -85,16 +89,21 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
     async def _repository_error(_: Request, exc: RepositoryError) -> JSONResponse:
         return error_response(exc.status, str(exc))
 
-    def served(name: str) -> LoadedModel:
+    def unknown(name: str) -> ProtocolError:
+        names = repo.names()
+        serves = repr(names[0]) if len(names) == 1 else f"{names}"
+        return ProtocolError(
+            404,
+            "not_found",
+            f"unknown model {name!r}; this server serves {serves} (see POST /v2/repository/index)",
+        )
+
+    def served(name: str) -> Any:
         """The current snapshot of model ``name``; 404 unknown, 503 unloaded."""
-        if name != repo.name:
-            raise ProtocolError(
-                404,
-                "not_found",
-                f"unknown model {name!r}; this server serves "
-                f"{repo.name!r} (see POST /v2/repository/index)",
-            )
-        model = repo.current
+        try:
+            model = repo.get(name)
+        except KeyError:
+            raise unknown(name) from None
         if model is None:
             raise ProtocolError(
                 503,
@@ -103,16 +112,19 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
             )
         return model
 
-    def check_version(model: LoadedModel, version: str | None) -> None:
+    def check_version(model: Any, version: str | None) -> None:
         if version is not None and version != str(model.version):
             raise ProtocolError(
                 404,
                 "not_found",
-                f"version {version!r} of {repo.name!r} is not "
+                f"version {version!r} of {model_name(model)!r} is not "
                 f"served; the current version is {model.version}",
             )
 
-    def model_for(name: str, version: str | None) -> LoadedModel:
+    def model_name(model: Any) -> str:
+        return getattr(model, "name", None) or repo.names()[0]
+
+    def model_for(name: str, version: str | None) -> Any:
         """The snapshot an infer request on ``name`` (and ``version``, if given) runs on."""
         model = served(name)
         check_version(model, version)
@@ -124,7 +136,7 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
 
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
-        ok = repo.current is not None
+        ok = repo.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/v2")
@@ -136,27 +148,15 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
     async def model_metadata(name: str, version: str | None = None) -> dict:
         model = served(name)
         check_version(model, version)
-        d = model.data_dim
-        return {
-            "name": name,
-            "versions": [str(model.version)],
-            "platform": "pytorch",
-            "inputs": [
-                {"name": "x", "datatype": "FP32", "shape": [-1, d]},
-                {"name": "t", "datatype": "FP32", "shape": [-1]},
-            ],
-            "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, d]}],
-            "parameters": model.parameters(),
-        }
+        return model.metadata(name)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> JSONResponse:
-        if name != repo.name:
-            raise ProtocolError(
-                404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}"
-            )
-        model = repo.current
+        try:
+            model = repo.get(name)
+        except KeyError:
+            raise unknown(name) from None
         ok = model is not None and (version is None or version == str(model.version))
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
@@ -196,54 +196,27 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
     @app.post("/v2/repository/models/{name}/load")
     async def load(name: str, request: Request) -> JSONResponse:
         check_admin(request)
-        if name != repo.name:
-            raise ProtocolError(
-                404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}"
-            )
+        if name not in repo.names() and not isinstance(repo, DiffusersRepository):
+            raise unknown(name)  # a diffusers teacher serves a new adapter under a new name
         params = (await admin_json(request)).get("parameters") or {}
-        checkpoint = params.get("checkpoint") if isinstance(params, dict) else None
-        if checkpoint is not None and not isinstance(checkpoint, str):
-            raise ProtocolError(400, "input", "parameters.checkpoint must be a file name string")
-        before = repo.current
+        if not isinstance(params, dict):
+            raise ProtocolError(400, "input", "parameters must be a JSON object")
         try:
-            model = await repo.load(checkpoint)
+            model, answer = await repo.load_named(name, params)
         except RepositoryError as exc:
-            metrics.loads.labels(repo.name, "failed").inc()
-            current = repo.current
-            kept = f"; still serving version {current.version}" if current else ""
-            return error_response(exc.status, f"load failed: {exc}{kept}")
-        metrics.loads.labels(repo.name, "ok").inc()
-        metrics.version.labels(repo.name).set(model.version)
-        answer = {
-            "name": name,
-            "version": str(model.version),
-            "digest": model.meta.digest,
-            "checkpoint": model.checkpoint.name,
-            "role": model.meta.role,
-            "modes": list(model.meta.modes),
-        }
-        if before is not None and (before.meta.role, before.meta.modes) != (
-            model.meta.role,
-            model.meta.modes,
-        ):
-            # Legal (a checkpoint is the operator's choice), but rarely meant: say so.
-            answer["warning"] = (
-                f"version {before.version} was a {before.meta.role} of modes "
-                f"{list(before.meta.modes)}; version {model.version} is a {model.meta.role} of "
-                f"modes {list(model.meta.modes)}. Routers re-read the mode centers on its next "
-                "answer."
-            )
+            metrics.loads.labels(name, "failed").inc()
+            return error_response(exc.status, f"load failed: {exc}{repo.kept(name)}")
+        metrics.loads.labels(name, "ok").inc()
+        metrics.version.labels(name).set(model.version)
         return JSONResponse(answer)
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str, request: Request) -> JSONResponse:
         check_admin(request)
-        if name != repo.name:
-            raise ProtocolError(
-                404, "not_found", f"unknown model {name!r}; this server serves {repo.name!r}"
-            )
-        repo.unload()
-        metrics.version.labels(repo.name).set(0)
+        if name not in repo.names():
+            raise unknown(name)
+        await repo.unload_named(name)
+        metrics.version.labels(name).set(0)
         return JSONResponse({"name": name, "state": "UNAVAILABLE"})
 
     @app.get("/metrics")
@@ -259,22 +232,33 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
     ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
     """
     name = settings.served_name()
-    repo = ModelRepository(name, settings.root(), settings.device, settings.forward_chunk_states)
-    if settings.synthetic:
-        from services.teacher.synthetic import synthetic_model
-
-        net, meta = synthetic_model(
-            name, settings.state_dim, settings.width, settings.depth, settings.seed
-        )
-        repo.install(net, meta, Path("synthetic"))
+    if settings.model_dir is not None:
+        repo: ModelRepository | DiffusersRepository = diffusers_repository(settings)
+        apply_threads(settings.threads or thread_budget(model_params(repo.backend.transformer)))
     else:
-        assert settings.checkpoint is not None  # the settings validator guarantees one source
-        repo.load_now(settings.checkpoint)
-    # Before the batcher starts its forward thread, which takes this thread's count.
-    apply_threads(settings.threads or thread_budget(model_params(repo.current.net)))
+        repo = ModelRepository(
+            name, settings.root(), settings.device, settings.forward_chunk_states
+        )
+        if settings.synthetic:
+            from services.teacher.synthetic import synthetic_model
+
+            net, meta = synthetic_model(
+                name, settings.state_dim, settings.width, settings.depth, settings.seed
+            )
+            repo.install(net, meta, Path("synthetic"))
+        else:
+            assert settings.checkpoint is not None  # the settings validator guarantees a source
+            repo.load_now(settings.checkpoint)
+        # Before the batcher starts its forward thread, which takes this thread's count.
+        apply_threads(settings.threads or thread_budget(model_params(repo.current.net)))
     metrics = TeacherMetrics(name)
     metrics.version.labels(name).set(1)
-    batcher = Batcher(settings.max_batch_states, settings.max_delay_ms / 1e3, metrics.observe_batch)
+    batcher = Batcher(
+        settings.max_batch_states,
+        settings.max_delay_ms / 1e3,
+        metrics.observe_batch,
+        max_bytes=settings.max_batch_bytes,
+    )
     core = TeacherCore(
         repo,
         batcher.submit,
@@ -282,6 +266,7 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
         settings.max_body_bytes,
         admin_token if admin_token is not None else admin_token_from_env(),
         on_close=[batcher.close],
+        conds=CondCache(settings.cond_cache_bytes),
     )
 
     @asynccontextmanager
@@ -291,3 +276,22 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
             await close()
 
     return build_api(core, lifespan=lifespan)
+
+
+def diffusers_repository(settings: TeacherSettings) -> DiffusersRepository:
+    """The base model of ``settings.model_dir`` and its ``--adapter`` LoRAs, loaded now.
+
+    Raises:
+        RepositoryError: the directory or an adapter cannot be served (the message says why).
+    """
+    from services.teacher.diffusers_backend import DiffusersLoadError, load_backend
+
+    assert settings.model_dir is not None
+    try:
+        backend = load_backend(settings.model_dir, settings.dtype, settings.device)
+    except DiffusersLoadError as exc:
+        raise RepositoryError(str(exc), 400) from None
+    repo = DiffusersRepository(settings.served_name(), backend, settings.root())
+    for name, path in settings.adapters().items():
+        repo.add_adapter_now(name, path)
+    return repo

@@ -15,11 +15,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-
-from services.teacher.repository import LoadedModel
 
 
 @dataclass
@@ -37,11 +36,14 @@ class ForwardResult:
 
 @dataclass
 class _Item:
-    model: LoadedModel
-    x: np.ndarray  # [B, D] float32
+    model: Any  # LoadedModel, or a DiffusersModel snapshot (then ``extra`` is set)
+    x: np.ndarray  # [B, *S]
     t: np.ndarray  # [B] float32
     future: asyncio.Future
     enqueued: float
+    extra: Any = None  # conditioned.Conditioned: conditioning rows and guidance
+    key: Any = None  # items share a forward only when their model and key agree
+    nbytes: int = 0
 
     @property
     def states(self) -> int:
@@ -52,10 +54,15 @@ class _Item:
 BatchObserver = Callable[[int, int, float, list[float]], None]
 
 
-def _run_group(model: LoadedModel, items: list[_Item]) -> tuple[list[np.ndarray], float, float]:
+def _run_group(model: Any, items: list[_Item]) -> tuple[list[np.ndarray], float, float]:
     """Forward of one model's items as one batch (worker thread): each item's ``v``, the start
     time and the seconds it took."""
     start = time.perf_counter()
+    if items[0].extra is not None:  # conditioned: one forward over the group's rows
+        vs = model.forward_conditioned(
+            [i.x for i in items], [i.t for i in items], [i.extra for i in items]
+        )
+        return vs, start, time.perf_counter() - start
     # No concatenation of the whole batch: the model runs cache-sized row chunks of the parts.
     vs = model.forward_parts([i.x for i in items], [i.t for i in items])
     return vs, start, time.perf_counter() - start
@@ -75,13 +82,23 @@ def forward_executor(threads: int | None = None) -> ThreadPoolExecutor:
 
 
 class Batcher:
-    """Merges concurrent requests into forwards of at most ``max_states`` states.
+    """Merges concurrent requests into forwards of at most ``max_states`` states and
+    ``max_bytes`` bytes of inputs (states plus conditioning).
 
-    A single request larger than ``max_states`` runs alone (it is never split or refused).
+    Requests share a forward only when their model snapshot (hence adapter) and merge key
+    (state shape, conditioning shapes, guidance) agree. A single request larger than either
+    bound runs alone (it is never split or refused).
     """
 
-    def __init__(self, max_states: int, max_delay_s: float, observer: BatchObserver | None = None):
+    def __init__(
+        self,
+        max_states: int,
+        max_delay_s: float,
+        observer: BatchObserver | None = None,
+        max_bytes: int | None = None,
+    ):
         self.max_states = max_states
+        self.max_bytes = max_bytes
         self.max_delay_s = max_delay_s
         self.observer = observer
         self._executor = forward_executor()
@@ -89,14 +106,23 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._carry: _Item | None = None
 
-    async def submit(self, model: LoadedModel, x: np.ndarray, t: np.ndarray) -> ForwardResult:
-        """Queue ``x [B, D]``, ``t [B]`` for ``model`` and wait for its ``v [B, D]``."""
+    async def submit(
+        self, model: Any, x: np.ndarray, t: np.ndarray, extra: Any = None
+    ) -> ForwardResult:
+        """Queue ``x [B, *S]``, ``t [B]`` (and a conditioned model's ``extra``) for ``model``
+        and wait for its ``v [B, *S]``."""
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
         assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(model, x, t, fut, time.perf_counter()))
+        item = _Item(model, x, t, fut, time.perf_counter())
+        if extra is not None:
+            item.extra, item.key = extra, extra.key(x)
+            item.nbytes = x.nbytes + extra.nbytes()
+        else:
+            item.nbytes = x.nbytes
+        self._queue.put_nowait(item)
         return await fut
 
     async def close(self) -> None:
@@ -111,9 +137,10 @@ class Batcher:
         assert self._queue is not None
         first = self._carry or await self._queue.get()
         self._carry = None
-        batch, states = [first], first.states
+        batch, states, nbytes = [first], first.states, first.nbytes
+        limit_bytes = self.max_bytes if self.max_bytes is not None else float("inf")
         deadline = time.perf_counter() + self.max_delay_s
-        while states < self.max_states:
+        while states < self.max_states and nbytes < limit_bytes:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -124,21 +151,23 @@ class Batcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
-            if states + item.states > self.max_states:
+            if states + item.states > self.max_states or nbytes + item.nbytes > limit_bytes:
                 self._carry = item  # first in line for the next batch
                 break
             batch.append(item)
             states += item.states
+            nbytes += item.nbytes
         return batch
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [i for i in await self._next_batch() if not i.future.done()]  # drop cancelled
-            # Normally one group; two only when a swap happened while these were queued.
-            groups: dict[int, list[_Item]] = {}
+            # Normally one group; more when a swap happened while these were queued, or (for
+            # conditioned models) per adapter and per shape / guidance.
+            groups: dict[tuple, list[_Item]] = {}
             for item in batch:
-                groups.setdefault(id(item.model), []).append(item)
+                groups.setdefault((id(item.model), item.key), []).append(item)
             for items in groups.values():
                 await self._execute(loop, items)
 
@@ -167,7 +196,7 @@ class Batcher:
                         compute_s,
                         states,
                         len(items),
-                        model.meta.digest,
+                        model.digest,
                     )
                 )
         if self.observer is not None:

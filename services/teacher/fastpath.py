@@ -8,7 +8,7 @@ refusals are the same as the other routes': ``{"error": ...}`` bodies counted by
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.asgi import (
     ClientGone,
@@ -26,18 +26,16 @@ from services.teacher.protocol import (
     check_declared_length,
     collect_body,
     encode_infer,
-    parse_infer,
 )
 
 if TYPE_CHECKING:
     from services.teacher.app import TeacherCore
-    from services.teacher.repository import LoadedModel
 
 _HEADER_LENGTH = b"inference-header-content-length"
 
 
 def infer_handler(
-    core: TeacherCore, served: Callable[[str, str | None], LoadedModel], join: bool = False
+    core: TeacherCore, served: Callable[[str, str | None], Any], join: bool = False
 ) -> InferHandler:
     """The infer handler over ``core``; ``join``: send the response body as one ``bytes``
     (see :func:`common.asgi.send_parts`; the Ray Serve ingress needs it).
@@ -56,7 +54,9 @@ def infer_handler(
             declared, header_length = headers_of(scope, b"content-length", _HEADER_LENGTH)
             check_declared_length(declared, core.max_body_bytes)
             body = await collect_body(body_chunks(receive), core.max_body_bytes)
-            req = parse_infer(body, header_length, model.data_dim)
+            # the model validates its own inputs (toy: x [B, D], t [B]; diffusers: latents,
+            # conditioning or cond_id from the core's cache, guidance)
+            req = model.parse(body, header_length, core.conds)
         except ProtocolError as exc:
             core.metrics.error(exc.kind)
             await refuse(exc.status, exc.message, scope, receive, send)
@@ -64,7 +64,10 @@ def infer_handler(
         except ClientGone:
             return
         try:
-            res = await core.run(model, req.x, req.t)
+            if req.extra is None:
+                res = await core.run(model, req.x, req.t)
+            else:
+                res = await core.run(model, req.x, req.t, req.extra)
         except Exception as exc:  # a failed forward fails this request, not the service
             core.metrics.error("internal")
             message = f"forward failed: {type(exc).__name__}: {exc}"

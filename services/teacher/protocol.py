@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
@@ -30,12 +31,17 @@ class ProtocolError(Exception):
 
 @dataclass
 class InferRequest:
-    """A validated infer request: ``x [B, D]`` and ``t [B]`` float32, finite."""
+    """A validated infer request: ``x [B, *S]`` and ``t [B]`` float32, finite.
+
+    ``extra``: what a conditioned model needs besides (``conditioned.Conditioned``); ``None``
+    for the toy models.
+    """
 
     x: np.ndarray
     t: np.ndarray
     binary_output: bool
     id: str | None
+    extra: Any = None
 
     @property
     def protocol(self) -> str:

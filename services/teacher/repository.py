@@ -18,6 +18,7 @@ import torch
 
 from common.checkpoint import CheckpointError, CheckpointMeta, read_model
 from common.nets import VelocityNet
+from services.teacher.backend import TensorSpec, ToyBackend
 
 
 class RepositoryError(Exception):
@@ -56,6 +57,28 @@ class LoadedModel:
     @property
     def data_dim(self) -> int:
         return self.meta.arch.data_dim
+
+    @property
+    def digest(self) -> str:
+        return self.meta.digest
+
+    def parse(self, body: bytearray, header_length: str | None, cache: Any = None) -> Any:
+        """Validate an infer body for this model (``x [B, D]``, ``t [B]``; no cond cache)."""
+        from services.teacher.protocol import parse_infer
+
+        return parse_infer(body, header_length, self.data_dim)
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """``GET /v2/models/{name}``: the toy's inputs through the backend seam's specs."""
+        state = ToyBackend(self.net).state_spec()
+        return {
+            "name": name,
+            "versions": [str(self.version)],
+            "platform": "pytorch",
+            "inputs": [state.metadata(), TensorSpec("t", ()).metadata()],
+            "outputs": [TensorSpec("v", state.shape).metadata()],
+            "parameters": self.parameters(),
+        }
 
     def forward(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """``v [B, D]`` (float32) at states ``x [B, D]`` and times ``t [B]``; blocking, any thread."""
@@ -102,6 +125,8 @@ class LoadedModel:
             "modes": list(self.meta.modes),
             "mode_centers": [list(c) for c in self.meta.mode_centers],
             "data_dim": self.data_dim,
+            "backend": ToyBackend.kind,
+            "time_convention": ToyBackend.time_convention,
             **(
                 {
                     "synthetic": True,
@@ -238,6 +263,57 @@ class ModelRepository:
     def unload(self) -> None:
         """Stop serving; requests already accepted still finish on their snapshot."""
         self.current = None
+
+    # -- the interface the routes use (shared with DiffusersRepository) ------------------------
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def get(self, name: str) -> LoadedModel | None:
+        """The serving snapshot of ``name`` (``None``: unloaded); KeyError when unknown."""
+        if name != self.name:
+            raise KeyError(name)
+        return self.current
+
+    def ready(self) -> bool:
+        return self.current is not None
+
+    def kept(self, name: str) -> str:
+        """What a failed load left serving, for its error message."""
+        current = self.current
+        return f"; still serving version {current.version}" if current else ""
+
+    async def load_named(
+        self, name: str, params: dict[str, Any]
+    ) -> tuple[LoadedModel, dict[str, Any]]:
+        """The load route: ``{"checkpoint": FILE}`` (``None``: the last one), and its answer."""
+        checkpoint = params.get("checkpoint")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise RepositoryError("parameters.checkpoint must be a file name string", 400)
+        before = self.current
+        model = await self.load(checkpoint)
+        answer: dict[str, Any] = {
+            "name": name,
+            "version": str(model.version),
+            "digest": model.meta.digest,
+            "checkpoint": model.checkpoint.name,
+            "role": model.meta.role,
+            "modes": list(model.meta.modes),
+        }
+        if before is not None and (before.meta.role, before.meta.modes) != (
+            model.meta.role,
+            model.meta.modes,
+        ):
+            # Legal (a checkpoint is the operator's choice), but rarely meant: say so.
+            answer["warning"] = (
+                f"version {before.version} was a {before.meta.role} of modes "
+                f"{list(before.meta.modes)}; version {model.version} is a {model.meta.role} of "
+                f"modes {list(model.meta.modes)}. Routers re-read the mode centers on its next "
+                "answer."
+            )
+        return model, answer
+
+    async def unload_named(self, name: str) -> None:
+        self.unload()
 
     def index(self) -> list[dict[str, Any]]:
         """``POST /v2/repository/index`` entries."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.names import PLAIN_NAME_RULE, is_plain_name
 from common.threads import THREADS_HELP
@@ -24,6 +25,27 @@ class TeacherSettings(BaseSettings):
 
     checkpoint: Path | None = Field(
         None, description="VelocityNet checkpoint to serve (safetensors); or give --synthetic"
+    )
+    model_dir: Path | None = Field(
+        None,
+        description="diffusers transformer directory (save_pretrained; SD3 or FLUX; safetensors "
+        "only) to serve instead of a checkpoint",
+    )
+    adapter: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="--model-dir: NAME=PATH (repeatable): serve the LoRA adapter at PATH "
+        "(safetensors) on the base as model NAME",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="--model-dir: weights and compute dtype"
+    )
+    cond_cache_mb: float = Field(
+        256.0, ge=0, description="conditioning kept by cond_id (LRU, MiB); 0 keeps none"
+    )
+    max_batch_mb: float = Field(
+        64.0,
+        gt=0,
+        description="--model-dir: most input MiB (states + conditioning) merged into one forward",
     )
     synthetic: bool = Field(
         False, description="serve a random seeded VelocityNet instead of a checkpoint (benchmarks)"
@@ -74,6 +96,41 @@ class TeacherSettings(BaseSettings):
             raise ValueError(f"must be {PLAIN_NAME_RULE}; got {v!r}")
         return v
 
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _split_adapters(cls, v: object) -> object:
+        # env: a JSON list or NAME=PATH specs separated by ';' or whitespace
+        if isinstance(v, str):
+            text = v.strip()
+            return json.loads(text) if text.startswith("[") else text.replace(";", " ").split()
+        return v
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_specs(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"must be NAME=PATH, got {spec!r}")
+            if not is_plain_name(name):
+                raise ValueError(f"adapter name must be {PLAIN_NAME_RULE}; got {name!r}")
+            if not Path(path).exists():
+                raise ValueError(f"adapter {name}: {path!r} does not exist")
+        return v
+
+    @field_validator("model_dir")
+    @classmethod
+    def _existing_model_dir(cls, v: Path | None) -> Path | None:
+        has_config = v is None or any(
+            (v / sub / "config.json").is_file() for sub in (".", "transformer")
+        )
+        if not has_config:
+            raise ValueError(
+                f"{str(v)!r} holds no config.json (nor transformer/config.json): give the "
+                "directory a diffusers transformer was saved to with save_pretrained"
+            )
+        return v
+
     @field_validator("model_root")
     @classmethod
     def _existing_root(cls, v: Path | None) -> Path | None:
@@ -97,8 +154,14 @@ class TeacherSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSettings:
-        if (self.checkpoint is None) == (not self.synthetic):
-            raise ValueError("give either --checkpoint FILE or --synthetic (not both, not neither)")
+        sources = (self.checkpoint is not None) + self.synthetic + (self.model_dir is not None)
+        if sources != 1:
+            raise ValueError(
+                "give either --checkpoint FILE or --synthetic or --model-dir DIR "
+                "(exactly one of them)"
+            )
+        if self.adapter and self.model_dir is None:
+            raise ValueError("--adapter needs --model-dir (LoRA adapters load on a diffusers base)")
         if self.name is None and not is_plain_name(self.served_name()):
             raise ValueError(
                 f"the served name {self.served_name()!r} (the checkpoint's file stem) must be "
@@ -110,12 +173,33 @@ class TeacherSettings(BaseSettings):
         """The model name clients use in URLs."""
         if self.name:
             return self.name
+        if self.model_dir is not None:
+            return self.model_dir.resolve().name
         return self.checkpoint.stem if self.checkpoint is not None else "synthetic"
 
     def root(self) -> Path:
-        """The directory load calls are confined to."""
-        parent = self.checkpoint.parent if self.checkpoint is not None else Path.cwd()
+        """The directory load calls are confined to (``--model-dir``: adapters under its
+        parent by default)."""
+        if self.checkpoint is not None:
+            parent = self.checkpoint.parent
+        elif self.model_dir is not None:
+            parent = self.model_dir.resolve().parent
+        else:
+            parent = Path.cwd()
         return (self.model_root or parent).resolve()
+
+    def adapters(self) -> dict[str, Path]:
+        """``--adapter NAME=PATH`` as name -> path, in the order given."""
+        return {n: Path(p) for n, _, p in (s.partition("=") for s in self.adapter)}
+
+    @property
+    def max_batch_bytes(self) -> int | None:
+        """The byte bound on merged forwards (diffusers only: toy merges stay bounded by states)."""
+        return int(self.max_batch_mb * 1024 * 1024) if self.model_dir is not None else None
+
+    @property
+    def cond_cache_bytes(self) -> int:
+        return int(self.cond_cache_mb * 1024 * 1024)
 
     @property
     def max_body_bytes(self) -> int:

@@ -15,8 +15,8 @@ def test_one_source_is_required(opd_cli, flags):
     code, _, err = opd_cli("serve", "teacher", *flags)
     assert code == 2
     assert err == (
-        "opd serve teacher: error: give either --checkpoint FILE or --synthetic "
-        "(not both, not neither)\n"
+        "opd serve teacher: error: give either --checkpoint FILE or --synthetic or "
+        "--model-dir DIR (exactly one of them)\n"
     )
 
 
