@@ -1,7 +1,9 @@
 """Routing policies as pure functions: which teacher supervises each state, and how answers merge.
 
 Shared by the in-process teacher client and the router service, so both route identically.
-Shapes: ``B`` states of dimension ``D``; ``K`` teachers.
+Shapes: ``B`` states ``x [B, *S]`` (the toy world's ``[B, D]``; latents ``[B, C, H, W]``), of
+``D = prod(S)`` values each; ``K`` teachers. Splitting and merging work on rows of any shape;
+only ``nearest`` looks at the values, as vectors of dimension ``D``.
 """
 
 from __future__ import annotations
@@ -70,16 +72,22 @@ def nearest_owner(x: np.ndarray, table: NearestTable) -> np.ndarray:
     """Each state goes to the teacher whose nearest own mode center is closest.
 
     Args:
-        x: states, float32 ``[B, D]``.
+        x: states ``[B, D]`` or ``[B, *S]`` (compared as vectors of ``D = prod(S)`` values).
     Returns:
         ``[B]`` int64 teacher indices; ties go to the lower index.
     Raises:
         RoutingError: the centers' dimension differs from ``x``'s.
     """
+    if x.ndim != 2 or x.dtype != np.float32:
+        # latents [B, C, H, W] (a view when contiguous); FP16 / BF16 states routed in float32
+        x = x.reshape(len(x), -1).astype(np.float32, copy=False)
     d = x.shape[1]
     for k, dim in enumerate(table.dims):
         if dim != d:
-            raise RoutingError(f"teacher {k} mode centers have dimension {dim}, states have {d}")
+            raise RoutingError(
+                f"teacher {k} mode centers have dimension {dim}, states have {d} values each; "
+                "states without mode centers of their size need label or average routing"
+            )
     owner = np.zeros(len(x), dtype=np.int64)
     if len(table.spans) == 1:  # one teacher owns every state: no distances needed
         return owner
@@ -175,27 +183,35 @@ def split_rows(assignment: np.ndarray, num_teachers: int) -> list[np.ndarray]:
 
 
 def merge_rows(
-    assignment: np.ndarray, rows: Sequence[np.ndarray], answers: Sequence[np.ndarray], dim: int
+    assignment: np.ndarray,
+    rows: Sequence[np.ndarray],
+    answers: Sequence[np.ndarray],
+    dim: int | Sequence[int],
 ) -> np.ndarray:
-    """Put each teacher's answer ``[n_k, D]`` back at its rows; average mode takes the mean.
+    """Put each teacher's answer ``[n_k, *S]`` back at its rows; average mode takes the mean.
 
+    Args:
+        dim: ``D`` or the row shape ``S`` (only used when no teacher has rows).
     Returns:
-        float32 ``[B, D]`` supervised targets.
+        ``[B, *S]`` supervised targets in the answers' dtype (float32 for the toy teachers;
+        FP16 / BF16 answers stay so: the mean is taken in float32 and cast back).
     """
     b = len(assignment)
     if b and assignment[0] == AVERAGE_INDEX and (assignment == AVERAGE_INDEX).all():
-        return np.mean(np.stack(answers), axis=0, dtype=np.float32)
+        mean = np.mean(np.stack(answers), axis=0, dtype=np.float32)
+        return mean.astype(answers[0].dtype, copy=False)
     filled = [(idx, ans) for idx, ans in zip(rows, answers, strict=True) if len(idx)]
     if len(filled) == 1 and len(filled[0][0]) == b:
-        return np.ascontiguousarray(filled[0][1], dtype=np.float32)
+        return np.ascontiguousarray(filled[0][1])
     if not filled:
-        return np.empty((b, dim), dtype=np.float32)
+        shape = (dim,) if isinstance(dim, int) else tuple(dim)
+        return np.empty((b, *shape), dtype=np.float32)
     # One gather instead of a scatter per teacher: where each row's answer sits among the
     # concatenated answers (the inverse of the concatenated row order).
     order = np.concatenate([idx for idx, _ in filled])
     where = np.empty(b, dtype=np.int64)
     where[order] = np.arange(b)
-    stacked = np.concatenate([ans for _, ans in filled]).astype(np.float32, copy=False)
+    stacked = np.concatenate([ans for _, ans in filled])
     return np.take(stacked, where, axis=0)
 
 

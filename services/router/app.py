@@ -312,8 +312,10 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
                 return await _passthrough(reg, name, body, content_type, header_length, deadline)
         except BodyTooLarge as exc:
             return error_response(413, str(exc))
-        except (CodecError, InputError) as exc:
+        except CodecError as exc:
             return error_response(400, str(exc))
+        except InputError as exc:  # 400, or 422 for an input a teacher does not declare
+            return error_response(exc.status, str(exc))
         except TeacherRejected as exc:
             return error_response(exc.status, str(exc))
         except (TeacherUnavailable, RegistryError) as exc:
@@ -602,9 +604,12 @@ def create_app(
     pool.on_version = on_version
 
     async def call(
-        teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float
+        teacher: Teacher,
+        inputs: dict[str, np.ndarray],
+        deadline: float,
+        parameters: dict[str, Any] | None = None,
     ) -> TeacherAnswer:
-        ans = await infer(pool, teacher, inputs, deadline)
+        ans = await infer(pool, teacher, inputs, deadline, parameters)
         m.teacher_seconds.labels(teacher.name).observe(ans.latency_ms / 1e3)
         m.teacher_rows.labels(teacher.name).inc(len(ans.v))
         return ans

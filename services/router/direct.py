@@ -33,7 +33,15 @@ from common.codec import InferMessage
 from services.router import fanout
 from services.router.fanout import RouterPart, RouterResult, TeacherAnswer
 from services.router.pool import Pool, infer
-from services.router.registry import Endpoint, Registry, RegistryError, Replica, Teacher
+from services.router.registry import (
+    Endpoint,
+    Registry,
+    RegistryError,
+    Replica,
+    Teacher,
+    inputs_of,
+    text_of,
+)
 
 log = logging.getLogger("opd.router.direct")
 
@@ -76,6 +84,8 @@ def registry_from_doc(doc: dict[str, Any], previous: Registry | None = None) -> 
 
     def teacher(entry: dict[str, Any], role: str) -> Teacher:
         centers = entry.get("mode_centers")
+        # the router's view of the teacher's metadata: the same checks as in the router
+        inputs = inputs_of(entry)
         return Teacher(
             str(entry["name"]),
             _replicas(entry, known),
@@ -83,6 +93,9 @@ def registry_from_doc(doc: dict[str, Any], previous: Registry | None = None) -> 
             entry.get("digest"),
             list(entry.get("modes") or []),
             torch.tensor(centers, dtype=torch.float32) if centers else None,
+            inputs=inputs,
+            backend=text_of(entry, "backend"),
+            time_convention=text_of(entry, "time_convention"),
         )
 
     try:
@@ -190,9 +203,13 @@ class DirectRouter:
                 delay = min(delay * 2, 5.0)
 
     async def _call(
-        self, teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float
+        self,
+        teacher: Teacher,
+        inputs: dict[str, np.ndarray],
+        deadline: float,
+        parameters: dict[str, Any] | None = None,
     ) -> TeacherAnswer:
-        return await infer(self.pool, teacher, inputs, deadline)
+        return await infer(self.pool, teacher, inputs, deadline, parameters)
 
     async def infer(
         self,
@@ -200,8 +217,11 @@ class DirectRouter:
         outputs: Iterable[str] = (),
         parameters: dict[str, Any] | None = None,
     ) -> RouterResult:
-        """What ``opd-router`` would answer for ``inputs`` (``x [B, D]``, ``t [B]``, optional
-        ``route [B]`` INT32 and ``c``), routed here on the current registry snapshot.
+        """What ``opd-router`` would answer for ``inputs`` (``x [B, *S]``, ``t [B]``, optional
+        ``route [B]`` INT32 and the teachers' conditioning inputs, ``B`` rows or 1 each) and
+        ``parameters`` (``policy``, ``anchor``; the rest, e.g. ``cond_id`` and
+        ``guidance_scale``, passed to the teachers), routed here on the current registry
+        snapshot.
 
         Raises:
             fanout.InputError: bad inputs, outputs, policy or anchor.

@@ -4,15 +4,21 @@ Transport-agnostic: it calls teachers through a :data:`TeacherCall` (HTTP throug
 the uvicorn router, Ray Serve handles in the Ray deployment), so both route identically, and
 exactly like the in-process client, because the routing is :mod:`common.routing`'s.
 
-Contract (``B`` states of dimension ``D``):
-  inputs   ``x`` FP32 ``[B, D]``, ``t`` FP32 ``[B]`` (or ``[B, 1]``), optional ``route`` INT32
-           ``[B]`` (teacher index per row, ``-1`` = the policy decides), optional ``c`` (rows
-           forwarded to the teacher with the row).
-  outputs  ``v`` FP32 ``[B, D]`` (supervised target), ``teacher`` INT32 ``[B]`` (index into the
-           registry's teacher order, ``-1`` = average of all), ``v_anchor`` FP32 ``[B, D]``
-           when the request names an anchor: output ``v_anchor`` listed in ``outputs``, or
-           request parameter ``anchor`` = ``true`` (the only/first anchor) or an anchor's name.
-  request parameters: ``policy`` (optional per-request override of the registry's policy).
+Contract (``B`` states ``x [B, *S]``: the toy world's ``[B, D]``, latents ``[B, C, H, W]``):
+  inputs   ``x`` ``[B, *S]`` FP32 (or FP16 / BF16: passed to the teachers as sent),
+           ``t`` FP32 ``[B]`` (or ``[B, 1]``), optional ``route`` INT32 ``[B]`` (teacher index
+           per row, ``-1`` = the policy decides), and any conditioning the teachers declare
+           (``encoder_hidden_states [B, L, E]``, ``pooled_projections [B, P]``, the toy
+           teachers' ``c``...): each teacher gets its rows of it; a 1-row input is sent as is
+           to every teacher (the teacher broadcasts it).
+  outputs  ``v`` ``[B, *S]`` in the teachers' answer dtype (supervised target), ``teacher``
+           INT32 ``[B]`` (index into the registry's teacher order, ``-1`` = average of all),
+           ``v_anchor`` ``[B, *S]`` when the request names an anchor: output ``v_anchor``
+           listed in ``outputs``, or request parameter ``anchor`` = ``true`` (the only/first
+           anchor) or an anchor's name.
+  request parameters: ``policy`` (optional per-request override of the registry's policy),
+           ``anchor``; every other parameter (``cond_id``, ``guidance_scale``, ...) goes to each
+           teacher call unchanged.
 """
 
 from __future__ import annotations
@@ -35,12 +41,28 @@ OUTPUTS = ("v", "teacher", "v_anchor")
 
 
 class InputError(ValueError):
-    """The caller's mistake (HTTP 400); the message says what to fix."""
+    """The caller's mistake (HTTP ``status``, 400); the message says what to fix."""
+
+    status = 400
+
+
+class UndeclaredInput(InputError):
+    """An input some teacher's model metadata does not list (HTTP 422)."""
+
+    status = 422
+
+
+#: Request parameters the router itself reads; every other one is passed to the teachers.
+ROUTER_PARAMETERS = frozenset({"policy", "anchor", "binary_data_output"})
+#: Inputs the router reads itself (the rest is conditioning, split by rows with x).
+ROUTER_INPUTS = ("x", "t", "route")
+#: Datatypes of x passed through to the teachers (FP32: the toy world's)
+STATE_DATATYPES = ("FP32", "FP16", "BF16")
 
 
 @dataclass
 class TeacherAnswer:
-    """One teacher's answer to its rows: ``v [n, D]`` and what the call cost."""
+    """One teacher's answer to its rows: ``v [n, *S]`` and what the call cost."""
 
     v: np.ndarray
     version: str
@@ -55,8 +77,10 @@ class TeacherAnswer:
     digest: str = ""  # the answering checkpoint's, when the teacher reports it
 
 
-#: (teacher, inputs {"x": [n, D], "t": [n], ...}, deadline as time.monotonic()) -> answer
-TeacherCall = Callable[[Teacher, dict[str, np.ndarray], float], Awaitable[TeacherAnswer]]
+#: (teacher, inputs {"x": [n, *S], "t": [n], conditioning...}, deadline as time.monotonic()
+#: [, parameters to pass on]) -> answer. The parameters argument is given only when the request
+#: has some for the teachers (cond_id, guidance_scale, ...): a call without it is the toy path.
+TeacherCall = Callable[..., Awaitable[TeacherAnswer]]
 
 
 @dataclass
@@ -69,40 +93,99 @@ class RouterResult:
 
 def _validate(
     msg: InferMessage,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """``x [B, D]``, ``t [B]``, ``route [B]`` or None, ``c`` or None; raises :class:`InputError`."""
-    unknown = sorted(set(msg.tensors) - {"x", "t", "route", "c"})
-    if unknown:
-        raise InputError(
-            f"unknown input(s) {unknown}; opd-router takes x [B, D], t [B] (FP32) "
-            "and optionally route [B] (INT32, -1 = policy decides)"
-        )
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]:
+    """``x [B, *S]``, ``t [B]``, ``route [B]`` or None, the conditioning inputs (each with
+    ``B`` rows or 1) or None; raises :class:`InputError`."""
+    tensors = msg.tensors
     for name in ("x", "t"):
-        if name not in msg.tensors:
-            raise InputError(f"missing input {name!r}; opd-router takes x [B, D] and t [B] (FP32)")
-        if msg.tensors[name].dtype != np.float32:
-            raise InputError(f"input {name!r} must be FP32, got {_datatype(msg.tensors[name])}")
-    x, t = msg.tensors["x"], msg.tensors["t"]
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise InputError(f"input 'x' must have shape [B, D], got {list(x.shape)}")
+        if name not in tensors:
+            raise InputError(f"missing input {name!r}; opd-router takes x [B, *S] and t [B] (FP32)")
+    x, t = tensors["x"], tensors["t"]
+    if x.dtype != np.float32 and _datatype(x) not in STATE_DATATYPES:
+        raise InputError(f"input 'x' must be FP32, got {_datatype(x)} (FP16 and BF16 pass too)")
+    if t.dtype != np.float32:
+        raise InputError(f"input 't' must be FP32, got {_datatype(t)}")
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise InputError(
+            f"input 'x' must have shape [B, D] or [B, *S] (e.g. [B, C, H, W]), got {list(x.shape)}"
+        )
     if not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
         raise InputError(f"input 't' must have shape [B] (or [B, 1]), got {list(t.shape)}")
     t = t.reshape(-1)
-    if len(t) != len(x):
-        raise InputError(f"x has {len(x)} rows but t has {len(t)}; send one time per state")
-    if len(x) == 0:
+    b = len(x)
+    if len(t) != b:
+        raise InputError(f"x has {b} rows but t has {len(t)}; send one time per state")
+    if b == 0:
         raise InputError("empty batch: x has 0 rows")
-    route = msg.tensors.get("route")
+    route = tensors.get("route")
     if route is not None:
         if route.dtype.kind not in "iu":
             raise InputError(f"input 'route' must be INT32, got {_datatype(route)}")
         route = route.reshape(-1)
-        if len(route) != len(x):
-            raise InputError(f"route has {len(route)} rows but x has {len(x)}")
-    c = msg.tensors.get("c")
-    if c is not None and (c.ndim == 0 or len(c) != len(x)):
-        raise InputError(f"input 'c' must have {len(x)} rows, got shape {list(c.shape)}")
-    return x, t, route, c
+        if len(route) != b:
+            raise InputError(f"route has {len(route)} rows but x has {b}")
+    extras = None
+    if len(tensors) > 2 + (route is not None):  # the toy path (x, t[, route]) skips this
+        extras = {k: a for k, a in tensors.items() if k not in ROUTER_INPUTS}
+        for name, arr in extras.items():
+            if arr.ndim == 0 or (len(arr) != b and len(arr) != 1):
+                raise InputError(
+                    f"input {name!r} must have {b} rows (one per state, or 1 for all), "
+                    f"got shape {list(arr.shape)}"
+                )
+    return x, t, route, extras
+
+
+def _fits(declared: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    """``got`` has ``declared``'s rank and size wherever ``declared`` is not ``-1``."""
+    return len(declared) == len(got) and all(
+        d in (-1, g) for d, g in zip(declared, got, strict=True)
+    )
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return ", ".join("*" if d == -1 else str(d) for d in shape)
+
+
+def _check_teacher(teacher: Teacher, x: np.ndarray, extras: dict[str, np.ndarray] | None) -> None:
+    """Refuse what ``teacher`` (per its model metadata, read at registration) cannot take:
+    states of another shape (400), an input it does not list (422), conditioning rows of
+    another shape (400)."""
+    shape, declared = x.shape[1:], teacher.state_shape
+    if declared is not None and declared != shape and not _fits(declared, shape):
+        b = len(x)
+        if len(declared) == 1 and len(shape) == 1:  # the toy world's [B, D]
+            raise InputError(
+                f"input 'x' must be [B, {declared[0]}]: teacher {teacher.name!r} takes states of "
+                f"dimension {declared[0]}; got [{b}, {shape[0]}]"
+            )
+        raise InputError(
+            f"input 'x' must be [B, {_shape_text(declared)}]: teacher {teacher.name!r} takes "
+            f"states of shape [{_shape_text(declared)}]; got {list(x.shape)}"
+        )
+    if not extras or teacher.accepts is None:
+        return
+    for name, arr in extras.items():
+        if name not in teacher.accepts:
+            takes = ", ".join(sorted(teacher.accepts)) or "no conditioning"
+            raise UndeclaredInput(
+                f"input {name!r} is not an input of {teacher.role} {teacher.name!r} (its model "
+                f"metadata lists x, t and {takes}); send only the inputs its metadata lists"
+            )
+        rows = teacher.row_shapes.get(name)
+        if rows is not None and not _fits(rows, arr.shape[1:]):
+            raise InputError(
+                f"input {name!r} must be [B, {_shape_text(rows)}] for {teacher.role} "
+                f"{teacher.name!r}; got {list(arr.shape)}"
+            )
+
+
+def _passed_on(msg: InferMessage) -> dict[str, Any] | None:
+    """The request parameters the teachers get (all but the router's own), or None."""
+    params = msg.parameters
+    if not params:
+        return None
+    return {k: v for k, v in params.items() if k not in ROUTER_PARAMETERS} or None
 
 
 def _datatype(arr: np.ndarray) -> str:
@@ -164,7 +247,8 @@ class RouterPart:
     """One teacher's share of a request, answered (see :func:`route_parts`).
 
     ``rows`` int64 ``[k]``: the request rows this part answers, or ``None`` for every row in
-    order; ``outputs`` hold those rows only (``v [k, D]``, ``teacher [k]``, ``v_anchor [k, D]``).
+    order; ``outputs`` hold those rows only (``v [k, *S]``, ``teacher [k]``,
+    ``v_anchor [k, *S]``).
     """
 
     rows: np.ndarray | None
@@ -177,7 +261,8 @@ class RouterPart:
 class _Fanout:
     """A validated, routed request and its teacher calls (not yet awaited)."""
 
-    x: np.ndarray  # [B, D]
+    b: int  # B: rows of the request
+    shape: tuple[int, ...]  # S: the shape of one state (x is [B, *S])
     policy: str
     anchor: Teacher | None
     assignment: np.ndarray  # int64 [B] teacher index per row (AVERAGE_INDEX: all)
@@ -189,12 +274,28 @@ class _Fanout:
     routed: float
 
 
+def _inputs(
+    x: np.ndarray,
+    t: np.ndarray,
+    extras: dict[str, np.ndarray] | None,
+    idx: np.ndarray,
+    everything: bool,
+) -> dict[str, np.ndarray]:
+    """One teacher's inputs: its rows of ``x``, ``t`` and each conditioning input; a 1-row
+    conditioning input goes as is (the teacher broadcasts it to every row)."""
+    inputs = {"x": _rows(x, idx, everything), "t": _rows(t, idx, everything)}
+    if extras:
+        for name, arr in extras.items():
+            inputs[name] = _rows(arr, idx, everything or len(arr) == 1)
+    return inputs
+
+
 def _fan_out(
     msg: InferMessage, reg: Registry, call: TeacherCall, deadline: float, received: float
 ) -> _Fanout:
     """Validate ``msg``, route its rows and make (not await) one call per teacher with rows,
     plus the anchor's on every row."""
-    x, t, route, c = _validate(msg)
+    x, t, route, extras = _validate(msg)
     unknown = sorted(set(msg.outputs) - set(OUTPUTS))
     if unknown:
         raise InputError(f"unknown output(s) {unknown}; opd-router returns {', '.join(OUTPUTS)}")
@@ -210,11 +311,10 @@ def _fan_out(
     anchor = _anchor_request(msg, reg)
     b = len(x)
     for teacher in (*reg.teachers, *((anchor,) if anchor else ())):
-        if teacher.dim is not None and teacher.dim != x.shape[1]:
-            raise InputError(
-                f"input 'x' must be [B, {teacher.dim}]: teacher {teacher.name!r} takes states of "
-                f"dimension {teacher.dim}; got [{b}, {x.shape[1]}]"
-            )
+        _check_teacher(teacher, x, extras)
+    params = _passed_on(msg)
+    # the toy path calls without parameters (call signature of TeacherCall)
+    extra_args = () if params is None else (params,)
 
     try:
         assignment = routing.assign_rows(
@@ -230,31 +330,39 @@ def _fan_out(
         n = len(idx)
         if n == 0:
             continue
-        inputs = {"x": _rows(x, idx, n == b), "t": _rows(t, idx, n == b)}
-        if c is not None:
-            inputs["c"] = _rows(c, idx, n == b)
-        calls.append(call(teacher, inputs, deadline))
+        calls.append(call(teacher, _inputs(x, t, extras, idx, n == b), deadline, *extra_args))
         called.append((teacher.name, k, n))
     if anchor is not None:
-        inputs = {"x": x, "t": t} if c is None else {"x": x, "t": t, "c": c}
-        calls.append(call(anchor, inputs, deadline))
+        inputs = {"x": x, "t": t} if not extras else {"x": x, "t": t, **extras}
+        calls.append(call(anchor, inputs, deadline, *extra_args))
         called.append((anchor.name, -1, b))
     # only what was asked (v_anchor is asked for by naming an anchor, too)
     keep = None
     if msg.outputs:
         keep = set(msg.outputs) | ({"v_anchor"} if anchor is not None else set())
     return _Fanout(
-        x, policy, anchor, assignment, rows, called, calls, keep, received, time.perf_counter()
+        b,
+        x.shape[1:],
+        policy,
+        anchor,
+        assignment,
+        rows,
+        called,
+        calls,
+        keep,
+        received,
+        time.perf_counter(),
     )
 
 
 def _checked(f: _Fanout, i: int, ans: TeacherAnswer) -> TeacherAnswer:
     """``ans`` for call ``i`` if its ``v`` has the shape asked for, else :class:`TeacherFault`."""
     name, _, n = f.called[i]
-    if ans.v.shape != (n, f.x.shape[1]):
+    v = ans.v
+    if len(v) != n or v.shape[1:] != f.shape:
+        what = f"dimension {f.shape[0]}" if len(f.shape) == 1 else f"shape {list(f.shape)}"
         raise TeacherFault(
-            f"teacher {name!r} answered v of shape {list(ans.v.shape)} for "
-            f"{n} rows of dimension {f.x.shape[1]}"
+            f"teacher {name!r} answered v of shape {list(v.shape)} for {n} rows of {what}"
         )
     return ans
 
@@ -311,12 +419,11 @@ def _merged(f: _Fanout, reg: Registry, answers: list[TeacherAnswer]) -> RouterRe
     """Every call answered: the merged outputs and the request's parameters."""
     fanned = time.perf_counter()
     answers = [_checked(f, i, a) for i, a in enumerate(answers)]
-    d = f.x.shape[1]
     by_index = {k: ans for (_, k, _), ans in zip(f.called, answers, strict=True) if k >= 0}
-    empty = np.empty((0, d), dtype=np.float32)
+    empty = np.empty((0, *f.shape), dtype=np.float32)
     answered = [by_index[k].v if k in by_index else empty for k in range(len(reg.teachers))]
     # one teacher with every row: merge_rows hands its answer back, no copy
-    v_np = routing.merge_rows(f.assignment, f.rows, answered, d)
+    v_np = routing.merge_rows(f.assignment, f.rows, answered, f.shape)
     outputs: dict[str, np.ndarray] = {"v": v_np, "teacher": f.assignment.astype(np.int32)}
     if f.anchor is not None:
         outputs["v_anchor"] = answers[-1].v
@@ -408,7 +515,7 @@ async def route_parts(
                 params = _head(f, reg, with_anchor=final)
                 if final:
                     if f.anchor is not None:
-                        calls.append((f.anchor.name, len(f.x), anchor.result()))  # type: ignore[union-attr]
+                        calls.append((f.anchor.name, f.b, anchor.result()))  # type: ignore[union-attr]
                     now = time.perf_counter()
                     params["fanout_ms"] = round((now - f.routed) * 1e3, 4)
                     params["route_ms"] = round((f.routed - f.received) * 1e3, 4)

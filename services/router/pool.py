@@ -29,7 +29,13 @@ from typing import Any
 import httpx
 import numpy as np
 
-from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
+from common.codec import (
+    HEADER_LENGTH,
+    CodecError,
+    datatype_of,
+    decode_response,
+    encode_request,
+)
 from common.http1 import Http1Client, HttpClientError
 from services.router.fanout import TeacherAnswer, TeacherFault
 from services.router.registry import Registry, Replica, Teacher
@@ -259,20 +265,34 @@ class Pool:
                     await asyncio.gather(*probes, return_exceptions=True)
 
 
+def _floating(arr: np.ndarray) -> bool:
+    """``arr`` holds FP16 / BF16 (whatever numpy dtype the codec gives those)."""
+    try:
+        return datatype_of(arr) in ("FP16", "BF16")
+    except CodecError:
+        return False
+
+
 def _ms(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 async def infer(
-    pool: Pool, teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float
+    pool: Pool,
+    teacher: Teacher,
+    inputs: dict[str, np.ndarray],
+    deadline: float,
+    parameters: dict[str, Any] | None = None,
 ) -> TeacherAnswer:
-    """One binary OIP v2 infer call of ``teacher`` over HTTP: ``inputs`` → ``v [n, D]``.
+    """One binary OIP v2 infer call of ``teacher`` over HTTP: ``inputs`` (``x [n, *S]``,
+    ``t [n]``, conditioning) and request ``parameters`` (``cond_id``, ``guidance_scale``...,
+    sent unchanged) → ``v [n, *S]`` (FP32, FP16 or BF16, as the teacher answers).
 
     Raises:
         TeacherUnavailable, TeacherRejected: see :meth:`Pool.post`.
-        TeacherFault: the answer is not a decodable v2 response holding ``v``.
+        TeacherFault: the answer is not a decodable v2 response holding a floating ``v``.
     """
-    body, headers = encode_request(inputs, outputs=["v"], binary=True)
+    body, headers = encode_request(inputs, outputs=["v"], binary=True, parameters=parameters)
     reply = await pool.post(teacher, body, headers, deadline)
     header_length = next(
         (v for k, v in reply.headers.items() if k.lower() == HEADER_LENGTH.lower()), None
@@ -285,10 +305,11 @@ async def infer(
             f"undecodable response: {exc}"
         ) from None
     v = msg.tensors.get("v")
-    if v is None or v.dtype != np.float32:
+    if v is None or (v.dtype != np.float32 and not _floating(v)):
+        got = {k: str(a.dtype) for k, a in msg.tensors.items()}
         raise TeacherFault(
             f"teacher {teacher.name!r} ({reply.replica.endpoint.url}) answered "
-            f"without an FP32 output 'v' (got {sorted(msg.tensors)})"
+            f"without an FP32 / FP16 / BF16 output 'v' (got {got})"
         )
     p = msg.parameters
     version = p.get("version", msg.model_version)

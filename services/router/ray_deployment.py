@@ -31,7 +31,7 @@ from ray.serve._private.http_util import ASGIAppReplicaWrapper
 from ray.serve.handle import DeploymentHandle
 
 from services.router.app import RouterCore, build_api
-from services.router.fanout import TeacherAnswer
+from services.router.fanout import InputError, TeacherAnswer
 from services.router.metrics import RouterMetrics
 from services.router.pool import TeacherUnavailable
 from services.router.registry import (
@@ -139,8 +139,19 @@ class RayRouter:
         )
 
         async def call(
-            teacher: Teacher, inputs: dict[str, np.ndarray], deadline: float
+            teacher: Teacher,
+            inputs: dict[str, np.ndarray],
+            deadline: float,
+            parameters: dict[str, Any] | None = None,
         ) -> TeacherAnswer:
+            conditioning = sorted(set(inputs) - {"x", "t", "c"})  # toy teachers ignore c
+            if conditioning or parameters:
+                # the handle teachers here are the toy ones: x and t only
+                raise InputError(
+                    "the Ray Serve router's teachers take x and t only; send conditioning "
+                    f"({', '.join(conditioning)}) and parameters "
+                    f"({', '.join(sorted(parameters or {}))}) through the uvicorn router"
+                )
             start = time.perf_counter()
             try:
                 out = await asyncio.wait_for(

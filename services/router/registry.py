@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -25,6 +27,7 @@ from common.names import PLAIN_NAME_RULE, is_http_base_url, is_plain_name
 from common.ring import NUM_MODES, centers_of
 
 Role = Literal["teacher", "anchor"]
+log = logging.getLogger("opd.router")
 
 
 class RegistryError(ValueError):
@@ -106,9 +109,36 @@ class Replica:
         }
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One input a teacher's model metadata declares: name, v2 datatype and shape (a leading
+    ``-1`` for the batch; ``-1`` elsewhere: any size)."""
+
+    name: str
+    datatype: str | None
+    shape: tuple[int, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+#: Inputs every teacher takes besides its conditioning (``route`` is the router's own).
+STATE_INPUTS = frozenset({"x", "t"})
+#: Backends that accept a conditioning input ``c`` without declaring it: the toy teachers take
+#: (and ignore) it, and a server that names no backend is taken for one of them.
+_UNDECLARED_C = (None, "toy")
+
+
 @dataclass(eq=False)
 class Teacher:
-    """A named teacher: its replicas (same checkpoint digest) and its mode centers ``[M, D]``."""
+    """A named teacher: its replicas (same checkpoint digest), its mode centers ``[M, D]`` and
+    what its model metadata declares (inputs, backend, time convention).
+
+    Derived once here, not per request: ``state_shape`` (``S`` of its input ``x [B, *S]``, or
+    None when not declared), ``accepts`` (the conditioning inputs it takes, or None when its
+    metadata lists no inputs: then anything goes) and ``row_shapes`` (their declared row
+    shapes, ``-1`` = any size).
+    """
 
     name: str
     replicas: list[Replica]
@@ -119,6 +149,28 @@ class Teacher:
     dim: int | None = None  # D of its input x [B, D] per its metadata, None when not declared
     pinned: bool = False  # modes / centers were given in its registry entry, not read from it
     rr: int = 0  # round-robin cursor among equally loaded replicas
+    inputs: tuple[InputSpec, ...] = ()  # as its metadata lists them (empty: not listed)
+    backend: str | None = None  # "toy" | "diffusers" | None (not said)
+    time_convention: str | None = None  # what t means; None = unknown (not said)
+    state_shape: tuple[int, ...] | None = field(init=False, default=None)
+    accepts: frozenset[str] | None = field(init=False, default=None)
+    row_shapes: dict[str, tuple[int, ...]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        declared = {s.name: s for s in self.inputs}
+        x = declared.get("x")
+        if x is not None and len(x.shape) >= 2:
+            self.state_shape = tuple(x.shape[1:])
+            if self.dim is None and len(x.shape) == 2 and x.shape[1] > 0:
+                self.dim = x.shape[1]
+        elif self.dim is not None:
+            self.state_shape = (self.dim,)
+        if declared:
+            extra = set(declared) - STATE_INPUTS
+            if self.backend in _UNDECLARED_C:
+                extra.add("c")
+            self.accepts = frozenset(extra)
+            self.row_shapes = {n: tuple(s.shape[1:]) for n, s in declared.items() if n in extra}
 
     @property
     def version(self) -> str | None:
@@ -139,8 +191,40 @@ class Teacher:
             "version": self.version,
             "modes": self.modes,
             "mode_centers": None if self.centers is None else self.centers.tolist(),
+            "backend": self.backend,
+            "time_convention": self.time_convention,
+            "inputs": [s.describe() for s in self.inputs],
             "replicas": [r.describe() for r in self.replicas],
         }
+
+
+def convention_clash(teacher: Teacher, others: Iterable[Teacher]) -> str | None:
+    """Why ``teacher`` cannot join ``others``: another teacher or anchor means something else by
+    ``t`` (its ``time_convention`` differs), or None. Unknown conventions (None) clash with
+    nothing: they are accepted with a warning (see :func:`convention_warning`)."""
+    if teacher.time_convention is None:
+        return None
+    for other in others:
+        if other.name == teacher.name or other.time_convention is None:
+            continue
+        if other.time_convention != teacher.time_convention:
+            return (
+                f"{teacher.role} {teacher.name!r} uses time convention "
+                f"{teacher.time_convention!r} but {other.role} {other.name!r} uses "
+                f"{other.time_convention!r}; every teacher and anchor of one router must share "
+                "one time convention (the t a request sends must mean the same to each)"
+            )
+    return None
+
+
+def convention_warning(teacher: Teacher) -> str | None:
+    """A warning for a teacher that does not say what its ``t`` means (accepted as unknown)."""
+    if teacher.time_convention is not None:
+        return None
+    return (
+        f"{teacher.role} {teacher.name!r} declares no time_convention in its model metadata; "
+        "accepted, but the router cannot check that its t means what the others' does"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,6 +271,18 @@ class Registry:
         policy = policy or self.policy
         if policy == "nearest" and self._nearest_refusal is not None:
             raise RegistryError(self._nearest_refusal)
+        if self._convention_refusal is not None:
+            raise RegistryError(self._convention_refusal)
+
+    @cached_property
+    def _convention_refusal(self) -> str | None:
+        """Why the teachers and anchors cannot serve together (different time conventions),
+        or None; once per snapshot."""
+        everyone = self.all()
+        for k, teacher in enumerate(everyone):
+            if (clash := convention_clash(teacher, everyone[:k])) is not None:
+                return clash
+        return None
 
     @cached_property
     def nearest_table(self) -> routing.NearestTable:
@@ -203,10 +299,19 @@ class Registry:
         snapshot (snapshots never change), not on every request."""
         missing = [t.name for t in self.teachers if t.centers is None or t.centers.numel() == 0]
         if missing:
+            latent = next(
+                (t.state_shape for t in self.teachers if len(t.state_shape or ()) > 1), None
+            )
+            why = (
+                f" (states of shape {list(latent)} come without them: nearest needs centers of "
+                "dimension D = prod(S))"
+                if latent
+                else " (its metadata lists no mode_centers)"
+            )
             return (
                 f"policy 'nearest' needs mode centers for every teacher, but {', '.join(missing)} "
-                "has none (its metadata lists no mode_centers); register it with modes, or use "
-                "policy 'label' or 'average'"
+                f"has none{why}; use label or average routing (policy 'label' with a route "
+                "input, or 'average'), or register it with modes"
             )
         dims = {int(t.centers.shape[1]) for t in self.teachers if t.centers is not None}
         if len(dims) > 1:
@@ -222,6 +327,8 @@ class Registry:
                 f"{teacher.name!r} is registered as {other[:-1]}; delete it first "
                 f"to register it as {group[:-1]}"
             )
+        if (clash := convention_clash(teacher, self.all())) is not None:
+            raise RegistryError(clash)
         current = list(getattr(self, group))
         idx = next((i for i, t in enumerate(current) if t.name == teacher.name), None)
         if idx is None:
@@ -426,14 +533,40 @@ def _state_dim(meta: dict[str, Any]) -> int | None:
     return None
 
 
+def inputs_of(meta: dict[str, Any]) -> tuple[InputSpec, ...]:
+    """The inputs the model metadata lists (entries without a name or an integer shape are
+    skipped: they say nothing the router could check)."""
+    out = []
+    for spec in meta.get("inputs") or ():
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            continue
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            continue
+        datatype = spec.get("datatype")
+        out.append(InputSpec(spec["name"], str(datatype) if datatype else None, tuple(shape)))
+    return tuple(out)
+
+
+def text_of(params: dict[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    return str(value) if isinstance(value, str) and value else None
+
+
 @dataclass
 class Discovered:
-    """What one endpoint said about itself: the replica (version, digest), modes, centers, D."""
+    """What one endpoint said about itself: the replica (version, digest), modes, centers, D,
+    its inputs, backend and time convention."""
 
     replica: Replica
     modes: list[int]
     centers: torch.Tensor | None
     dim: int | None = None
+    inputs: tuple[InputSpec, ...] = ()
+    backend: str | None = None
+    time_convention: str | None = None
 
 
 async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float) -> Discovered:
@@ -491,7 +624,15 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
         str(version) if version is not None else None,
         str(digest) if digest else None,
     )
-    return Discovered(replica, _modes_from(params), _centers_from(params), _state_dim(meta))
+    return Discovered(
+        replica,
+        _modes_from(params),
+        _centers_from(params),
+        _state_dim(meta),
+        inputs_of(meta),
+        text_of(params, "backend"),
+        text_of(params, "time_convention"),
+    )
 
 
 async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: float) -> Teacher:
@@ -521,6 +662,12 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
         raise kind(f"teacher {spec.name!r}: no replica answered: {causes}")
     ref = ok[0]
     for other in ok[1:]:
+        if other.time_convention != ref.time_convention:
+            raise RegistryError(
+                f"teacher {spec.name!r}: replica {other.replica.endpoint} uses time convention "
+                f"{other.time_convention!r} but replica {ref.replica.endpoint} uses "
+                f"{ref.time_convention!r}; replicas of one teacher must mean the same by t"
+            )
         if other.replica.digest != ref.replica.digest:
             raise RegistryError(
                 f"teacher {spec.name!r}: replica {other.replica.endpoint} serves checkpoint digest "
@@ -541,18 +688,34 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
         centers = centers_of(spec.modes)
     else:
         centers = ref.centers
-    if centers is not None and ref.dim is not None and int(centers.shape[1]) != ref.dim:
-        given = "its mode_centers" if spec.centers is not None else "the ring modes"
-        raise RegistryError(
-            f"teacher {spec.name!r}: {given} have dimension {int(centers.shape[1])} but its "
-            f"input x is [B, {ref.dim}] ({ref.replica.endpoint}); give centers of dimension "
-            f"{ref.dim}"
-        )
     modes = list(spec.modes) if spec.modes is not None else ref.modes
     pinned = spec.modes is not None or spec.centers is not None
-    return Teacher(
-        spec.name, replicas, spec.role, ref.replica.digest, modes, centers, ref.dim, pinned
+    teacher = Teacher(
+        spec.name,
+        replicas,
+        spec.role,
+        ref.replica.digest,
+        modes,
+        centers,
+        ref.dim,
+        pinned,
+        inputs=ref.inputs,
+        backend=ref.backend,
+        time_convention=ref.time_convention,
     )
+    shape = teacher.state_shape
+    if centers is not None and shape is not None and min(shape) > 0:
+        d = math.prod(shape)
+        if int(centers.shape[1]) != d:
+            given = "its mode_centers" if spec.centers is not None else "the ring modes"
+            x = f"[B, {d}]" if len(shape) == 1 else f"[B, {', '.join(map(str, shape))}]"
+            raise RegistryError(
+                f"teacher {spec.name!r}: {given} have dimension {int(centers.shape[1])} but its "
+                f"input x is {x} ({ref.replica.endpoint}); give centers of dimension {d}"
+            )
+    if (warning := convention_warning(teacher)) is not None:
+        log.warning("%s", warning)
+    return teacher
 
 
 def refreshed(teacher: Teacher, replica: Replica, found: Discovered) -> Teacher | None:
@@ -568,14 +731,22 @@ def refreshed(teacher: Teacher, replica: Replica, found: Discovered) -> Teacher 
     digests = teacher.live_digests
     if len(digests) != 1 or teacher.digest in digests:
         return teacher if len(digests) <= 1 else None
+    # what the new checkpoint's server declares (inputs, backend, t) replaces the old always;
+    # modes and centers only when the registry entry did not pin them
+    declared = {
+        "inputs": found.inputs,
+        "backend": found.backend,
+        "time_convention": found.time_convention,
+    }
     if teacher.pinned:
-        return replace(teacher, digest=found.replica.digest)
+        return replace(teacher, digest=found.replica.digest, **declared)
     return replace(
         teacher,
         digest=found.replica.digest,
         modes=found.modes,
         centers=found.centers,
         dim=found.dim,
+        **declared,
     )
 
 
