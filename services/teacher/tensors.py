@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.codec import BF16, is_bf16
+from common.codec import BF16, CodecError, datatype_of, is_bf16
 
 #: wire datatypes a state or conditioning tensor may use
 FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
@@ -17,9 +17,10 @@ FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
 
 def wire_datatype(arr: np.ndarray) -> str:
     """``FP32`` / ``FP16`` / ``BF16``, or the array's dtype name when it is none of them."""
-    if is_bf16(arr):
-        return "BF16"
-    return {np.dtype("<f4"): "FP32", np.dtype("<f2"): "FP16"}.get(arr.dtype, str(arr.dtype))
+    try:
+        return datatype_of(arr)
+    except CodecError:
+        return str(arr.dtype)
 
 
 def to_torch(arr: np.ndarray) -> torch.Tensor:
