@@ -69,6 +69,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "rollout vs query vs update cost per OPD method",
         "student.bench_cost:COST",
     ),
+    ("bench", "contention"): (
+        "the same training quiet and beside busy processes",
+        "student.bench_contention:CONTENTION",
+    ),
 }
 
 

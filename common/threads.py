@@ -114,6 +114,17 @@ def apply_threads(n: int) -> int:
     return n
 
 
+def threads_line() -> str:
+    """``"1 torch thread (2 usable cores, OMP_WAIT_POLICY=PASSIVE)"``: what this process uses."""
+    import torch
+
+    n = torch.get_num_threads()
+    return (
+        f"{n} torch thread{'s' if n != 1 else ''} ({usable_cpus():g} usable cores, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})"
+    )
+
+
 def model_params(module: object) -> int | None:
     """Parameter count of a torch module (``None`` for anything without ``parameters()``)."""
     params = getattr(module, "parameters", None)

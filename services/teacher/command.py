@@ -6,8 +6,11 @@ read it back, and announce the URL (``OPD_URL=...``) once uvicorn has started se
 
 from __future__ import annotations
 
+import sys
+
 from common.cli import Command, UsageError
 from common.serving import keep_freed_memory, run_async, serve_app
+from common.threads import threads_line
 from services.teacher.app import create_app
 from services.teacher.repository import RepositoryError
 from services.teacher.settings import TeacherSettings
@@ -19,6 +22,9 @@ async def serve(settings: TeacherSettings) -> None:
         app = create_app(settings)
     except RepositoryError as exc:
         raise UsageError(str(exc)) from None
+    # Said at start: a teacher on too many (or too few) threads is the first thing to rule out
+    # when a cluster runs slow (README 'CPU threads').
+    print(f"opd serve teacher: {threads_line()}", file=sys.stderr, flush=True)
     await serve_app(app, settings.host, settings.port, settings.log_level)
 
 
