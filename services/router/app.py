@@ -150,25 +150,40 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
 
 
 def router_metadata(reg: Registry) -> dict[str, Any]:
-    """``GET /v2/models/opd-router``: the virtual model's contract and current registry."""
+    """``GET /v2/models/opd-router``: the virtual model's contract and current registry.
+
+    ``x`` is ``[B, *S]`` (the teachers' state shape; FP16 / BF16 pass through as sent); the
+    conditioning inputs are the teachers' own, listed with the shape they declare."""
+    first = reg.teachers[0] if reg.teachers else None
+    shape = list(first.state_shape) if first and first.state_shape else [-1]
+    inputs: list[dict[str, Any]] = [
+        {"name": "x", "datatype": "FP32", "shape": [-1, *shape]},
+        {"name": "t", "datatype": "FP32", "shape": [-1]},
+        {"name": "route", "datatype": "INT32", "shape": [-1], "optional": True},
+    ]
+    if first is not None:
+        inputs += [
+            {**spec.describe(), "optional": True}
+            for spec in first.inputs
+            if spec.name not in ("x", "t")
+        ]
     return {
         "name": fanout.MODEL_NAME,
         "versions": [fanout.MODEL_VERSION],
         "platform": "opd-router",
-        "inputs": [
-            {"name": "x", "datatype": "FP32", "shape": [-1, -1]},
-            {"name": "t", "datatype": "FP32", "shape": [-1]},
-            {"name": "route", "datatype": "INT32", "shape": [-1], "optional": True},
-        ],
+        "inputs": inputs,
         "outputs": [
-            {"name": "v", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "v", "datatype": "FP32", "shape": [-1, *shape]},
             {"name": "teacher", "datatype": "INT32", "shape": [-1]},
-            {"name": "v_anchor", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "v_anchor", "datatype": "FP32", "shape": [-1, *shape]},
         ],
         "parameters": {
             "policy": reg.policy,
             "teachers": ",".join(reg.names),
             "anchors": ",".join(a.name for a in reg.anchors),
+            "time_convention": next(
+                (t.time_convention for t in reg.all() if t.time_convention), None
+            ),
         },
     }
 
@@ -243,7 +258,10 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
                 "mode_centers": None if t.centers is None else t.centers.tolist(),
                 "role": t.role,
                 "replicas": len(t.replicas),
+                "backend": t.backend,
+                "time_convention": t.time_convention,
             },
+            **({"inputs": [spec.describe() for spec in t.inputs]} if t.inputs else {}),
         }
 
     @app.get("/v2/models/{name}/ready")

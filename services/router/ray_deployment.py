@@ -41,6 +41,7 @@ from services.router.registry import (
     Replica,
     Teacher,
     TeacherSpec,
+    text_of,
 )
 from services.router.settings import ADMIN_TOKEN_ENV, RouterSettings
 from services.teacher.ray_deployment import TeacherArgs, TeacherDeployment
@@ -113,6 +114,8 @@ def _teacher(name: str, role: str, params: dict[str, Any]) -> Teacher:
         params.get("digest"),
         list(params.get("modes") or []),  # type: ignore[arg-type]
         torch.tensor(centers, dtype=torch.float32) if centers else None,
+        backend=text_of(params, "backend"),
+        time_convention=text_of(params, "time_convention"),
     )
 
 

@@ -269,6 +269,11 @@ def test_registry_shows_and_checks_time_conventions(
         assert {"name": COND, "datatype": "FP32", "shape": [-1, *COND_SHAPE]} in a["inputs"]
         assert {"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]} in a["inputs"]
         assert reg["anchors"][0]["time_convention"] == "flow-t"
+        meta = c.get(f"{router.url}/v2/models/opd-router").json()
+        assert meta["parameters"]["time_convention"] == "flow-t"
+        assert {"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]} in meta["inputs"]
+        assert COND in [i["name"] for i in meta["inputs"]]
+        assert c.get(f"{router.url}/v2/models/a").json()["parameters"]["backend"] == "diffusers"
         # another convention: refused, naming both teachers and both conventions
         r = c.put(
             f"{router.url}/v1/teachers/c", headers=admin(), json={"endpoints": [peers["sigma"].url]}
@@ -291,6 +296,10 @@ def test_registry_shows_and_checks_time_conventions(
         assert r.status_code == 201 and r.json()["time_convention"] is None, r.text
         assert c.delete(f"{router.url}/v1/teachers/d", headers=admin()).status_code == 200
         assert_serving(c, router)
+    # at start-up: latent teachers without mode centers cannot take the default policy
+    with pytest.raises(RuntimeError) as err:
+        start_router("--teacher", f"a={peers['a'].url}")
+    assert "use label or average routing" in str(err.value)
     # at start-up, from flags and from a registry file
     with pytest.raises(RuntimeError) as err:
         start_router(
