@@ -268,6 +268,7 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
         on_close=[batcher.close],
         conds=CondCache(settings.cond_cache_bytes),
     )
+    metrics.watch_cond_cache(core.conds)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

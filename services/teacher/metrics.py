@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -103,6 +105,20 @@ class TeacherMetrics:
 
     def error(self, kind: str) -> None:
         self.errors.labels(self.model, kind).inc()
+
+    def watch_cond_cache(self, cache: Any) -> None:
+        """Export the conditioning cache (``cond_cache.CondCache``): bytes and ids held, and
+        lookups that found (hits) or missed their ``cond_id``, read at scrape time."""
+        for field, help_text in (
+            ("bytes", "bytes of conditioning held by cond_id"),
+            ("hits", "cond_id lookups that found their conditioning"),
+            ("misses", "cond_id lookups answered 422 (unknown id)"),
+            ("evictions", "cond_ids dropped to stay within --cond-cache-mb"),
+        ):
+            gauge = Gauge(f"opd_teacher_cond_cache_{field}", help_text, registry=self.registry)
+            gauge.set_function(lambda f=field: getattr(cache, f))
+        entries = Gauge("opd_teacher_cond_cache_ids", "cond_ids held", registry=self.registry)
+        entries.set_function(lambda: len(cache))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

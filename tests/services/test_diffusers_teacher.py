@@ -198,6 +198,16 @@ def test_cond_id_gives_the_same_answer_as_resent_tensors(server: Service) -> Non
     assert r.json()["error"] == (
         "unknown cond_id 'never-sent': resend the conditioning tensors with it"
     )
+    text = httpx.get(f"{server.url}/metrics").text
+    gauges = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("opd_teacher_cond_cache_")
+    }
+    assert (
+        gauges["opd_teacher_cond_cache_hits"] >= 2 and gauges["opd_teacher_cond_cache_misses"] >= 1
+    )
+    assert gauges["opd_teacher_cond_cache_ids"] >= 1 and gauges["opd_teacher_cond_cache_bytes"] > 0
 
 
 def test_adapters_answer_differently_each_as_its_merged_model(
