@@ -285,14 +285,38 @@ def diffusers_repository(settings: TeacherSettings) -> DiffusersRepository:
     Raises:
         RepositoryError: the directory or an adapter cannot be served (the message says why).
     """
+    assert settings.model_dir is not None
+    return load_diffusers(
+        settings.model_dir,
+        settings.served_name(),
+        settings.root(),
+        settings.adapters(),
+        settings.dtype,
+        settings.device,
+    )
+
+
+def load_diffusers(
+    model_dir: Path,
+    name: str,
+    root: Path,
+    adapters: dict[str, Path],
+    dtype: str = "fp32",
+    device: str = "cpu",
+) -> DiffusersRepository:
+    """A :class:`DiffusersRepository` serving ``model_dir`` as ``name`` and each of
+    ``adapters`` (name -> LoRA path) on it; load calls read under ``root``. Blocking.
+
+    Raises:
+        RepositoryError: the directory or an adapter cannot be served (the message says why).
+    """
     from services.teacher.diffusers_backend import DiffusersLoadError, load_backend
 
-    assert settings.model_dir is not None
     try:
-        backend = load_backend(settings.model_dir, settings.dtype, settings.device)
+        backend = load_backend(model_dir, dtype, device)
     except DiffusersLoadError as exc:
         raise RepositoryError(str(exc), 400) from None
-    repo = DiffusersRepository(settings.served_name(), backend, settings.root())
-    for name, path in settings.adapters().items():
-        repo.add_adapter_now(name, path)
+    repo = DiffusersRepository(name, backend, root)
+    for adapter, path in adapters.items():
+        repo.add_adapter_now(adapter, path)
     return repo

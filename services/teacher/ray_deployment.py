@@ -2,6 +2,11 @@
 ``@serve.batch`` by states, hot swap through the same repository routes or through
 ``user_config`` (``{"checkpoint": FILE}``, applied to every replica by ``serve deploy``).
 
+A diffusers teacher (``args: {model_dir: DIR, adapters: {teacher-a: PATH}, dtype: bf16}``)
+serves its base and adapters as v2 models on each replica, with the conditioning cache and
+guidance of the shared core; ``@serve.batch`` merges its requests only when model snapshot and
+shapes agree, as the uvicorn batcher does.
+
 Build it from a config (``deploy/serve_config.yaml``) with ``import_path:
 services.teacher.ray_deployment:app_builder`` and ``args: {checkpoint: ..., ...}``; the
 deployment is named after the served model, and each teacher is its own application whose
@@ -18,15 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
 from common.threads import model_params, replica_cpus, thread_budget
-from services.teacher.app import TeacherCore, build_api
+from services.teacher.app import TeacherCore, build_api, load_diffusers
 from services.teacher.batcher import ForwardResult, forward_executor
+from services.teacher.cond_cache import CondCache
 from services.teacher.metrics import TeacherMetrics
-from services.teacher.repository import LoadedModel, ModelRepository
+from services.teacher.repository import ModelRepository
 from services.teacher.settings import admin_token_from_env
 
 #: upper bound of a batch until ``__init__`` sets the configured one
@@ -38,7 +44,13 @@ class TeacherArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy, not silently
 
-    checkpoint: Path
+    checkpoint: Path | None = None
+    model_dir: Path | None = Field(None, description="diffusers transformer directory instead")
+    adapters: dict[str, Path] = Field(
+        default_factory=dict, description="model_dir: LoRA adapters, served name -> path"
+    )
+    dtype: str = Field("fp32", pattern="^(fp32|bf16|fp16)$")
+    cond_cache_mb: float = Field(256.0, ge=0, description="conditioning kept by cond_id (MiB)")
     name: str | None = Field(None, description="served model name (default: file stem)")
     model_root: Path | None = Field(None, description="where load calls may read from")
     max_batch_states: int = Field(_DEFAULT_MAX_STATES, ge=1)
@@ -52,8 +64,24 @@ class TeacherArgs(BaseModel):
     )
     device: str = "cpu"
 
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherArgs:
+        if (self.checkpoint is None) == (self.model_dir is None):
+            raise ValueError("give either checkpoint or model_dir (exactly one)")
+        return self
+
     def served_name(self) -> str:
-        return self.name or self.checkpoint.stem
+        if self.name:
+            return self.name
+        if self.model_dir is not None:
+            return self.model_dir.resolve().name
+        assert self.checkpoint is not None
+        return self.checkpoint.stem
+
+    def source(self) -> Path:
+        path = self.checkpoint if self.checkpoint is not None else self.model_dir
+        assert path is not None
+        return path
 
 
 def _states(items: list[tuple]) -> int:
@@ -72,12 +100,18 @@ class TeacherDeployment:
         keep_freed_memory()  # see there: forwards reuse activation memory, no page faults
         args = TeacherArgs(**kwargs)
         name = args.served_name()
-        root = (args.model_root or args.checkpoint.parent).resolve()
-        self.repository = ModelRepository(name, root, args.device)
-        self.repository.load_now(args.checkpoint.resolve())
-        threads = args.threads or thread_budget(
-            model_params(self.repository.current.net), cpus=replica_cpus()
-        )
+        root = (args.model_root or args.source().resolve().parent).resolve()
+        if args.model_dir is not None:
+            self.repository: Any = load_diffusers(
+                args.model_dir, name, root, args.adapters, args.dtype, args.device
+            )
+            net = self.repository.backend.transformer
+        else:
+            assert args.checkpoint is not None
+            self.repository = ModelRepository(name, root, args.device)
+            self.repository.load_now(args.checkpoint.resolve())
+            net = self.repository.current.net
+        threads = args.threads or thread_budget(model_params(net), cpus=replica_cpus())
         self.metrics = TeacherMetrics(name)
         self.metrics.version.labels(name).set(1)
         self.max_states = args.max_batch_states
@@ -91,6 +125,7 @@ class TeacherDeployment:
             self.metrics,
             int(args.max_body_mb * 1024 * 1024),
             admin_token_from_env(),
+            conds=CondCache(int(args.cond_cache_mb * 1024 * 1024)),
         )
 
     def __serve_build_asgi_app__(self):
@@ -99,7 +134,7 @@ class TeacherDeployment:
     def reconfigure(self, user_config: dict) -> None:
         """``user_config: {checkpoint: FILE}`` (under the model root) swaps every replica."""
         checkpoint = (user_config or {}).get("checkpoint")
-        if checkpoint:
+        if checkpoint and isinstance(self.repository, ModelRepository):
             from services.teacher.repository import resolve_under
 
             path = resolve_under(self.repository.root, checkpoint)
@@ -110,16 +145,21 @@ class TeacherDeployment:
                     self.repository.current.version
                 )
 
-    async def _run(self, model: LoadedModel, x: np.ndarray, t: np.ndarray) -> ForwardResult:
-        """``v [B, D]``: requests over ``max_states`` go in pieces (``@serve.batch`` refuses
-        an item larger than its batch), then are put back together."""
+    async def _run(
+        self, model: Any, x: np.ndarray, t: np.ndarray, extra: Any = None
+    ) -> ForwardResult:
+        """``v [B, *S]``: requests over ``max_states`` go in pieces (``@serve.batch`` refuses
+        an item larger than its batch), then are put back together. ``extra``: a conditioned
+        model's conditioning and guidance (``conditioned.Conditioned``)."""
         n, step = len(x), self.max_states
         if n <= step:
-            return await self._batched((model, x, t, time.perf_counter()))
+            return await self._batched((model, x, t, time.perf_counter(), extra))
         now = time.perf_counter()
         parts = await asyncio.gather(
             *(
-                self._batched((model, x[i : i + step], t[i : i + step], now))
+                self._batched(
+                    (model, x[i : i + step], t[i : i + step], now, _rows(extra, i, step, n))
+                )
                 for i in range(0, n, step)
             )
         )
@@ -136,29 +176,61 @@ class TeacherDeployment:
         max_batch_size=_DEFAULT_MAX_STATES, batch_wait_timeout_s=0.0, batch_size_fn=_states
     )
     async def _batched(self, items: list[tuple]) -> list[ForwardResult]:
-        """Items ``(model, x [B_i, D], t [B_i], enqueued)`` → one forward per model snapshot."""
+        """Items ``(model, x [B_i, *S], t [B_i], enqueued, extra)`` → one forward per model
+        snapshot (and, for conditioned models, per merge key: shapes and guidance)."""
         loop = asyncio.get_running_loop()
         results: list[ForwardResult | None] = [None] * len(items)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault(id(item[0]), []).append(i)
+            extra = item[4]
+            key = None if extra is None else extra.key(item[1])
+            groups.setdefault((id(item[0]), key), []).append(i)
         for idx in groups.values():
             model = items[idx[0]][0]
-            x = np.concatenate([items[i][1] for i in idx]) if len(idx) > 1 else items[idx[0]][1]
-            t = np.concatenate([items[i][2] for i in idx]) if len(idx) > 1 else items[idx[0]][2]
             start = time.perf_counter()
-            v = await loop.run_in_executor(self._executor, model.forward, x, t)
+            if items[idx[0]][4] is not None:
+                xs = [items[i][1] for i in idx]
+                vs = await loop.run_in_executor(
+                    self._executor,
+                    model.forward_conditioned,
+                    xs,
+                    [items[i][2] for i in idx],
+                    [items[i][4] for i in idx],
+                )
+                v = vs[0] if len(vs) == 1 else np.concatenate(vs)
+                x = v  # only its length is used below
+            else:
+                x = np.concatenate([items[i][1] for i in idx]) if len(idx) > 1 else items[idx[0]][1]
+                t = np.concatenate([items[i][2] for i in idx]) if len(idx) > 1 else items[idx[0]][2]
+                v = await loop.run_in_executor(self._executor, model.forward, x, t)
             compute = time.perf_counter() - start
             queue_s, offset = [], 0
             for i in idx:
                 b = len(items[i][1])
                 queue_s.append(max(0.0, start - items[i][3]))
                 results[i] = ForwardResult(
-                    v[offset : offset + b], model.version, queue_s[-1], compute, len(x), len(idx)
+                    v[offset : offset + b],
+                    model.version,
+                    queue_s[-1],
+                    compute,
+                    len(x),
+                    len(idx),
+                    model.digest,
                 )
                 offset += b
             self.metrics.observe_batch(len(x), len(idx), compute, queue_s)
         return results  # type: ignore[return-value]
+
+
+def _rows(extra: Any, start: int, step: int, n: int) -> Any:
+    """The part of a conditioned request's ``extra`` for rows ``start:start+step`` of ``n``
+    (one-row conditioning is shared by every piece)."""
+    if extra is None:
+        return None
+    from services.teacher.conditioned import Conditioned
+
+    cond = {k: v if len(v) == 1 else v[start : start + step] for k, v in extra.cond.items()}
+    return Conditioned(cond, extra.guidance_scale)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -166,7 +238,11 @@ def app_builder(args: dict[str, Any]) -> Application:
     absolute here (where the config is applied), since replicas may run in another cwd."""
     parsed = TeacherArgs(**args)
     fixed = parsed.model_dump(exclude_none=True)
-    fixed["checkpoint"] = str(parsed.checkpoint.resolve())
+    if parsed.checkpoint is not None:
+        fixed["checkpoint"] = str(parsed.checkpoint.resolve())
+    if parsed.model_dir is not None:
+        fixed["model_dir"] = str(parsed.model_dir.resolve())
+    fixed["adapters"] = {k: str(v.resolve()) for k, v in parsed.adapters.items()}
     if parsed.model_root is not None:
         fixed["model_root"] = str(parsed.model_root.resolve())
     return TeacherDeployment.options(name=parsed.served_name()).bind(**fixed)
