@@ -477,3 +477,27 @@ def test_unsafe_model_directories_are_refused(dmodels: Path, tmp_path: Path, opd
         "serve", "teacher", "--model-dir", dmodels / "base", "--adapter", "x=/nonexistent"
     )
     assert code == 2 and "--adapter" in err
+
+
+def test_a_bf16_flux_teacher_serves_the_same_latents(tmp_path: Path) -> None:
+    """FLUX packs 2x2 latent patches inside the backend: clients send the same
+    ``[B, C, H, W]`` latents as to SD3; ``--dtype bf16`` is advertised and answered."""
+    from services.teacher.diffusers_backend import load_backend
+    from tests.services.diffusers_helpers import make_flux
+
+    make_flux(tmp_path / "flux", seed=5)
+    svc = start(tmp_path / "flux", "--dtype", "bf16")
+    try:
+        meta = httpx.get(f"{svc.url}/v2/models/flux").json()
+        assert meta["inputs"][0] == {"name": "x", "datatype": "BF16", "shape": [-1, 4, -1, -1]}
+        assert meta["parameters"]["family"] == "flux" and meta["parameters"]["dtype"] == "bf16"
+        inputs = sd3_inputs(2, seed=11)
+        v, _ = answer(post(svc.url, "flux", inputs))
+        assert v.dtype == np.float32  # x's datatype, computed in bf16
+        backend = load_backend(tmp_path / "flux", dtype="bf16")
+        cond = {k: torch.from_numpy(inputs[k]).to(torch.bfloat16) for k in COND}
+        x = torch.from_numpy(inputs["x"]).to(torch.bfloat16)
+        ref = backend.forward(x, torch.from_numpy(inputs["t"]), cond).float().numpy()
+        assert np.abs(v - ref).max() <= 1e-2 * np.abs(ref).max()
+    finally:
+        assert svc.stop() == 0, svc.output()
