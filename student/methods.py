@@ -38,9 +38,9 @@ def gaussian_step_kl(
     """Closed-form KL between the Euler-step Gaussians ``N(x − dt·v, σ² I)`` of student and teacher.
 
     ``KL = ||μ_θ − μ_φ||² / (2σ²) = w(t)·||v_θ − v_φ||²`` with ``w = dt² / (2σ²)``.
-    Inputs ``[M, D]``; returns ``[M]``.
+    Inputs ``[M, *S]`` (the ring's ``[M, D]``, latents ``[M, C, H, W]``); returns ``[M]``.
     """
-    return (dt**2 / (2 * sigma**2)) * (v_student - v_teacher).pow(2).sum(dim=1)
+    return (dt**2 / (2 * sigma**2)) * (v_student - v_teacher).pow(2).flatten(1).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -67,17 +67,21 @@ class Method:
     ) -> torch.Tensor:
         """Mean over queried states of the per-state loss.
 
+        ``mean_d`` is over every value of a state: ``[M, *S]`` states of any shape (the ring's
+        ``[M, D]``; latents ``[M, C, H, W]``), ``flatten(1)`` being a no-op on ``[M, D]``.
+
         Args:
-            v: student velocities ``[M, D]`` (with grad); ``t``: their times ``[M]``.
-            v_teacher: supervised targets ``[M, D]``; ``v_anchor``: base velocities ``[M, D]``.
+            v: student velocities ``[M, *S]`` (with grad); ``t``: their times ``[M]``.
+            v_teacher: supervised targets ``[M, *S]``; ``v_anchor``: base velocities ``[M, *S]``.
         """
-        per_state = (v - v_teacher).pow(2).mean(dim=1)
+        per_state = (v - v_teacher).pow(2).flatten(1).mean(dim=1)
         if self.time_weight is not None:
             per_state = self.time_weight(t) * per_state
         if self.uses_anchor:
             if v_anchor is None:
                 raise ValueError(f"{self.name} needs anchor velocities (v_anchor)")
-            per_state = per_state + self.anchor_coef * (v - v_anchor).pow(2).mean(dim=1)
+            anchor = (v - v_anchor).pow(2).flatten(1).mean(dim=1)
+            per_state = per_state + self.anchor_coef * anchor
         return per_state.mean()
 
 
