@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from common.codec import bf16_to_float32, float32_to_bf16, is_bf16
+
 Policy = Literal["nearest", "label", "average"]
 POLICIES: tuple[str, ...] = ("nearest", "label", "average")
 #: ``teacher`` index reported for rows supervised by the mean of all teachers.
@@ -80,7 +82,7 @@ def nearest_owner(x: np.ndarray, table: NearestTable) -> np.ndarray:
     """
     if x.ndim != 2 or x.dtype != np.float32:
         # latents [B, C, H, W] (a view when contiguous); FP16 / BF16 states routed in float32
-        x = x.reshape(len(x), -1).astype(np.float32, copy=False)
+        x = _float32(x.reshape(len(x), -1))
     d = x.shape[1]
     for k, dim in enumerate(table.dims):
         if dim != d:
@@ -182,6 +184,16 @@ def split_rows(assignment: np.ndarray, num_teachers: int) -> list[np.ndarray]:
     return np.split(order, bounds)
 
 
+def _kind(arr: np.ndarray) -> str:
+    """What ``arr`` holds, for telling answers of different types apart (BF16 is a tagged
+    ``uint16``, equal to a plain one for numpy)."""
+    return "BF16" if is_bf16(arr) else arr.dtype.str
+
+
+def _float32(arr: np.ndarray) -> np.ndarray:
+    return bf16_to_float32(arr) if is_bf16(arr) else arr.astype(np.float32, copy=False)
+
+
 def merge_rows(
     assignment: np.ndarray,
     rows: Sequence[np.ndarray],
@@ -193,13 +205,19 @@ def merge_rows(
     Args:
         dim: ``D`` or the row shape ``S`` (only used when no teacher has rows).
     Returns:
-        ``[B, *S]`` supervised targets in the answers' dtype (float32 for the toy teachers;
-        FP16 / BF16 answers stay so: the mean is taken in float32 and cast back).
+        ``[B, *S]`` supervised targets in the answers' type: float32 for the toy teachers; FP16
+        and BF16 answers stay so (a mean is taken in float32 and rounded back). Answers of
+        different types are merged in float32.
     """
     b = len(assignment)
     if b and assignment[0] == AVERAGE_INDEX and (assignment == AVERAGE_INDEX).all():
-        mean = np.mean(np.stack(answers), axis=0, dtype=np.float32)
-        return mean.astype(answers[0].dtype, copy=False)
+        kinds = {_kind(a) for a in answers}
+        if kinds == {np.dtype(np.float32).str}:  # the toy world's path
+            return np.mean(np.stack(answers), axis=0, dtype=np.float32)
+        mean = np.mean(np.stack([_float32(a) for a in answers]), axis=0, dtype=np.float32)
+        if len(kinds) > 1:
+            return mean
+        return float32_to_bf16(mean) if is_bf16(answers[0]) else mean.astype(answers[0].dtype)
     filled = [(idx, ans) for idx, ans in zip(rows, answers, strict=True) if len(idx)]
     if len(filled) == 1 and len(filled[0][0]) == b:
         return np.ascontiguousarray(filled[0][1])
@@ -211,7 +229,13 @@ def merge_rows(
     order = np.concatenate([idx for idx, _ in filled])
     where = np.empty(b, dtype=np.int64)
     where[order] = np.arange(b)
-    stacked = np.concatenate([ans for _, ans in filled])
+    first = filled[0][1]
+    if any(_kind(ans) != _kind(first) for _, ans in filled[1:]):
+        stacked = np.concatenate([_float32(ans) for _, ans in filled])
+    else:
+        stacked = np.concatenate([ans for _, ans in filled])
+        if stacked.dtype.metadata != first.dtype.metadata:
+            stacked = stacked.view(first.dtype)  # concatenate drops BF16's tag: put it back
     return np.take(stacked, where, axis=0)
 
 

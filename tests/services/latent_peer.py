@@ -29,8 +29,11 @@ from starlette.routing import Route
 from common.codec import (
     HEADER_LENGTH,
     CodecError,
+    bf16_to_float32,
     datatype_of,
     decode_request,
+    float32_to_bf16,
+    is_bf16,
     response_parts,
     wants_binary,
 )
@@ -47,12 +50,15 @@ def _error(status: int, message: str) -> JSONResponse:
 def velocity(
     x: np.ndarray, t: np.ndarray, cond: np.ndarray, scale: float, guidance: float
 ) -> np.ndarray:
-    """``v [B, *S]`` for ``x [B, *S]``, ``t [B]``, ``cond [B or 1, L, E]`` (float32 math)."""
+    """``v [B, *S]`` for ``x [B, *S]``, ``t [B]``, ``cond [B or 1, L, E]``: float32 math, the
+    answer in x's type (FP32, FP16, or BF16 rounded to nearest even)."""
     b = len(x)
     per_row = cond.astype(np.float32).reshape(len(cond), -1).mean(axis=1)
     per_row = np.broadcast_to(per_row, (b,))
     extra = (per_row + t.astype(np.float32) + np.float32(guidance)).reshape(b, *[1] * (x.ndim - 1))
-    return (x.astype(np.float32) * np.float32(scale) + extra).astype(x.dtype)
+    xf = bf16_to_float32(x) if is_bf16(x) else x.astype(np.float32)
+    v = xf * np.float32(scale) + extra
+    return float32_to_bf16(v) if is_bf16(x) else v.astype(x.dtype)
 
 
 def build(args: argparse.Namespace) -> Starlette:

@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 
 from common import routing
-from common.codec import HEADER_LENGTH, decode_response, encode_request
+from common.codec import (
+    HEADER_LENGTH,
+    bf16_to_float32,
+    datatype_of,
+    decode_response,
+    encode_request,
+    float32_to_bf16,
+)
 from common.procs import Service, start_service
 from services.router.direct import DirectRouter
 from services.router.fanout import InputError, UndeclaredInput
@@ -186,8 +193,21 @@ def test_fp16_states_pass_through_unconverted(router: Service) -> None:
     with client() as c:
         out, _ = answer(post(c, router.url, {**inputs, "route": route}))
     # the peers answer in the datatype they were sent: FP16 came back, so FP16 went out
-    assert out["v"].dtype == np.float16
+    assert datatype_of(out["v"]) == "FP16"
     np.testing.assert_array_equal(out["v"], per_row(inputs, route))
+
+
+def test_bf16_states_pass_through_and_average_in_bf16(router: Service) -> None:
+    inputs = batch(6, seed=9)
+    inputs["x"] = float32_to_bf16(inputs["x"])
+    route = np.array([1, 1, 0, 1, 0, 0], np.int32)
+    with client() as c:
+        out, _ = answer(post(c, router.url, {**inputs, "route": route}))
+        avg, _ = answer(post(c, router.url, inputs, parameters={"policy": "average"}))
+    assert datatype_of(out["v"]) == "BF16" and datatype_of(avg["v"]) == "BF16"
+    np.testing.assert_array_equal(out["v"], per_row(inputs, route))
+    a, b = (bf16_to_float32(expected(inputs, k)) for k in "ab")
+    np.testing.assert_array_equal(avg["v"], float32_to_bf16((a + b) / 2))
 
 
 def test_cond_id_reaches_the_teachers_and_an_unknown_one_is_their_4xx(router: Service) -> None:
