@@ -47,6 +47,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "deploy teachers (and router) on Ray Serve from a config",
         "services.teacher.ray_command:RAY",
     ),
+    ("latent",): (
+        "the latent world in-process: pretrain SD3 base + LoRA teachers, OPD rows, quality table",
+        "student.latent.run:COMMAND",
+    ),
     ("demo",): (
         "the main job: cluster up, all SPEC §5 runs over HTTP, tables, report",
         "student.demo:DEMO",

@@ -76,11 +76,12 @@ def check_setup(
 
 def evaluate(
     field_, world: World, families: list[int], sigmas_eval: list[float], cfg: LatentConfig
-) -> dict[str, float]:
-    """The world's evaluation of ``field_`` on ``eval_per_family`` prompts of each family."""
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """The world's evaluation of ``field_`` on ``eval_per_family`` prompts of each family:
+    ``(metrics, samples [n, C, H, W], labels [n])``."""
     labels = eval_labels(families, cfg.eval_per_family)
     samples = sample(field_, world, labels, sigmas_eval, cfg.eval_seed)
-    return metrics_of(world, samples, labels)
+    return metrics_of(world, samples, labels), samples, labels
 
 
 def train_latent(
@@ -137,9 +138,11 @@ def train_latent(
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     timings["wall"] = time.perf_counter() - wall0
     t_eval = time.perf_counter()
-    metrics = evaluate(f_student, world, families, sigmas_eval, cfg)
+    metrics, samples, labels = evaluate(f_student, world, families, sigmas_eval, cfg)
     timings["eval"] = time.perf_counter() - t_eval
     return {
+        "samples": samples,  # [n, C, H, W], not JSON: the caller draws and drops them
+        "labels": labels,
         "config": asdict(cfg),
         "metrics": metrics,
         "counts": {"rollouts": cfg.steps * b, "teacher_queries": queries},
