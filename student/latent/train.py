@@ -92,12 +92,21 @@ def train_latent(
     sigmas: list[float],
     sigmas_eval: list[float],
     log=None,
+    client=None,
 ) -> dict[str, Any]:
     """Run ``cfg.steps`` OPD steps on ``student`` (trained in place); return a report with the
-    metrics, counts and timings (rollout / query / update seconds)."""
+    metrics, counts and timings (rollout / query / update seconds).
+
+    ``teachers`` is the in-process teacher backend (the setup checks read its convention and
+    shape); ``client`` answers the queries instead of it when given (e.g.
+    :class:`student.latent.http.HttpLatentTeachers`, the same teachers served).
+    """
     families = check_setup(cfg, student, teachers)
     method = METHODS[cfg.method]
-    client = LocalLatentTeachers(teachers, cfg.teachers, world, cfg.supervise, cfg.guidance_scale)
+    if client is None:
+        client = LocalLatentTeachers(
+            teachers, cfg.teachers, world, cfg.supervise, cfg.guidance_scale
+        )
     n, b = len(sigmas) - 1, cfg.batch
     fams = torch.tensor(families)
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,85 @@
+"""The latent world's teachers over HTTP: the router's ``opd-router`` model, OIP v2 binary.
+
+The same interface as :class:`student.latent.teachers.LocalLatentTeachers` (``query``), so the
+latent loop runs unchanged against served teachers: one request per optimizer step carrying the
+queried states, their times, each row's teacher index (``route``: label routing by the prompt's
+family) and each row's prompt conditioning; ``guidance_scale`` as a request parameter (the
+teachers run the unconditional rows themselves); the anchor as ``v_anchor``.
+
+A small client for this loop, not the trainer's streaming one (issue 18 item 1 makes that
+public and conditioned); it counts requests and bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+import torch
+
+from common.codec import decode_response, encode_request
+from student.latent.teachers import LatentQuery, family_routes
+from student.latent.world import TEACHER_FAMILIES, World
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+ROUTER_MODEL = "opd-router"
+
+
+class HttpLatentTeachers:
+    """Teachers ``names`` behind the router at ``url`` (registered in this order)."""
+
+    def __init__(
+        self,
+        url: str,
+        names: Sequence[str],
+        world: World,
+        supervise: str = "router",
+        guidance_scale: float | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.url, self.names, self.world = url.rstrip("/"), list(names), world
+        self.supervise, self.guidance_scale = supervise, guidance_scale
+        self.routes = family_routes(
+            self.names, [f for n in self.names for f in TEACHER_FAMILIES[n]]
+        )
+        self.http = httpx.Client(timeout=timeout_s)
+        self.requests = self.bytes_sent = self.bytes_received = 0
+
+    def query(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, anchor: bool = False
+    ) -> LatentQuery:
+        """As :meth:`LocalLatentTeachers.query`, through the router."""
+        cond = self.world.cond(labels)
+        inputs = {
+            "x": x.numpy().astype(np.float32, copy=False),
+            "t": t.numpy().astype(np.float32, copy=False),
+            **{k: c.numpy() for k, c in cond.items()},
+        }
+        params: dict = {}
+        if self.supervise == "average":
+            params["policy"] = "average"
+        else:
+            inputs["route"] = np.array([self.routes[int(f)] for f in labels], dtype=np.int32)
+        if self.guidance_scale is not None:
+            params["guidance_scale"] = self.guidance_scale
+        outputs = ["v", "teacher", *(["v_anchor"] if anchor else [])]
+        body, headers = encode_request(inputs, outputs=outputs, parameters=params or None)
+        r = self.http.post(
+            f"{self.url}/v2/models/{ROUTER_MODEL}/infer", content=body, headers=headers
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"router answered {r.status_code}: {r.text[:500]}")
+        self.requests += 1
+        self.bytes_sent += len(body)
+        self.bytes_received += len(r.content)
+        out = decode_response(r.content, r.headers.get(HEADER_LENGTH)).tensors
+        v_anchor = torch.from_numpy(np.array(out["v_anchor"])) if anchor else None
+        return LatentQuery(
+            torch.from_numpy(np.array(out["v"])),
+            torch.from_numpy(np.array(out["teacher"]).astype(np.int64)),
+            v_anchor,
+        )
+
+    def close(self) -> None:
+        self.http.close()

@@ -1,0 +1,94 @@
+"""The latent world over HTTP: one teacher process serving the base and both LoRA adapters,
+the router with label routing; the same OPD steps end at the same student as in-process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.procs import Service, start_service
+from student.latent.http import HttpLatentTeachers
+from student.latent.models import declared_scheduler, load_student, load_teachers, sigma_grid
+from student.latent.teachers import LocalLatentTeachers
+from student.latent.train import LatentConfig, train_latent
+from student.latent.world import SHAPE, make_world
+from tests.student.latent_helpers import tiny_models
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return tiny_models(tmp_path_factory.mktemp("latent-http") / "models")
+
+
+@pytest.fixture(scope="module")
+def router(models: Path):
+    py = sys.executable
+    teacher = start_service(
+        [py, "-m", "common.cli", "serve", "teacher", "--model-dir", str(models / "base")]
+        + ["--adapter", f"a={models / 'teacher-a'}", "--adapter", f"b={models / 'teacher-b'}"]
+        + ["--port", "0", "--threads", "1"],
+        cwd=str(REPO),
+    )
+    svc: Service | None = None
+    try:
+        svc = start_service(
+            [py, "-m", "common.cli", "serve", "router", "--port", "0", "--policy", "label"]
+            + ["--teacher", f"a={teacher.url}#a", "--teacher", f"b={teacher.url}#b"]
+            + ["--anchor", f"base={teacher.url}#base"],
+            cwd=str(REPO),
+        )
+        yield svc.url
+    finally:
+        if svc is not None:
+            assert svc.stop() == 0, svc.output()
+        assert teacher.stop() == 0, teacher.output()
+
+
+@pytest.mark.parametrize(("supervise", "guidance"), [("router", None), ("average", 2.0)])
+def test_served_answers_equal_in_process(
+    models: Path, router: str, supervise: str, guidance: float | None
+) -> None:
+    world = make_world()
+    teachers = load_teachers(models, ["a", "b"])
+    labels = torch.tensor([3, 0, 1, 2, 2, 0])
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn((6, *SHAPE), generator=g), torch.rand(6, generator=g)
+    served = HttpLatentTeachers(router, ["a", "b"], world, supervise, guidance)
+    try:
+        got = served.query(x, t, labels, anchor=True)
+    finally:
+        served.close()
+    want = LocalLatentTeachers(teachers, ["a", "b"], world, supervise, guidance).query(
+        x, t, labels, anchor=True
+    )
+    assert torch.equal(got.teacher, want.teacher)
+    assert torch.allclose(got.v, want.v, atol=1e-5)
+    assert torch.allclose(got.v_anchor, want.v_anchor, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flow_opd_over_http_ends_at_the_in_process_student(models: Path, router: str) -> None:
+    cfg = LatentConfig(
+        "flowopd", steps=3, batch=4, rollout_steps=4, eval_per_family=2, eval_steps=2
+    )
+    world = make_world()
+    teachers = load_teachers(models, ["a", "b"])
+    sched = declared_scheduler(models)
+    grids = sigma_grid(sched, 4), sigma_grid(sched, 2)
+    local = load_student(models)
+    train_latent(cfg, local, teachers, world, *grids)
+    remote = load_student(models)
+    client = HttpLatentTeachers(router, ["a", "b"], world)
+    try:
+        rep = train_latent(cfg, remote, teachers, world, *grids, client=client)
+    finally:
+        client.close()
+    assert client.requests == 3 and client.bytes_sent > 3 * 4 * 4 * 256 * 4
+    assert rep["param_change_l2"] > 0
+    for p, q in zip(local.transformer.parameters(), remote.transformer.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5)
