@@ -12,14 +12,19 @@ public and conditioned); it counts requests and bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
 from common.codec import decode_response, encode_request
-from student.latent.teachers import LatentQuery, family_routes
+from common.procs import start_service
+from student.latent.models import BASE_DIR, teacher_dir
+from student.latent.teachers import LatentQuery, LatentSetupError, family_routes
 from student.latent.world import TEACHER_FAMILIES, World
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -40,11 +45,25 @@ class HttpLatentTeachers:
     ) -> None:
         self.url, self.names, self.world = url.rstrip("/"), list(names), world
         self.supervise, self.guidance_scale = supervise, guidance_scale
-        self.routes = family_routes(
-            self.names, [f for n in self.names for f in TEACHER_FAMILIES[n]]
-        )
         self.http = httpx.Client(timeout=timeout_s)
+        # route labels are the router's teacher indices: its registry order, not ours
+        registered = [t["name"] for t in self._get("/v1/teachers")["teachers"]]
+        missing = [n for n in self.names if n not in registered]
+        if missing:
+            self.http.close()
+            raise LatentSetupError(
+                f"teacher {missing[0]!r} is not registered at the router {url} "
+                f"(it has {', '.join(registered) or 'none'})"
+            )
+        ours = family_routes(self.names, [f for n in self.names for f in TEACHER_FAMILIES[n]])
+        self.routes = {f: registered.index(self.names[k]) for f, k in ours.items()}
         self.requests = self.bytes_sent = self.bytes_received = 0
+
+    def _get(self, path: str) -> dict:
+        r = self.http.get(self.url + path)
+        if r.status_code != 200:
+            raise RuntimeError(f"router {self.url}{path} answered {r.status_code}: {r.text[:300]}")
+        return r.json()
 
     def query(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, anchor: bool = False
@@ -83,3 +102,31 @@ class HttpLatentTeachers:
 
     def close(self) -> None:
         self.http.close()
+
+
+@contextmanager
+def served_teachers(models: Path, threads: int = 1) -> Iterator[str]:
+    """Serve the latent models as the project deploys them and yield the router's URL: one
+    ``opd serve teacher`` process holding the base once with adapters ``a`` and ``b``, and
+    ``opd serve router --policy label`` over them (``base`` as the anchor). Both are stopped
+    on exit."""
+    py, repo = sys.executable, str(Path(__file__).resolve().parents[2])
+    teacher = start_service(
+        [py, "-m", "common.cli", "serve", "teacher", "--model-dir", str(models / BASE_DIR)]
+        + [a for n in TEACHER_FAMILIES for a in ("--adapter", f"{n}={teacher_dir(models, n)}")]
+        + ["--port", "0", "--threads", str(threads)],
+        cwd=repo,
+    )
+    router = None
+    try:
+        router = start_service(
+            [py, "-m", "common.cli", "serve", "router", "--port", "0", "--policy", "label"]
+            + [a for n in TEACHER_FAMILIES for a in ("--teacher", f"{n}={teacher.url}#{n}")]
+            + ["--anchor", f"base={teacher.url}#{BASE_DIR}"],
+            cwd=repo,
+        )
+        yield router.url
+    finally:
+        if router is not None:
+            router.stop()
+        teacher.stop()

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +35,11 @@ class LatentSettings(BaseSettings):
     seed: int = Field(123, description="run seed (prompts, rollout noise, DanceOPD indices)")
     guidance_scale: float | None = Field(
         None, description="classifier-free guidance in the teacher queries (none: off)"
+    )
+    backend: Literal["local", "http"] = Field(
+        "local",
+        description="local: teachers in this process; http: one teacher process (base + LoRA "
+        "adapters) and a label router on loopback, started and stopped here",
     )
     force: bool = Field(False, description="pretrain the models again")
     base_steps: int | None = Field(None, ge=1, description="pretraining steps of the base")
@@ -63,15 +68,25 @@ def run_latent(s: LatentSettings, say=print) -> int:
         teacher_steps=s.teacher_steps or TEACHER_STEPS,
         say=say,
     )
-    rows = latent_table(s, runs, say)
+    if s.backend == "http":
+        from student.latent.http import served_teachers
+
+        with served_teachers(s.models) as url:
+            say(f"teachers served behind the router at {url}")
+            rows = latent_table(s, runs, say, router_url=url)
+    else:
+        rows = latent_table(s, runs, say)
     (s.out / "report.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     say(format_table(rows))
     say(f"wrote {s.out / 'report.json'} and {s.out / 'samples.png'}")
     return 0
 
 
-def latent_table(s: LatentSettings, runs: list[str], say=print) -> list[dict[str, Any]]:
-    """The reference rows (base, routed teachers) and the trained rows, in SPEC §5's order."""
+def latent_table(
+    s: LatentSettings, runs: list[str], say=print, router_url: str | None = None
+) -> list[dict[str, Any]]:
+    """The reference rows (base, routed teachers) and the trained rows, in SPEC §5's order;
+    with ``router_url`` the trained rows query the served teachers through that router."""
     import torch
 
     from student.latent.figures import plot_grid
@@ -112,10 +127,26 @@ def latent_table(s: LatentSettings, runs: list[str], say=print) -> list[dict[str
     def trained(title: str, cfg: LatentConfig, names: str) -> None:
         student = load_student(s.models)
         t0 = time.perf_counter()
-        say(f"training {title} ({cfg.steps} steps)")
-        rep = train_latent(
-            cfg, student, teachers, world, sigma_grid(sched, cfg.rollout_steps), sig_eval, say
-        )
+        say(f"training {title} ({cfg.steps} steps, {s.backend})")
+        client = None
+        if router_url is not None:
+            from student.latent.http import HttpLatentTeachers
+
+            client = HttpLatentTeachers(
+                router_url, cfg.teachers, world, cfg.supervise, cfg.guidance_scale
+            )
+        grid = sigma_grid(sched, cfg.rollout_steps)
+        try:
+            rep = train_latent(cfg, student, teachers, world, grid, sig_eval, say, client)
+        finally:
+            if client is not None:
+                client.close()
+        if client is not None:
+            rep["counts"] |= {
+                "requests": client.requests,
+                "bytes_sent": client.bytes_sent,
+                "bytes_received": client.bytes_received,
+            }
         say(f"  done in {time.perf_counter() - t0:.0f} s: {_brief(rep['metrics'])}")
         grids[title] = (rep.pop("samples"), rep.pop("labels"))
         rows.append(_row(title, names, rep))

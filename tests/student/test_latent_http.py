@@ -3,21 +3,17 @@ the router with label routing; the same OPD steps end at the same student as in-
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from common.procs import Service, start_service
-from student.latent.http import HttpLatentTeachers
+from student.latent.http import HttpLatentTeachers, served_teachers
 from student.latent.models import declared_scheduler, load_student, load_teachers, sigma_grid
-from student.latent.teachers import LocalLatentTeachers
+from student.latent.teachers import LatentSetupError, LocalLatentTeachers
 from student.latent.train import LatentConfig, train_latent
 from student.latent.world import SHAPE, make_world
 from tests.student.latent_helpers import tiny_models
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -27,26 +23,13 @@ def models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def router(models: Path):
-    py = sys.executable
-    teacher = start_service(
-        [py, "-m", "common.cli", "serve", "teacher", "--model-dir", str(models / "base")]
-        + ["--adapter", f"a={models / 'teacher-a'}", "--adapter", f"b={models / 'teacher-b'}"]
-        + ["--port", "0", "--threads", "1"],
-        cwd=str(REPO),
-    )
-    svc: Service | None = None
-    try:
-        svc = start_service(
-            [py, "-m", "common.cli", "serve", "router", "--port", "0", "--policy", "label"]
-            + ["--teacher", f"a={teacher.url}#a", "--teacher", f"b={teacher.url}#b"]
-            + ["--anchor", f"base={teacher.url}#base"],
-            cwd=str(REPO),
-        )
-        yield svc.url
-    finally:
-        if svc is not None:
-            assert svc.stop() == 0, svc.output()
-        assert teacher.stop() == 0, teacher.output()
+    with served_teachers(models) as url:
+        yield url
+
+
+def test_a_teacher_the_router_does_not_have_is_refused(router: str) -> None:
+    with pytest.raises(LatentSetupError, match="'c' is not registered at the router"):
+        HttpLatentTeachers(router, ["a", "c"], make_world())
 
 
 @pytest.mark.parametrize(("supervise", "guidance"), [("router", None), ("average", 2.0)])
