@@ -48,7 +48,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "services.teacher.ray_command:RAY",
     ),
     ("latent",): (
-        "the latent world in-process: pretrain SD3 base + LoRA teachers, OPD rows, quality table",
+        "the latent world: pretrain SD3 base + LoRA teachers, OPD rows, quality table",
         "student.latent.run:COMMAND",
     ),
     ("demo",): (

@@ -68,14 +68,20 @@ def run_latent(s: LatentSettings, say=print) -> int:
         teacher_steps=s.teacher_steps or TEACHER_STEPS,
         say=say,
     )
-    if s.backend == "http":
-        from student.latent.http import served_teachers
+    from services.teacher.diffusers_backend import DiffusersLoadError
+    from student.latent.teachers import LatentSetupError
 
-        with served_teachers(s.models) as url:
-            say(f"teachers served behind the router at {url}")
-            rows = latent_table(s, runs, say, router_url=url)
-    else:
-        rows = latent_table(s, runs, say)
+    try:
+        if s.backend == "http":
+            from student.latent.http import served_teachers
+
+            with served_teachers(s.models) as url:
+                say(f"teachers served behind the router at {url}")
+                rows = latent_table(s, runs, say, router_url=url)
+        else:
+            rows = latent_table(s, runs, say)
+    except (LatentSetupError, DiffusersLoadError) as exc:  # before step 1: a usage error
+        raise UsageError(str(exc)) from None
     (s.out / "report.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     say(format_table(rows))
     say(f"wrote {s.out / 'report.json'} and {s.out / 'samples.png'}")
@@ -122,7 +128,7 @@ def latent_table(
     def reference(title: str, families: list[int], names: str) -> None:
         metrics, samples, labels = evaluate(base, world, families, sig_eval, ref)
         rows.append(_row(title, names, {"metrics": metrics, **empty}))
-        grids.setdefault("base student", (samples, labels))
+        grids["base student"] = (samples, labels)  # the last: every family
 
     def trained(title: str, cfg: LatentConfig, names: str) -> None:
         student = load_student(s.models)
@@ -163,12 +169,12 @@ def latent_table(
     samples, labels = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     rows.append(
         _row(
-            "teachers a | b, label-routed",
+            "teachers a, b label-routed (ceiling)",
             "a,b",
             {"metrics": metrics_of(world, samples, labels), **empty},
         )
     )
-    grids["teachers a | b"] = (samples, labels)
+    grids["teachers a, b label-routed"] = (samples, labels)
     titles = {
         "diffusionopd": ("DiffusionOPD dense (a, b)", "diffusionopd", "router"),
         "flowopd": ("Flow-OPD dense + anchor (a, b)", "flowopd", "router"),
@@ -212,7 +218,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 COMMAND = Command(
-    "the latent world in-process: pretrain, OPD rows, quality table", LatentSettings, run_latent
+    "the latent world (SD3 base + LoRA teachers): pretrain, OPD rows, quality table",
+    LatentSettings,
+    run_latent,
 )
 
 

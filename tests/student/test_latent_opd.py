@@ -133,7 +133,7 @@ def test_the_command_writes_the_quality_table(models: Path, tmp_path: Path) -> N
     assert [r["run"] for r in rows] == [
         "base student, target = a",
         "base student, target = a ∪ b",
-        "teachers a | b, label-routed",
+        "teachers a, b label-routed (ceiling)",
         "DanceOPD single query (a, b)",
         "naive average of a and b (dense)",
     ]
