@@ -18,12 +18,14 @@ Contract (``B`` states ``x [B, *S]``: the toy world's ``[B, D]``, latents ``[B, 
            anchor) or an anchor's name.
   request parameters: ``policy`` (optional per-request override of the registry's policy),
            ``anchor``; every other parameter (``cond_id``, ``guidance_scale``, ...) goes to each
-           teacher call unchanged.
+           teacher call unchanged, but for a ``cond_id`` sent to a teacher that gets only some
+           of the rows: it names those rows there (:func:`split_cond_id`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -180,6 +182,30 @@ def _check_teacher(teacher: Teacher, x: np.ndarray, extras: dict[str, np.ndarray
             )
 
 
+#: the longest cond_id a teacher keeps (services/teacher/conditioned.py's MAX_COND_ID)
+MAX_COND_ID = 256
+
+
+def split_cond_id(cond_id: str, teacher: str, idx: np.ndarray) -> str:
+    """The ``cond_id`` a teacher that gets only rows ``idx`` (int64 ``[n]``) of a request is
+    sent: the caller's id, the teacher's name and a digest of the row indices.
+
+    The caller's id names the whole request's conditioning; a teacher given some of the rows
+    keeps only those under the id it is sent. Passed on unchanged, one id would name different
+    rows at different teachers, and teachers in one process (LoRA specialists on one base
+    share its conditioning cache) would overwrite each other's: the next request by id would
+    get another teacher's prompts, silently. Qualified, each teacher's id names exactly what it
+    holds; the same labels (same rows) give the same ids step after step, and other rows give
+    an id the teacher does not know: its 4xx says to resend, and the caller does.
+    """
+    rows = hashlib.blake2b(idx.astype(np.int64, copy=False).tobytes(), digest_size=6).hexdigest()
+    qualified = f"{cond_id}@{teacher}:{rows}"
+    if len(qualified) > MAX_COND_ID:  # keep within what a teacher accepts
+        short = hashlib.blake2b(cond_id.encode(), digest_size=16).hexdigest()
+        qualified = f"{short}@{teacher}:{rows}"
+    return qualified
+
+
 def _passed_on(msg: InferMessage) -> dict[str, Any] | None:
     """The request parameters the teachers get (all but the router's own), or None."""
     params = msg.parameters
@@ -326,11 +352,16 @@ def _fan_out(
 
     called: list[tuple[str, int, int]] = []
     calls = []
+    cond_id = params.get("cond_id") if params is not None else None
     for k, (teacher, idx) in enumerate(zip(reg.teachers, rows, strict=True)):
         n = len(idx)
         if n == 0:
             continue
-        calls.append(call(teacher, _inputs(x, t, extras, idx, n == b), deadline, *extra_args))
+        args = extra_args
+        if n < b and params is not None and isinstance(cond_id, str):
+            # some rows only: an id that names those rows (see split_cond_id)
+            args = ({**params, "cond_id": split_cond_id(cond_id, teacher.name, idx)},)
+        calls.append(call(teacher, _inputs(x, t, extras, idx, n == b), deadline, *args))
         called.append((teacher.name, k, n))
     if anchor is not None:
         inputs = {"x": x, "t": t} if not extras else {"x": x, "t": t, **extras}

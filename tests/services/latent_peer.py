@@ -11,7 +11,8 @@ so a test can check every merged row exactly::
 
 computed in float32 and sent back in x's datatype (FP16 in, FP16 out). Conditioning sent with a
 ``cond_id`` is kept under that id (the rows this server was sent); a later request may send the
-id alone.
+id alone. ``--name a,b --scale 2,3`` serves two models from one process sharing one
+conditioning cache, as LoRA specialists on one diffusers base do.
 """
 
 from __future__ import annotations
@@ -64,14 +65,15 @@ def velocity(
 def build(args: argparse.Namespace) -> Starlette:
     shape = tuple(int(d) for d in args.shape.split(","))
     cond_shape = tuple(int(d) for d in args.cond.split(","))
-    cache: dict[str, np.ndarray] = {}  # cond_id -> the conditioning rows it was sent with
-    params = {
-        "version": "1",
-        "digest": f"latent-{args.name}-{args.scale}",
-        "backend": "diffusers",
-    }
-    if args.time_convention != "none":
-        params["time_convention"] = args.time_convention
+    scales = dict(zip(args.name.split(","), map(float, args.scale.split(",")), strict=True))
+    # cond_id -> the conditioning rows it was sent with, shared by every model served here
+    cache: dict[str, np.ndarray] = {}
+
+    def parameters(name: str) -> dict[str, str]:
+        params = {"version": "1", "digest": f"latent-{name}-{scales[name]}", "backend": "diffusers"}
+        if args.time_convention != "none":
+            params["time_convention"] = args.time_convention
+        return params
 
     async def ok(_: Request) -> JSONResponse:
         return JSONResponse({"ready": True, "live": True})
@@ -80,14 +82,15 @@ def build(args: argparse.Namespace) -> Starlette:
         return JSONResponse({"name": "latent-peer", "version": "0", "extensions": []})
 
     async def index(_: Request) -> JSONResponse:
-        return JSONResponse([{"name": args.name, "version": "1", "state": "READY"}])
+        return JSONResponse([{"name": n, "version": "1", "state": "READY"} for n in scales])
 
     async def metadata(request: Request) -> JSONResponse:
-        if request.path_params["name"] != args.name:
-            return _error(404, f"unknown model {request.path_params['name']!r}")
+        name = request.path_params["name"]
+        if name not in scales:
+            return _error(404, f"unknown model {name!r}")
         return JSONResponse(
             {
-                "name": args.name,
+                "name": name,
                 "versions": ["1"],
                 "platform": "latent-peer",
                 "inputs": [
@@ -96,13 +99,14 @@ def build(args: argparse.Namespace) -> Starlette:
                     {"name": COND, "datatype": "FP32", "shape": [-1, *cond_shape]},
                 ],
                 "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, *shape]}],
-                "parameters": params,
+                "parameters": parameters(name),
             }
         )
 
     async def infer(request: Request) -> Response:
-        if request.path_params["name"] != args.name:
-            return _error(404, f"unknown model {request.path_params['name']!r}")
+        name = request.path_params["name"]
+        if name not in scales:
+            return _error(404, f"unknown model {name!r}")
         try:
             msg = decode_request(await request.body(), request.headers.get(HEADER_LENGTH))
         except CodecError as exc:
@@ -128,16 +132,16 @@ def build(args: argparse.Namespace) -> Starlette:
         if cond.shape[1:] != cond_shape or len(cond) not in (1, len(x)):
             return _error(400, f"{COND} must be [B or 1, {cond_shape}], got {list(cond.shape)}")
         guidance = float(msg.parameters.get("guidance_scale", 0.0))
-        v = velocity(x, t, cond, args.scale, guidance)
+        v = velocity(x, t, cond, scales[name], guidance)
         parts, headers = response_parts(
             {"v": v},
-            args.name,
+            name,
             "1",
             binary=wants_binary(msg, "v"),
             request_id=msg.id,
             parameters={
                 "version": "1",
-                "digest": params["digest"],
+                "digest": parameters(name)["digest"],
                 "x_datatype": datatype_of(x),
             },
         )
@@ -158,8 +162,8 @@ def build(args: argparse.Namespace) -> Starlette:
 
 async def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--name", required=True)
-    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--name", required=True, help="model name(s), comma-separated")
+    p.add_argument("--scale", default="1", help="each model's scale, comma-separated")
     p.add_argument("--shape", default="2,4,4", help="S of x [B, *S], comma-separated")
     p.add_argument("--cond", default="2,4", help="L,E of encoder_hidden_states [B, L, E]")
     p.add_argument("--time-convention", default="flow-t", help="'none': do not declare one")

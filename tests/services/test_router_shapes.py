@@ -40,15 +40,16 @@ COND_SHAPE = (2, 4)  # L, E: mean over 8 values of multiples of 1/4 stays exact
 SCALES = {"a": 2.0, "b": 3.0, "base": 1.0, "sigma": 5.0, "silent": 7.0}
 
 
-def start_peer(name: str, time_convention: str = "flow-t", model: str | None = None) -> Service:
+def start_peer(*names: str, time_convention: str = "flow-t") -> Service:
+    """One peer process serving the models ``names`` (one conditioning cache for all)."""
     cmd = [
         sys.executable,
         "-m",
         "tests.services.latent_peer",
         "--name",
-        model or name,
+        ",".join(names),
         "--scale",
-        str(SCALES[name]),
+        ",".join(str(SCALES[n]) for n in names),
         "--shape",
         ",".join(map(str, SHAPE)),
         "--cond",
@@ -61,13 +62,15 @@ def start_peer(name: str, time_convention: str = "flow-t", model: str | None = N
 
 @pytest.fixture(scope="module")
 def peers():
-    """Latent teachers a, b and base (flow-t), sigma (another convention), silent (none)."""
+    """Latent teachers a, b and base (flow-t), sigma (another convention), silent (none), and
+    a and b again in one process (pair)."""
     svcs = {
         "a": start_peer("a"),
         "b": start_peer("b"),
         "base": start_peer("base"),
-        "sigma": start_peer("sigma", "sigma-1000"),
-        "silent": start_peer("silent", "none"),
+        "sigma": start_peer("sigma", time_convention="sigma-1000"),
+        "silent": start_peer("silent", time_convention="none"),
+        "pair": start_peer("a", "b"),
     }
     yield svcs
     for s in svcs.values():
@@ -230,6 +233,45 @@ def test_cond_id_reaches_the_teachers_and_an_unknown_one_is_their_4xx(router: Se
         assert "resend" in r.json()["error"] and "never-sent" in r.json()["error"]
         assert_serving(c, router)
         answer(post(c, router.url, {**inputs, "route": route}))
+
+
+def test_teachers_sharing_a_process_keep_their_own_rows_under_one_cond_id(
+    peers: dict[str, Service],
+) -> None:
+    # a and b in one process share its conditioning cache, as LoRA specialists on one base do:
+    # the caller's one cond_id must not make either teacher use the other's rows
+    pair = peers["pair"].url
+    svc = start_router("--teacher", f"a={pair}#a", "--teacher", f"b={pair}#b", "--policy", "label")
+    try:
+        inputs = batch(8, seed=10)
+        states = {k: inputs[k] for k in ("x", "t")}
+        route = np.array([0, 1, 0, 1, 1, 0, 0, 1], np.int32)
+        with client() as c:
+            sent, _ = answer(
+                post(c, svc.url, {**inputs, "route": route}, parameters={"cond_id": "batch-7"})
+            )
+            by_id, _ = answer(
+                post(c, svc.url, {**states, "route": route}, parameters={"cond_id": "batch-7"})
+            )
+            np.testing.assert_array_equal(sent["v"], per_row(inputs, route))
+            np.testing.assert_array_equal(by_id["v"], sent["v"])
+            # other rows per teacher (same counts): not what either holds, so their 4xx, never
+            # another row's prompt; sent again with the tensors, it is answered
+            other = route[::-1].copy()
+            r = post(c, svc.url, {**states, "route": other}, parameters={"cond_id": "batch-7"})
+            assert r.status_code == 404 and "resend" in r.json()["error"], r.text
+            again, _ = answer(
+                post(c, svc.url, {**inputs, "route": other}, parameters={"cond_id": "batch-7"})
+            )
+            np.testing.assert_array_equal(again["v"], per_row(inputs, other))
+            # one teacher with every row keeps the caller's id as it is
+            every = np.zeros(8, np.int32)
+            answer(post(c, svc.url, {**inputs, "route": every}, parameters={"cond_id": "all"}))
+            body, headers = encode_request(states, parameters={"cond_id": "all"})
+            direct = c.post(f"{pair}/v2/models/a/infer", content=body, headers=headers)
+            np.testing.assert_array_equal(answer(direct)[0]["v"], expected(inputs, "a"))
+    finally:
+        svc.stop()
 
 
 def test_nearest_without_centers_says_use_label_or_average(router: Service) -> None:
