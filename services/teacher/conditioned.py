@@ -16,6 +16,7 @@ On the wire (OIP v2, JSON or binary tensors):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,7 +61,7 @@ def parse_conditioned(
     header_length: str | None,
     state: TensorSpec,
     conds: tuple[TensorSpec, ...],
-    check_state,
+    check_state: Callable[[tuple[int, ...]], str | None],
     cache: CondCache | None,
 ) -> InferRequest:
     """Decode and validate a conditioned infer body (see the module docstring).

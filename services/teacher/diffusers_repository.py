@@ -30,7 +30,7 @@ from services.teacher.backend import TensorSpec
 from services.teacher.cond_cache import CondCache
 from services.teacher.conditioned import Conditioned, parse_conditioned
 from services.teacher.diffusers_backend import DiffusersBackend, DiffusersLoadError
-from services.teacher.protocol import ProtocolError
+from services.teacher.protocol import InferRequest, ProtocolError
 from services.teacher.repository import RepositoryError, resolve_under
 from services.teacher.tensors import to_torch, to_wire, wire_datatype
 
@@ -50,7 +50,9 @@ class DiffusersModel:
     source: Path  # the model directory or the adapter file
     base_name: str
 
-    def parse(self, body: bytearray, header_length: str | None, cache: CondCache | None):
+    def parse(
+        self, body: bytearray, header_length: str | None, cache: CondCache | None
+    ) -> InferRequest:
         """Validate an infer body for this model (see :mod:`services.teacher.conditioned`)."""
         b = self.backend
         req = parse_conditioned(
