@@ -500,7 +500,8 @@ def holder(reg: Registry, name: str, replica: Replica) -> Teacher | None:
 
 def swap_warnings(reg: Registry, old: Teacher | None, new: Teacher) -> list[str]:
     """What a registry change did that is legal but rarely meant: ``new`` serves the checkpoint
-    another registered teacher serves, or routes by other modes than ``old`` did."""
+    another registered teacher serves, routes by other modes than ``old`` did, or means
+    another thing by ``t``."""
     out = [
         f"{new.name!r} now serves the same checkpoint as {t.name!r} ({new.digest})"
         for t in reg.all()
@@ -508,6 +509,12 @@ def swap_warnings(reg: Registry, old: Teacher | None, new: Teacher) -> list[str]
     ]
     if old is not None and old.modes != new.modes:
         out.append(f"{new.name!r} routes by modes {new.modes} now, {old.modes} before")
+    if old is not None and old.time_convention != new.time_convention:
+        # allowed only because no other teacher holds the old one: the caller's t changes meaning
+        out.append(
+            f"{new.name!r} uses time convention {new.time_convention!r} now, "
+            f"{old.time_convention!r} before"
+        )
     return out
 
 

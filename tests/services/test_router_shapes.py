@@ -30,7 +30,7 @@ from common.codec import (
 )
 from common.procs import Service, start_service
 from services.router.direct import DirectRouter
-from services.router.fanout import InputError, UndeclaredInput
+from services.router.fanout import MAX_COND_ID, InputError, UndeclaredInput, split_cond_id
 from services.router.pool import TeacherRejected
 from tests.services.latent_peer import COND, velocity
 from tests.services.router_helpers import REPO, admin, client, start_router
@@ -154,6 +154,18 @@ def test_merge_rows_keeps_any_row_shape_and_dtype() -> None:
     avg = np.full(4, routing.AVERAGE_INDEX)
     mean = routing.merge_rows(avg, [np.arange(4)] * 2, [np.ones((4, 3), np.float16)] * 2, 3)
     assert mean.dtype == np.float16 and (mean == 1).all()
+
+
+def test_split_cond_id_names_the_teacher_and_its_rows_within_the_teachers_limit() -> None:
+    rows = np.array([0, 3, 4])
+    one = split_cond_id("p", "a", rows)
+    assert one.startswith("p@a:") and one == split_cond_id("p", "a", rows.astype(np.int32))
+    assert one != split_cond_id("p", "b", rows) != split_cond_id("p", "a", np.array([0, 3, 5]))
+    long = split_cond_id("x" * 256, "a", rows)
+    assert len(long) <= MAX_COND_ID and long != split_cond_id("y" * 256, "a", rows)
+    from services.teacher.conditioned import MAX_COND_ID as TEACHER_LIMIT
+
+    assert MAX_COND_ID == TEACHER_LIMIT  # the router's copy of the teachers' limit
 
 
 def test_label_routing_sends_each_row_its_own_conditioning(router: Service) -> None:
