@@ -2,12 +2,14 @@
 
 Pretrains what is missing in ``--models`` (base, LoRA teachers a and b), then runs the rows of
 SPEC §5 at latent shapes (single teacher, the three methods with label routing, the naive
-average) and prints the quality table; writes ``report.json`` and ``samples.png`` to ``--out``.
+average) and prints the quality table; writes ``report.json``, ``samples.png`` and each trained
+student (``students/ROW/``, a diffusers directory) to ``--out``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,9 @@ RUNS = ("single", "diffusionopd", "flowopd", "danceopd", "average")
 class LatentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_LATENT_")
     models: Path = Field(Path("models/latent"), description="latent models directory")
-    out: Path = Field(Path("runs/latent"), description="where report.json and samples.png go")
+    out: Path = Field(
+        Path("runs/latent"), description="where report.json, samples.png and students/ROW/ go"
+    )
     runs: str = Field(",".join(RUNS), description=f"comma-separated rows to train: {RUNS}")
     steps: int = Field(300, ge=1, description="OPD optimizer steps per run")
     batch: int = Field(32, ge=1, description="rollouts per step (one prompt each)")
@@ -58,20 +62,19 @@ def run_latent(s: LatentSettings, say=print) -> int:
     if bad:
         raise UsageError(f"--runs: unknown row {bad[0]!r}; choose from {', '.join(RUNS)}")
     out_dir(s.out)
-    from student.latent.pretrain import BASE_STEPS, TEACHER_STEPS, ensure_models  # diffusers
-
-    apply_threads(s.threads or thread_budget(76_368))  # the student's parameter count
-    ensure_models(
-        s.models,
-        force=s.force,
-        base_steps=s.base_steps or BASE_STEPS,
-        teacher_steps=s.teacher_steps or TEACHER_STEPS,
-        say=say,
-    )
-    from services.teacher.diffusers_backend import DiffusersLoadError
+    from services.teacher.diffusers_backend import DiffusersLoadError  # imports diffusers
+    from student.latent.pretrain import BASE_STEPS, TEACHER_STEPS, ensure_models
     from student.latent.teachers import LatentSetupError
 
+    apply_threads(s.threads or thread_budget(76_368))  # the student's parameter count
     try:
+        ensure_models(
+            s.models,
+            force=s.force,
+            base_steps=s.base_steps or BASE_STEPS,
+            teacher_steps=s.teacher_steps or TEACHER_STEPS,
+            say=say,
+        )
         if s.backend == "http":
             from student.latent.http import served_teachers
 
@@ -80,7 +83,7 @@ def run_latent(s: LatentSettings, say=print) -> int:
                 rows = latent_table(s, runs, say, router_url=url)
         else:
             rows = latent_table(s, runs, say)
-    except (LatentSetupError, DiffusersLoadError) as exc:  # before step 1: a usage error
+    except (LatentSetupError, DiffusersLoadError) as exc:  # models or setup: nothing trained
         raise UsageError(str(exc)) from None
     (s.out / "report.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     say(format_table(rows))
@@ -96,7 +99,13 @@ def latent_table(
     import torch
 
     from student.latent.figures import plot_grid
-    from student.latent.models import declared_scheduler, load_student, load_teachers, sigma_grid
+    from student.latent.models import (
+        declared_scheduler,
+        load_student,
+        load_teachers,
+        save_base,
+        sigma_grid,
+    )
     from student.latent.rollout import student_field, teacher_field
     from student.latent.train import LatentConfig, evaluate, train_latent
     from student.latent.world import TEACHER_FAMILIES, make_world, metrics_of
@@ -130,7 +139,7 @@ def latent_table(
         rows.append(_row(title, names, {"metrics": metrics, **empty}))
         grids["base student"] = (samples, labels)  # the last: every family
 
-    def trained(title: str, cfg: LatentConfig, names: str) -> None:
+    def trained(key: str, title: str, cfg: LatentConfig, names: str) -> None:
         student = load_student(s.models)
         t0 = time.perf_counter()
         say(f"training {title} ({cfg.steps} steps, {s.backend})")
@@ -155,11 +164,15 @@ def latent_table(
             }
         say(f"  done in {time.perf_counter() - t0:.0f} s: {_brief(rep['metrics'])}")
         grids[title] = (rep.pop("samples"), rep.pop("labels"))
-        rows.append(_row(title, names, rep))
+        # a diffusers directory like the base's: `opd serve teacher --model-dir` serves it
+        saved = s.out / "students" / key
+        shutil.rmtree(saved, ignore_errors=True)
+        save_base(student.transformer, saved)
+        rows.append(_row(title, names, rep | {"student_dir": str(saved)}))
 
     reference("base student, target = a", [0, 1], "a")
     if "single" in runs:
-        trained("single teacher (a), dense", config("diffusionopd", ["a"]), "a")
+        trained("single", "single teacher (a), dense", config("diffusionopd", ["a"]), "a")
     reference("base student, target = a ∪ b", [0, 1, 2, 3], "a,b")
     # the ceiling: each teacher sampling its own families (what label routing distils)
     parts = [
@@ -183,7 +196,7 @@ def latent_table(
     }
     for key, (title, method, supervise) in titles.items():
         if key in runs:
-            trained(title, config(method, ["a", "b"], supervise), "a,b")
+            trained(key, title, config(method, ["a", "b"], supervise), "a,b")
     plot_grid(s.out / "samples.png", world, grids)
     return rows
 

@@ -46,13 +46,14 @@ class LatentConfig:
 
 
 def check_setup(
-    cfg: LatentConfig, student: DiffusersBackend, teachers: DiffusersBackend
+    cfg: LatentConfig, student: DiffusersBackend, teachers: DiffusersBackend, world: World
 ) -> list[int]:
     """Refuse before step 1 what would fail later; returns the prompt families.
 
     Raises:
         LatentSetupError: unknown method, a family no teacher serves, a student whose time
-            convention (scheduler grid) or state shape differs from the teachers'.
+            convention (scheduler grid) or state shape differs from the teachers', prompt
+            embeddings that do not fit the models' conditioning inputs.
     """
     if cfg.method not in METHODS:
         raise LatentSetupError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
@@ -71,6 +72,16 @@ def check_setup(
         raise LatentSetupError(
             f"student state {s.describe()} does not fit the teachers' {t.describe()} at {SHAPE}"
         )
+    prompt = world.cond(torch.tensor(families[:1]))
+    for who, model in (("student", student), ("teachers", teachers)):
+        for spec in model.cond_specs():
+            got = prompt.get(spec.name)
+            if got is None or not spec.fits(tuple(got.shape[1:])):
+                have = "none" if got is None else list(got.shape[1:])
+                raise LatentSetupError(
+                    f"the prompt set's {spec.name} is {have} per prompt; the {who} take "
+                    f"{spec.describe()}"
+                )
     return families
 
 
@@ -101,7 +112,7 @@ def train_latent(
     shape); ``client`` answers the queries instead of it when given (e.g.
     :class:`student.latent.http.HttpLatentTeachers`, the same teachers served).
     """
-    families = check_setup(cfg, student, teachers)
+    families = check_setup(cfg, student, teachers, world)
     method = METHODS[cfg.method]
     if client is None:
         client = LocalLatentTeachers(

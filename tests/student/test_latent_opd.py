@@ -15,7 +15,7 @@ from student.latent.models import declared_scheduler, load_student, load_teacher
 from student.latent.run import LatentSettings, run_latent
 from student.latent.teachers import LatentSetupError, LocalLatentTeachers, family_routes
 from student.latent.train import LatentConfig, check_setup, train_latent
-from student.latent.world import SHAPE, make_world
+from student.latent.world import SHAPE, World, make_world
 from tests.student.latent_helpers import tiny_models
 
 
@@ -113,13 +113,32 @@ def test_bad_setups_are_refused_before_step_one(models: Path, teachers) -> None:
     student = load_student(models)
     with pytest.raises(LatentSetupError, match="prompt family 2 has no teacher"):
         family_routes(["a"], [0, 1, 2])
+    world = make_world()
+    ok = LatentConfig("diffusionopd")
+    assert check_setup(ok, student, teachers, world) == [0, 1, 2, 3]
     with pytest.raises(LatentSetupError, match="no teacher 'c'"):
-        check_setup(LatentConfig("diffusionopd", teachers=["c"]), student, teachers)
+        check_setup(LatentConfig("diffusionopd", teachers=["c"]), student, teachers, world)
     with pytest.raises(LatentSetupError, match="unknown method"):
-        check_setup(LatentConfig("ppo"), student, teachers)
+        check_setup(LatentConfig("ppo"), student, teachers, world)
+    narrow = World(world.prototypes, world.text[..., :8], world.pooled)
+    with pytest.raises(LatentSetupError, match=r"encoder_hidden_states is \[4, 8\] per prompt"):
+        check_setup(ok, student, teachers, narrow)
     student.time_convention = "diffusers-flowmatch:000000000000"
     with pytest.raises(LatentSetupError, match="time convention"):
-        check_setup(LatentConfig("diffusionopd"), student, teachers)
+        check_setup(ok, student, teachers, world)
+
+
+def test_the_command_refuses_bad_input_with_exit_2(tmp_path: Path, capsys) -> None:
+    from common.cli import main
+
+    assert main(["latent", "--runs", "single,ppo", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown row 'ppo'" in capsys.readouterr().err
+    broken = tmp_path / "models" / "base" / "transformer"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')
+    (broken / "weights.bin").write_bytes(b"pickle")
+    assert main(["latent", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "o")]) == 2
+    assert "pickle-capable file" in capsys.readouterr().err
 
 
 def test_the_command_writes_the_quality_table(models: Path, tmp_path: Path) -> None:
@@ -138,4 +157,9 @@ def test_the_command_writes_the_quality_table(models: Path, tmp_path: Path) -> N
         "naive average of a and b (dense)",
     ]
     assert (out / "samples.png").stat().st_size > 0
+    from services.teacher.diffusers_backend import load_backend
+
+    student = load_backend(Path(rows[-1]["student_dir"]))  # servable as a teacher
+    assert student.time_convention == load_backend(models / "base").time_convention
+    assert student.digest != load_backend(models / "base").digest
     assert "| naive average of a and b (dense) |" in "\n".join(lines)
