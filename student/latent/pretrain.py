@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from services.teacher.diffusers_backend import load_backend
 from student.latent.models import (
     BASE_DIR,
     LORA_RANK,
     LORA_TARGETS,
     build_transformer,
-    load_backend,
     save_base,
     teacher_dir,
     velocity,

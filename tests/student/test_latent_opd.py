@@ -163,3 +163,35 @@ def test_the_command_writes_the_quality_table(models: Path, tmp_path: Path) -> N
     assert student.time_convention == load_backend(models / "base").time_convention
     assert student.digest != load_backend(models / "base").digest
     assert "| naive average of a and b (dense) |" in "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_routing_moves_mass_to_the_prompts_family_and_beats_the_average(tmp_path: Path) -> None:
+    """SPEC §5's two claims at latent shapes, on a shortened recipe (about 25 s on 2 cores)."""
+    from common.threads import apply_threads
+    from student.latent.pretrain import ensure_models
+    from student.latent.rollout import student_field
+    from student.latent.train import evaluate
+
+    apply_threads(1)
+    models = ensure_models(tmp_path / "m", base_steps=300, teacher_steps=250, say=lambda _: None)
+    world, teachers = make_world(), load_teachers(models, ["a", "b"])
+    sched = declared_scheduler(models)
+    grid, grid_eval = sigma_grid(sched, 6), sigma_grid(sched, 8)
+    mass = {}
+    for supervise in ("router", "average"):
+        cfg = LatentConfig(
+            "diffusionopd",
+            supervise=supervise,
+            steps=60,
+            batch=16,
+            rollout_steps=6,
+            eval_per_family=32,
+            eval_steps=8,
+        )
+        rep = train_latent(cfg, load_student(models), teachers, world, grid, grid_eval)
+        mass[supervise] = rep["metrics"]["family_mass"]
+    base, _, _ = evaluate(student_field(load_student(models)), world, [0, 1, 2, 3], grid_eval, cfg)
+    mass["base"] = base["family_mass"]
+    assert mass["router"] > mass["base"] + 0.15, mass
+    assert mass["router"] > mass["average"] + 0.1, mass
