@@ -41,7 +41,9 @@ class RouterSettings(BaseSettings):
         None, description="YAML or JSON registry file (teachers, anchors, policy)"
     )
     policy: Literal["nearest", "label", "average"] | None = Field(
-        None, description="routing policy (default: the registry file's, else nearest)"
+        None,
+        description="routing policy (default: the registry file's, else nearest); latent "
+        "teachers have no mode centers: use label (route input per row) or average",
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port (0 = any free port)")
@@ -65,6 +67,16 @@ class RouterSettings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="requests waiting beyond max_inflight before 503")
     max_connections: int = Field(256, ge=1, description="keep-alive connections over all replicas")
     max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body (MiB)")
+    max_queue_mb: float | None = Field(
+        None,
+        gt=0,
+        description="most MiB held by admitted requests (bodies and answers), beside "
+        "max_inflight + max_queue; beyond: 503 + Retry-After, one larger request: 413 "
+        "(default: a quarter of the cgroup limit or MemAvailable, 64..1024 MiB)",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this (else 408, closed)"
+    )
     threads: int = Field(1, ge=1, description="torch CPU threads (routing math only)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "warning", description="uvicorn log level"
