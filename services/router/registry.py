@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -49,6 +50,10 @@ def check_name(name: str) -> str:
     return name
 
 
+#: ``serve://APP``: a Serve application name (the Ray router's handle endpoints)
+_SERVE_APP = re.compile(r"^serve://[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One server of a teacher: base URL plus the served model's name (``None`` = ask its index)."""
@@ -58,11 +63,13 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
-        """``http://host:port[#MODEL]`` → endpoint (trailing ``/`` dropped)."""
+        """``http://host:port[#MODEL]`` → endpoint (trailing ``/`` dropped); also
+        ``serve://APP[#MODEL]``, a Ray Serve application that the Ray router reaches by handle
+        (:mod:`services.router.serve_transport`)."""
         text = text.strip()
         url, _, model = text.partition("#")
         url = url.rstrip("/")
-        if not is_http_base_url(url):
+        if not is_http_base_url(url) and not _SERVE_APP.match(url):
             raise RegistryError(
                 f"endpoint {text!r} is not an http(s) base URL "
                 "(write e.g. http://127.0.0.1:8001 or http://host:8001#teacher-a)"

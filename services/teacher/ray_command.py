@@ -1,17 +1,18 @@
 """``opd serve ray --config deploy/serve_config.yaml``: a Serve config on a Ray cluster.
 
-Does what ``serve run CONFIG`` does (start Serve with the config's HTTP options, deploy its
-applications), then waits until every application is RUNNING, announces the HTTP base URL
-(``OPD_URL=...``; application routes hang below it, e.g. ``/teacher-a``) and serves until
-SIGINT/SIGTERM, when it shuts Serve (and a Ray instance it started) down.
+Does what ``serve run CONFIG`` does, with Serve's public API only (start Serve with the config's
+HTTP options, deploy its applications in file order, each with its ``deployments`` options),
+announces the HTTP base URL (``OPD_URL=...``; application routes hang below it, e.g.
+``/teacher-a``) and serves until SIGINT/SIGTERM, when it shuts Serve (and a Ray instance it
+started) down. ``--apply --address auto`` deploys onto a running cluster and exits.
 """
 
 from __future__ import annotations
 
+import importlib
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -31,7 +32,11 @@ class RaySettings(BaseSettings):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
     port: int | None = Field(None, ge=0, description="override http_options.port (0 = free port)")
-    ready_timeout_s: float = Field(180.0, gt=0, description="how long to wait for RUNNING")
+    apply: bool = Field(
+        False,
+        description="deploy onto the running cluster at --address and exit, leaving it serving "
+        "(a changed user_config reaches every replica: the swap path)",
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,30 +61,71 @@ def load_config(path: Path, port: int | None) -> dict:
     return doc
 
 
-def wait_running(names: list[str], timeout_s: float) -> None:
-    """Block until every application is RUNNING; raise with Serve's message if one fails."""
+def deploy_config(doc: dict) -> list[str]:
+    """Deploy every application of a Serve config through Serve's public API, in file order
+    (teachers before the router that composes them); returns the application names.
+
+    ``deployments`` entries are applied by our builders (``build(args, options)`` beside each
+    ``app_builder``: one deployment per application); another import path takes ``args`` only.
+    Redeploying a running application with a changed ``user_config`` is how a swap reaches
+    every replica (docs/deploy.md).
+
+    Raises:
+        UsageError: a bad application (the message names it and the key), or one that
+            failed to deploy (with Serve's message).
+    """
     from ray import serve
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        apps = serve.status().applications
-        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
-        failed = {
-            n: apps[n].message for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"
-        }
-        if failed:
-            raise UsageError(f"Serve applications failed to deploy: {failed}")
-        if all(s == "RUNNING" for s in states.values()):
-            return
-        if time.monotonic() > deadline:
-            raise UsageError(f"applications not RUNNING after {timeout_s:.0f} s: {states}")
-        time.sleep(0.5)
+    names = []
+    for i, app in enumerate(doc["applications"]):
+        name = app.get("name", "default")
+        where = f"applications[{i}] ({name})"
+        target = _application(app, where)
+        try:
+            serve.run(target, name=name, route_prefix=app.get("route_prefix", "/"))
+        except Exception as exc:  # Serve reports a failed deploy as an exception with its cause
+            raise UsageError(f"{where} failed to deploy: {exc}") from None
+        names.append(name)
+    return names
+
+
+def _application(app: dict, where: str):
+    """The bound application of one config entry (its builder called with its args)."""
+    from pydantic import ValidationError
+
+    module_name, _, attr = str(app.get("import_path", "")).partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        builder = getattr(module, attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UsageError(
+            f"{where}.import_path: cannot import {app.get('import_path')!r}: {exc}"
+        ) from None
+    deployments = app.get("deployments") or []
+    args = app.get("args") or {}
+    try:
+        if attr == "app_builder" and hasattr(module, "build"):
+            if len(deployments) > 1:
+                names = [d.get("name") for d in deployments]
+                raise UsageError(
+                    f"{where}.deployments: one deployment per application, got {names}"
+                )
+            return module.build(args, deployments[0] if deployments else None)
+        if deployments:
+            raise UsageError(
+                f"{where}.deployments: only applied for opd builders; use `serve run` for "
+                f"{app['import_path']}"
+            )
+        return builder(args) if callable(builder) and not hasattr(builder, "bind") else builder
+    except ValidationError as exc:
+        raise UsageError(f"{where}.args: {exc}") from None
+    except ValueError as exc:  # our builders name the key (a missing file, GPUs)
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def run_ray(s: RaySettings) -> int:
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
     doc = load_config(s.config, s.port)
@@ -95,18 +141,23 @@ def run_ray(s: RaySettings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    leave_running = s.apply
     try:
-        client = serve_api.serve_start(
-            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+        serve.start(
+            proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump()
         )
-        client.deploy_apps(schema, _blocking=False)
-        wait_running([a.name for a in schema.applications], s.ready_timeout_s)
+        deploy_config(doc)
         announce_url(f"http://{doc['http_options']['host']}:{doc['http_options']['port']}")
-        stop.wait()
+        if not s.apply:
+            stop.wait()
+    except BaseException:
+        leave_running = False
+        raise
     finally:
-        serve.shutdown()
-        if started_ray:
-            ray.shutdown()
+        if not leave_running:
+            serve.shutdown()
+        if started_ray or s.apply:
+            ray.shutdown()  # a driver that attached only disconnects
     return 0
 
 

@@ -1,6 +1,14 @@
-"""The teacher as a Ray Serve deployment: the same OIP v2 API (FastAPI ingress), batched with
-``@serve.batch`` by states, hot swap through the same repository routes or through
-``user_config`` (``{"checkpoint": FILE}``, applied to every replica by ``serve deploy``).
+"""The teacher as a Ray Serve deployment: the same OIP v2 API (``@serve.ingress``: the shared
+core's ASGI app), batched with ``@serve.batch`` by states, and a handle method
+:meth:`TeacherDeployment.http` through which the Ray router (another application) sends the same
+OIP v2 requests by deployment handle: one copy of the weights answers both.
+
+Swaps: ``user_config: {checkpoint: FILE}`` (toy) or ``{adapters: {NAME: DIR}}`` (diffusers)
+reaches every replica (:meth:`TeacherDeployment.reconfigure`; requests in flight keep the model
+snapshot they started on); the repository routes (``POST /v2/repository/models/NAME/load``)
+reach the one replica that answers the call.
+Only Serve's public API is used (``@serve.deployment``, ``@serve.ingress``, ``@serve.batch``,
+``reconfigure``/``user_config``).
 
 A diffusers teacher (``args: {model_dir: DIR, adapters: {teacher-a: PATH}, dtype: bf16}``)
 serves its base and adapters as v2 models on each replica, with the conditioning cache and
@@ -20,8 +28,9 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -44,6 +53,9 @@ class TeacherArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy, not silently
 
+    kind: Literal["toy", "diffusers"] | None = Field(
+        None, description="teacher kind (default: toy for checkpoint, diffusers for model_dir)"
+    )
     checkpoint: Path | None = None
     model_dir: Path | None = Field(None, description="diffusers transformer directory instead")
     adapters: dict[str, Path] = Field(
@@ -68,7 +80,19 @@ class TeacherArgs(BaseModel):
     def _one_source(self) -> TeacherArgs:
         if (self.checkpoint is None) == (self.model_dir is None):
             raise ValueError("give either checkpoint or model_dir (exactly one)")
+        wants = "toy" if self.checkpoint is not None else "diffusers"
+        if self.kind is not None and self.kind != wants:
+            key = "checkpoint" if self.kind == "diffusers" else "model_dir"
+            raise ValueError(f"kind {self.kind!r} does not take {key!r}; give the other source")
         return self
+
+    def check_files(self, where: str = "args") -> None:
+        """Fail the deploy (naming the key) when a file it names does not exist here."""
+        paths = {"checkpoint": self.checkpoint, "model_dir": self.model_dir}
+        paths.update({f"adapters.{k}": v for k, v in self.adapters.items()})
+        for key, path in paths.items():
+            if path is not None and not path.exists():
+                raise ValueError(f"{where}.{key}: {path} does not exist")
 
     def served_name(self) -> str:
         if self.name:
@@ -99,6 +123,14 @@ class TeacherDeployment:
 
         keep_freed_memory()  # see there: forwards reuse activation memory, no page faults
         args = TeacherArgs(**kwargs)
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"args.device: {args.device!r} but this replica sees no GPU; give the "
+                    "deployment ray_actor_options.num_gpus on a node that has one"
+                )
         name = args.served_name()
         root = (args.model_root or args.source().resolve().parent).resolve()
         if args.model_dir is not None:
@@ -128,22 +160,55 @@ class TeacherDeployment:
             conds=CondCache(int(args.cond_cache_mb * 1024 * 1024)),
         )
 
+        self.api = build_api(self.core, join=True)  # join: Serve pickles ASGI messages
+        # The same app answers handle calls (the Ray router): in-process ASGI, no socket.
+        self._local = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.api), base_url="http://replica"
+        )
+
     def __serve_build_asgi_app__(self):
-        return build_api(self.core, join=True)  # Serve pickles ASGI messages
+        return self.api
 
-    def reconfigure(self, user_config: dict) -> None:
-        """``user_config: {checkpoint: FILE}`` (under the model root) swaps every replica."""
-        checkpoint = (user_config or {}).get("checkpoint")
-        if checkpoint and isinstance(self.repository, ModelRepository):
-            from services.teacher.repository import resolve_under
+    async def http(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One OIP v2 request by deployment handle, answered by the replica's own HTTP app
+        (every route, every teacher kind): ``(status, headers, body)``."""
+        resp = await self._local.request(method, path, content=body, headers=headers)
+        return resp.status_code, dict(resp.headers), resp.content
 
-            path = resolve_under(self.repository.root, checkpoint)
-            current = self.repository.current
-            if current is None or current.checkpoint.resolve() != path:
-                self.repository.load_now(path)
-                self.metrics.version.labels(self.repository.name).set(
-                    self.repository.current.version
-                )
+    async def reconfigure(self, user_config: dict) -> None:
+        """``user_config`` (Serve applies it to every replica, in place when only it changed):
+        ``{checkpoint: FILE}`` for a toy teacher, ``{adapters: {NAME: DIR}}`` for a diffusers
+        one (paths under the model root). Requests in flight finish on the snapshot they hold;
+        a bad file fails the update and the replica keeps serving what it had."""
+        config = dict(user_config or {})
+        unknown = set(config) - {"checkpoint", "adapters"}
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {sorted(unknown)}")
+        if isinstance(self.repository, ModelRepository):
+            if "adapters" in config:
+                raise ValueError("user_config.adapters: this teacher serves a checkpoint")
+            if config.get("checkpoint"):
+                await asyncio.to_thread(self._swap_checkpoint, str(config["checkpoint"]))
+            return
+        if "checkpoint" in config:
+            raise ValueError("user_config.checkpoint: a diffusers teacher takes adapters")
+        for name, path in (config.get("adapters") or {}).items():
+            if self.repository._paths.get(name) != self._under_root(path):
+                await self.repository.load_named(name, {"adapter": str(path)})
+
+    def _under_root(self, path: str) -> Path:
+        from services.teacher.repository import resolve_under
+
+        return resolve_under(self.repository.root, path)
+
+    def _swap_checkpoint(self, checkpoint: str) -> None:
+        path = self._under_root(checkpoint)
+        current = self.repository.current
+        if current is None or current.checkpoint.resolve() != path:
+            self.repository.load_now(path)
+            self.metrics.version.labels(self.repository.name).set(self.repository.current.version)
 
     async def _run(
         self, model: Any, x: np.ndarray, t: np.ndarray, extra: Any = None
@@ -234,9 +299,25 @@ def _rows(extra: Any, start: int, step: int, n: int) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Serve-config entry point: ``args`` as :class:`TeacherArgs`; relative paths are made
-    absolute here (where the config is applied), since replicas may run in another cwd."""
+    """Serve-config entry point (``serve run``, KubeRay): ``args`` as :class:`TeacherArgs`."""
+    return build(args)
+
+
+def build(args: dict[str, Any], options: dict[str, Any] | None = None) -> Application:
+    """The teacher application; ``options``: the config's ``deployments`` entry for it
+    (replicas, autoscaling, ``ray_actor_options``, ``user_config``), applied here when the
+    deploy goes through ``opd serve ray``. Relative paths are made absolute here (where the
+    config is applied), since replicas may run in another cwd.
+
+    Raises:
+        ValueError: a bad key or value, a missing file, or GPUs asked of a cluster without
+            any; the message names the key.
+    """
     parsed = TeacherArgs(**args)
+    parsed.check_files()
+    opts = dict(options or {})
+    opts.pop("name", None)
+    check_gpus(opts)
     fixed = parsed.model_dump(exclude_none=True)
     if parsed.checkpoint is not None:
         fixed["checkpoint"] = str(parsed.checkpoint.resolve())
@@ -245,7 +326,22 @@ def app_builder(args: dict[str, Any]) -> Application:
     fixed["adapters"] = {k: str(v.resolve()) for k, v in parsed.adapters.items()}
     if parsed.model_root is not None:
         fixed["model_root"] = str(parsed.model_root.resolve())
-    return TeacherDeployment.options(name=parsed.served_name()).bind(**fixed)
+    return TeacherDeployment.options(name=parsed.served_name(), **opts).bind(**fixed)
+
+
+def check_gpus(options: dict[str, Any], where: str = "deployments") -> None:
+    """A replica asking for GPUs on a cluster that has none would wait unscheduled forever:
+    refuse it now, naming the key."""
+    gpus = (options.get("ray_actor_options") or {}).get("num_gpus") or 0
+    if gpus > 0:
+        import ray
+
+        have = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        if have < gpus:
+            raise ValueError(
+                f"{where}.ray_actor_options.num_gpus: {gpus} GPU(s) per replica asked, but the "
+                f"Ray cluster has {have:g}; remove num_gpus (and args.device: cuda) or add GPU nodes"
+            )
 
 
 @contextlib.contextmanager
