@@ -62,7 +62,9 @@ class ContentionSettings(BaseSettings):
     variants: str = Field("budget,torch", description="comma-separated: budget, torch")
     rounds: int = Field(1, ge=1, le=20, description="quiet/loaded pairs per backend and variant")
     models: Path = Field(Path("models"), description="checkpoints (pretrained when missing)")
-    out: Path | None = Field(None, description="write contention.json and contention.md here")
+    out: Path | None = Field(
+        None, description="write contention.json, contention.md and contention.png here"
+    )
 
 
 def _choices(spec: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -151,6 +153,36 @@ def measure(s: ContentionSettings, backend: str, variant: str, tmp: Path) -> dic
     }
 
 
+def plot(path: Path, results: list[dict], title: str) -> None:
+    """Bars of quiet and loaded training wall time per backend and variant, ratio on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['backend']}\n{r['variant']}" for r in results]
+    xs = range(len(results))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(results), 3.6))
+    ax.bar([x - 0.2 for x in xs], [r["quiet_s"] for r in results], 0.4, label="quiet")
+    ax.bar([x + 0.2 for x in xs], [r["loaded_s"] for r in results], 0.4, label="loaded")
+    for x, r in zip(xs, results, strict=True):
+        ax.annotate(
+            f"{r['ratio']:.1f}x",
+            (x + 0.2, r["loaded_s"]),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("training wall s")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 HEAD = ("backend", "variant", "trainer threads", "quiet s", "loaded s", "loaded / quiet")
 
 
@@ -186,7 +218,9 @@ def run_contention(s: ContentionSettings) -> int:
         doc = {"settings": s.model_dump(mode="json"), "cpus": usable_cpus(), "results": results}
         (s.out / "contention.json").write_text(json.dumps(doc, indent=2) + "\n")
         (s.out / "contention.md").write_text(md_table(HEAD, rows) + "\n")
-        print(f"wrote {s.out / 'contention.json'} and {s.out / 'contention.md'}")
+        title = f"{s.method}, {s.steps} steps, quiet vs beside {s.busy} busy processes"
+        plot(s.out / "contention.png", results, title)
+        print(f"wrote contention.json, contention.md and contention.png in {s.out}")
     return 0
 
 
