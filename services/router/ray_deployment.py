@@ -166,7 +166,7 @@ class RayRouter:
 
         async def passthrough(teacher: Teacher, body: bytes, headers: dict[str, str], deadline):
             reply = await pool.post(teacher, body, headers, deadline)
-            return reply.status, memoryview(reply.content), reply.headers
+            return reply.status, bytes(reply.content), reply.headers  # Serve pickles: no views
 
         async def discover(spec: TeacherSpec) -> Teacher:
             return await build_teacher(pool.client, spec, settings.attempt_timeout_s)
