@@ -45,6 +45,11 @@ class LatentSettings(BaseSettings):
         description="local: teachers in this process; http: one teacher process (base + LoRA "
         "adapters) and a label router on loopback, started and stopped here",
     )
+    cond_cache: bool = Field(
+        False,
+        description="http: one request per prompt family, its conditioning sent once under a "
+        "cond_id (the teachers' cache), then states only",
+    )
     force: bool = Field(False, description="pretrain the models again")
     base_steps: int | None = Field(None, ge=1, description="pretraining steps of the base")
     teacher_steps: int | None = Field(None, ge=1, description="LoRA steps of each teacher")
@@ -148,7 +153,12 @@ def latent_table(
             from student.latent.http import HttpLatentTeachers
 
             client = HttpLatentTeachers(
-                router_url, cfg.teachers, world, cfg.supervise, cfg.guidance_scale
+                router_url,
+                cfg.teachers,
+                world,
+                cfg.supervise,
+                cfg.guidance_scale,
+                cond_cache=s.cond_cache,
             )
         grid = sigma_grid(sched, cfg.rollout_steps)
         try:

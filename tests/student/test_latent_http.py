@@ -32,26 +32,58 @@ def test_a_teacher_the_router_does_not_have_is_refused(router: str) -> None:
         HttpLatentTeachers(router, ["a", "c"], make_world())
 
 
-@pytest.mark.parametrize(("supervise", "guidance"), [("router", None), ("average", 2.0)])
+@pytest.mark.parametrize(
+    ("supervise", "guidance", "cache"),
+    [
+        ("router", None, False),
+        ("average", 2.0, False),
+        ("router", 2.0, True),
+        ("average", None, True),
+    ],
+)
 def test_served_answers_equal_in_process(
-    models: Path, router: str, supervise: str, guidance: float | None
+    models: Path, router: str, supervise: str, guidance: float | None, cache: bool
 ) -> None:
     world = make_world()
     teachers = load_teachers(models, ["a", "b"])
     labels = torch.tensor([3, 0, 1, 2, 2, 0])
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn((6, *SHAPE), generator=g), torch.rand(6, generator=g)
-    served = HttpLatentTeachers(router, ["a", "b"], world, supervise, guidance)
-    try:
-        got = served.query(x, t, labels, anchor=True)
-    finally:
-        served.close()
     want = LocalLatentTeachers(teachers, ["a", "b"], world, supervise, guidance).query(
         x, t, labels, anchor=True
     )
-    assert torch.equal(got.teacher, want.teacher)
+    served = HttpLatentTeachers(router, ["a", "b"], world, supervise, guidance, cond_cache=cache)
+    try:
+        sent = []
+        for _ in range(2):  # with the cache: the second time by cond_id, states only
+            got = served.query(x, t, labels, anchor=True)
+            sent.append(served.bytes_sent - sum(sent))
+            assert torch.equal(got.teacher, want.teacher)
+            assert torch.allclose(got.v, want.v, atol=1e-5)
+            assert torch.allclose(got.v_anchor, want.v_anchor, atol=1e-5)
+    finally:
+        served.close()
+    if cache:
+        assert served.requests == 2 * 4 and sent[1] < sent[0]
+    else:
+        assert served.requests == 2 and sent[1] == sent[0]
+
+
+def test_a_cond_id_the_server_does_not_hold_is_resent(models: Path, router: str) -> None:
+    world = make_world()
+    labels = torch.tensor([1, 2])
+    x, t = torch.randn((2, *SHAPE)), torch.tensor([0.3, 0.7])
+    served = HttpLatentTeachers(router, ["a", "b"], world, cond_cache=True)
+    served.cond_prefix, served._sent = "never-sent-", {0, 1, 2, 3}  # it thinks it sent them
+    try:
+        got = served.query(x, t, labels)
+    finally:
+        served.close()
+    want = LocalLatentTeachers(load_teachers(models, ["a", "b"]), ["a", "b"], world).query(
+        x, t, labels
+    )
     assert torch.allclose(got.v, want.v, atol=1e-5)
-    assert torch.allclose(got.v_anchor, want.v_anchor, atol=1e-5)
+    assert served.requests == 4  # per family: the id alone (422), then with the tensors
 
 
 @pytest.mark.slow
