@@ -61,6 +61,12 @@ class TeacherArgs(BaseModel):
     adapters: dict[str, Path] = Field(
         default_factory=dict, description="model_dir: LoRA adapters, served name -> path"
     )
+    lora_root: Path | None = Field(
+        None,
+        description="model_dir: LoRA adapters loaded on demand, model id NAME -> "
+        "lora_root/NAME (@serve.multiplexed, LRU bounded by max_adapters per replica)",
+    )
+    max_adapters: int = Field(3, ge=1, description="lora_root: adapters kept per replica")
     dtype: str = Field("fp32", pattern="^(fp32|bf16|fp16)$")
     cond_cache_mb: float = Field(256.0, ge=0, description="conditioning kept by cond_id (MiB)")
     name: str | None = Field(None, description="served model name (default: file stem)")
@@ -80,6 +86,8 @@ class TeacherArgs(BaseModel):
     def _one_source(self) -> TeacherArgs:
         if (self.checkpoint is None) == (self.model_dir is None):
             raise ValueError("give either checkpoint or model_dir (exactly one)")
+        if self.lora_root is not None and self.model_dir is None:
+            raise ValueError("lora_root needs model_dir (LoRA adapters on a diffusers base)")
         wants = "toy" if self.checkpoint is not None else "diffusers"
         if self.kind is not None and self.kind != wants:
             key = "checkpoint" if self.kind == "diffusers" else "model_dir"
@@ -88,7 +96,11 @@ class TeacherArgs(BaseModel):
 
     def check_files(self, where: str = "args") -> None:
         """Fail the deploy (naming the key) when a file it names does not exist here."""
-        paths = {"checkpoint": self.checkpoint, "model_dir": self.model_dir}
+        paths = {
+            "checkpoint": self.checkpoint,
+            "model_dir": self.model_dir,
+            "lora_root": self.lora_root,
+        }
         paths.update({f"adapters.{k}": v for k, v in self.adapters.items()})
         for key, path in paths.items():
             if path is not None and not path.exists():
@@ -113,9 +125,7 @@ def _states(items: list[tuple]) -> int:
     return sum(len(item[1]) for item in items)
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
-@serve.ingress()
-class TeacherDeployment:
+class TeacherReplica:
     """One replica: a model repository, a state-batched forward, the shared OIP v2 routes."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -161,13 +171,18 @@ class TeacherDeployment:
         )
 
         self.api = build_api(self.core, join=True)  # join: Serve pickles ASGI messages
-        # The same app answers handle calls (the Ray router): in-process ASGI, no socket.
+        self.serve_entry(self.api)
+
+    def serve_entry(self, app: Any) -> None:
+        """Serve ``app`` over HTTP and to handle calls (the Ray router): the same ASGI app,
+        called in-process for a handle call (no socket)."""
+        self.entry = app
         self._local = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.api), base_url="http://replica"
+            transport=httpx.ASGITransport(app=app), base_url="http://replica"
         )
 
     def __serve_build_asgi_app__(self):
-        return self.api
+        return self.entry
 
     async def http(
         self, method: str, path: str, body: bytes, headers: dict[str, str]
@@ -287,6 +302,13 @@ class TeacherDeployment:
         return results  # type: ignore[return-value]
 
 
+#: the teacher deployment: public ``@serve.ingress`` over the shared core's app (late-bound,
+#: ``__serve_build_asgi_app__``) plus the handle method ``http``
+TeacherDeployment = serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})(
+    serve.ingress()(TeacherReplica)
+)
+
+
 def _rows(extra: Any, start: int, step: int, n: int) -> Any:
     """The part of a conditioned request's ``extra`` for rows ``start:start+step`` of ``n``
     (one-row conditioning is shared by every piece)."""
@@ -326,7 +348,14 @@ def build(args: dict[str, Any], options: dict[str, Any] | None = None) -> Applic
     fixed["adapters"] = {k: str(v.resolve()) for k, v in parsed.adapters.items()}
     if parsed.model_root is not None:
         fixed["model_root"] = str(parsed.model_root.resolve())
-    return TeacherDeployment.options(name=parsed.served_name(), **opts).bind(**fixed)
+    if parsed.lora_root is not None:
+        from services.teacher.ray_lora import lora_deployment
+
+        fixed["lora_root"] = str(parsed.lora_root.resolve())
+        deployment = lora_deployment(parsed.max_adapters)
+    else:
+        deployment = TeacherDeployment
+    return deployment.options(name=parsed.served_name(), **opts).bind(**fixed)
 
 
 def check_gpus(options: dict[str, Any], where: str = "deployments") -> None:

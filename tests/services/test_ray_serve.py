@@ -257,3 +257,68 @@ def test_bad_config_fails_the_deploy_naming_the_key(
     app = {**app, "args": {**app["args"], **change}, "deployments": [dep]}
     with pytest.raises(UsageError, match=key):
         deploy_config({"applications": [app]})
+
+
+def test_multiplexed_lora_teacher_answers_per_adapter(
+    cluster: ServeCluster, tmp_path: Path
+) -> None:
+    """LoRA specialists on one tiny SD3 base through ``@serve.multiplexed``: each model id is
+    its adapter (equal to the peft-merged model), at most ``max_adapters`` stay loaded per
+    replica (LRU), and an evicted adapter loads again on demand."""
+    from tests.services.diffusers_helpers import (
+        make_lora,
+        make_sd3,
+        merged,
+        sd3_inputs,
+        sd3_reference,
+    )
+
+    base, root = tmp_path / "base", tmp_path / "loras"
+    make_sd3(base, seed=0)
+    for i, name in enumerate(("teacher-a", "teacher-b", "teacher-c")):
+        make_lora(base, root / name, seed=1 + i)
+    app = {
+        "name": "loras",
+        "route_prefix": "/loras",
+        "import_path": "services.teacher.ray_deployment:app_builder",
+        "args": {
+            "model_dir": str(base),
+            "name": "base",
+            "lora_root": str(root),
+            "max_adapters": 2,
+            "threads": 1,
+        },
+        "deployments": [{"name": "base", "ray_actor_options": {"num_cpus": 0.1}}],
+    }
+    deploy_config({"applications": [app]})
+    inputs = sd3_inputs(2, seed=3, text_rows=1)
+    url = f"{cluster.url}/loras"
+    try:
+        with httpx.Client(timeout=120) as c:
+            for name in ("teacher-a", "teacher-b", "teacher-c", "teacher-a"):
+                want = sd3_reference(merged(base, root / name), inputs)
+                body, headers = encode_request(inputs)
+                headers["serve_multiplexed_model_id"] = name
+                r = c.post(f"{url}/v2/models/{name}/infer", content=body, headers=headers)
+                assert r.status_code == 200, r.text
+                v = decode_response(r.content, r.headers.get(HEADER_LENGTH)).tensors["v"]
+                assert np.abs(v - want).max() <= 1e-4, name
+                loaded = {e["name"] for e in c.post(f"{url}/v2/repository/index").json()}
+                assert name in loaded and len(loaded - {"base"}) <= 2, loaded
+            assert c.get(f"{url}/v2/models/teacher-z").status_code == 404
+        # by handle, as the Ray router calls it (serve://loras#teacher-c): loaded on demand
+        from ray import serve
+
+        body, headers = encode_request(inputs)
+        handle = serve.get_app_handle("loras").options(multiplexed_model_id="teacher-c")
+        status, out_headers, content = handle.http.remote(
+            "POST", "/v2/models/teacher-c/infer", body, headers
+        ).result()
+        assert status == 200
+        v = decode_response(content, out_headers.get(HEADER_LENGTH.lower())).tensors["v"]
+        want = sd3_reference(merged(base, root / "teacher-c"), inputs)
+        assert np.abs(v - want).max() <= 1e-4
+    finally:
+        from ray import serve
+
+        serve.delete("loras")
