@@ -9,10 +9,13 @@ started) down. ``--apply --address auto`` deploys onto a running cluster and exi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -121,6 +124,34 @@ def _application(app: dict, where: str):
         raise UsageError(f"{where}.args: {exc}") from None
     except ValueError as exc:  # our builders name the key (a missing file, GPUs)
         raise UsageError(f"{where}: {exc}") from None
+
+
+@contextlib.contextmanager
+def local_serve(doc: dict, num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A throwaway local Ray instance (``num_cpus``) with Serve on a free loopback port and the
+    config ``doc`` deployed; yields the proxy's base URL and tears everything down after
+    (tests, benchmarks). ``env`` is set in this process before Ray starts, so replicas inherit
+    it (e.g. the admin token), and restored after."""
+    import ray
+    from ray import serve
+
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    port = free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="serve")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        deploy_config(doc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_ray(s: RaySettings) -> int:

@@ -4,7 +4,6 @@ tests of one module: the teacher applications and the router that composes them 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,26 +45,9 @@ def app_doc(doc: dict, name: str) -> dict:
 @contextlib.contextmanager
 def serve_cluster(models: Path, replicas: dict[str, int] | None = None) -> Iterator[ServeCluster]:
     """Ray (2 CPUs) + Serve on a free loopback port with the config deployed; torn down after.
-    Replicas inherit this process's environment: the admin token is set before Ray starts."""
-    import ray
-    from ray import serve
+    Replicas inherit the admin token (set before Ray starts)."""
+    from services.teacher.ray_command import local_serve
 
-    from services.teacher.ray_command import deploy_config, free_port
-
-    old = os.environ.get("OPD_ADMIN_TOKEN")
-    os.environ["OPD_ADMIN_TOKEN"] = TOKEN
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="serve")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        doc = test_config(models, replicas)
-        deploy_config(doc)
-        yield ServeCluster(f"http://127.0.0.1:{port}", doc, models)
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("OPD_ADMIN_TOKEN", None)
-        else:
-            os.environ["OPD_ADMIN_TOKEN"] = old
+    doc = test_config(models, replicas)
+    with local_serve(doc, env={"OPD_ADMIN_TOKEN": TOKEN}) as url:
+        yield ServeCluster(url, doc, models)
