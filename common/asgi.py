@@ -10,7 +10,9 @@ ingresses use it, each with its own handler.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,6 +31,19 @@ INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 class ClientGone(Exception):
     """The client disconnected before its body arrived: there is no one to answer."""
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within its read deadline (a client trickling it in)."""
+
+
+class ClientStalled(Exception):
+    """The client did not read its answer within the send deadline; its connection is closed."""
+
+
+#: the longest one ASGI body message of an answer is: a client that stops reading holds at most
+#: about this much in the server's write buffer while the send deadline runs
+SEND_CHUNK_BYTES = 1 << 20
 
 
 def route_path(scope: Scope) -> str:
@@ -50,10 +65,19 @@ def headers_of(scope: Scope, *names: bytes) -> list[str | None]:
     return [found.get(n) for n in names]
 
 
-async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body's chunks as they arrive; :class:`ClientGone` on a disconnect."""
+async def body_chunks(receive: Receive, timeout_s: float | None = None) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive; :class:`ClientGone` on a disconnect,
+    :class:`BodyTimeout` once the whole body has taken longer than ``timeout_s`` (a body
+    trickling in must not hold its bytes and a request slot forever)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        message = await receive()
+        if deadline is None:
+            message = await receive()
+        else:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"request body not received within {timeout_s:g} s") from None
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -64,22 +88,75 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 
 
 async def send_parts(
-    send: Send, status: int, parts: list, headers: dict[str, str], join: bool = False
+    send: Send,
+    status: int,
+    parts: list,
+    headers: dict[str, str],
+    join: bool = False,
+    timeout_s: float | None = None,
 ) -> None:
     """One complete response whose body is ``parts`` (bytes-like, in order), with
     ``content-length``. Each part goes out as its own ASGI body message, so uvicorn writes a
     tensor's bytes from the array itself; ``join=True`` sends one ``bytes`` body instead, for
     servers that serialise ASGI messages (Ray Serve's replica → proxy hop pickles them, and
-    a ``memoryview`` does not pickle)."""
+    a ``memoryview`` does not pickle).
+
+    ``timeout_s``: the whole answer must be taken by the client within it. Parts go out in
+    pieces of at most :data:`SEND_CHUNK_BYTES` (the server waits for its write buffer to drain
+    before each), so a client that stops reading stalls the send instead of the server
+    buffering the whole answer; past the deadline the connection is aborted and
+    :class:`ClientStalled` raised (the caller's bytes are then released).
+    """
     if join and len(parts) > 1:
         parts = [b"".join(parts)]
     size = sum(memoryview(p).nbytes for p in parts)
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     raw.append((b"content-length", str(size).encode("latin-1")))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    last = len(parts) - 1
-    for i, part in enumerate(parts):
-        await send({"type": "http.response.body", "body": part, "more_body": i < last})
+    if timeout_s is None or join:
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
+        return
+    deadline = time.monotonic() + timeout_s
+    pieces = [p for part in parts for p in _pieces(part)]
+    messages = [{"type": "http.response.start", "status": status, "headers": raw}]
+    last = len(pieces) - 1
+    messages += [
+        {"type": "http.response.body", "body": p, "more_body": i < last}
+        for i, p in enumerate(pieces)
+    ]
+    for message in messages:
+        try:
+            await asyncio.wait_for(send(message), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            abort_connection(send)
+            raise ClientStalled(f"answer not taken by the client within {timeout_s:g} s") from None
+
+
+def _pieces(part: Any) -> list:
+    """``part`` as views of at most :data:`SEND_CHUNK_BYTES` (itself when it is that small)."""
+    view = memoryview(part)
+    if view.nbytes <= SEND_CHUNK_BYTES or not view.c_contiguous:
+        return [part]
+    view = view.cast("B")
+    return [view[i : i + SEND_CHUNK_BYTES] for i in range(0, view.nbytes, SEND_CHUNK_BYTES)]
+
+
+def abort_connection(send: Send) -> bool:
+    """Drop the connection ``send`` writes to at once, its unsent bytes with it.
+
+    ASGI has no call for it; uvicorn's ``send`` is a bound method of its request cycle, which
+    holds the transport. A plain close would wait for the client to read what is buffered, which
+    a stalled client never does. Returns False where the server does not expose its transport
+    (then the caller's exception ends the response and the server closes the connection).
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if abort is None:
+        return False
+    abort()
+    return True
 
 
 async def refuse(

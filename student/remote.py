@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import torch
 
+from common.admission import jittered, retry_after_of
 from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
 from common.http1 import Http1Client, HttpClientError
 from services.router.direct import DirectRouter
@@ -52,6 +53,9 @@ UPDATE_GROUPS = ("ready", "request")
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 # connection refused/reset, protocol errors, timeouts: the request is idempotent, try again
 RETRY_ERRORS = (HttpClientError, OSError, asyncio.TimeoutError)
+#: how long a request waits in all for busy servers (503 + Retry-After) before it fails: an
+#: overloaded teacher slows a run down; only one that stays overloaded this long ends it
+BUSY_WAIT_S = 600.0
 # in-client routing: no live replica, an unusable answer, or a registry in transit may pass
 DIRECT_RETRY_ERRORS = (PoolUnavailable, TeacherFault, RegistryError, asyncio.TimeoutError)
 
@@ -65,7 +69,12 @@ def _poll(parts: queue.SimpleQueue) -> Any:
 
 
 class _Retry(Exception):
-    """A failed attempt worth another one (idempotent request, a cause that may pass)."""
+    """A failed attempt worth another one (idempotent request, a cause that may pass);
+    ``retry_after_s``: the server was busy and said when to come back (``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TeacherRequestError(RuntimeError):
@@ -173,6 +182,8 @@ class HttpTeacherClient(TeacherClient):
         self.policy, self.stream_chunk = policy, max(1, stream_chunk)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.spin_wait_s, self.ready = spin_wait_s, update_groups == "ready"
+        self.busy_wait_s = BUSY_WAIT_S
+        self.busy_waits = 0  # waits on busy servers' Retry-After, over the client's life
         self._outputs = ["v", "teacher"] + (["v_anchor"] if anchor else [])
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._inflight: list[_Request] = []
@@ -393,17 +404,35 @@ class HttpTeacherClient(TeacherClient):
 
     async def _retrying(self, attempt: Callable[[], Awaitable[None]], where: str) -> None:
         """``attempt()`` until it answers, at most ``retries`` more times after a :class:`_Retry`,
-        with exponential backoff; then :class:`TeacherUnavailable` naming ``where``."""
+        with exponential backoff; then :class:`TeacherUnavailable` naming ``where``.
+
+        A busy answer (503 + ``Retry-After``) is not a failure: the request waits what the
+        server asked (jittered, so the requests refused together do not return together) and
+        goes again without using up a retry, for at most :data:`BUSY_WAIT_S` in all."""
         last = "no attempt"
-        for n in range(self.retries + 1):
-            if n:
-                await asyncio.sleep(min(self.backoff_s * 2 ** (n - 1), 5.0))
+        failures = 0
+        busy_until: float | None = None
+        while True:
             try:
                 return await attempt()
             except _Retry as exc:
                 last = str(exc)
+                if exc.retry_after_s is not None:
+                    now = time.monotonic()
+                    busy_until = busy_until or now + self.busy_wait_s
+                    if now < busy_until:
+                        self.busy_waits += 1
+                        wait = jittered(max(exc.retry_after_s, self.backoff_s))
+                        await asyncio.sleep(min(wait, busy_until - now))
+                        continue
+                failures += 1
+                if failures > self.retries:
+                    break
+                await asyncio.sleep(min(self.backoff_s * 2 ** (failures - 1), 5.0))
         raise TeacherUnavailable(
-            f"teachers unreachable {where} after {self.retries + 1} attempts; last error: {last}"
+            f"teachers unreachable {where} after {failures} failed attempt(s)"
+            f"{f' and {self.busy_wait_s:g} s of busy answers' if busy_until else ''}; "
+            f"last error: {last}"
         )
 
     async def _post(self, body: bytes, headers: dict[str, str], states: int, put) -> None:
@@ -416,7 +445,8 @@ class HttpTeacherClient(TeacherClient):
             end = time.perf_counter()
             content, status = r.content, r.status
             if status in RETRY_STATUSES:
-                raise _Retry(f"HTTP {status}: {content[:300].decode(errors='replace')}")
+                busy = retry_after_of(r.headers) if status in (429, 503) else None
+                raise _Retry(f"HTTP {status}: {content[:300].decode(errors='replace')}", busy)
             if status != 200:
                 raise TeacherRequestError(
                     f"{self.endpoint} answered HTTP {status}: "
@@ -463,7 +493,8 @@ class HttpTeacherClient(TeacherClient):
                     answered[slice(None) if rows is None else rows] = True
                     put((reply, rows))
             except DIRECT_RETRY_ERRORS as exc:
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+                busy = getattr(exc, "retry_after_s", None)  # every replica was busy
+                raise _Retry(f"{type(exc).__name__}: {exc}", busy) from exc
             except (TeacherRejected, InputError) as exc:
                 raise TeacherRequestError(f"in-client routing via {self.url}: {exc}") from exc
 

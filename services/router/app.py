@@ -24,7 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.admission import ByteBudget, Overloaded, RequestTooLarge, configured_budget
 from common.asgi import (
+    BodyTimeout,
     ClientGone,
     InferFastPath,
     Receive,
@@ -63,7 +65,9 @@ _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
 SERVER_NAME = "opd-router"
 SERVER_VERSION = "0.1.0"
 ADMIN_BODY_LIMIT = 64 * 1024
-RETRY_AFTER_S = "1"
+RETRY_AFTER_S = "1"  # a teacher call that failed without saying when to come back
+#: the variable that sets the byte bound where the flag cannot be given (Ray Serve)
+MAX_QUEUE_ENV = "OPD_ROUTER_MAX_QUEUE_MB"
 MAX_WATCH_S = 60.0  # longest a registry watch (GET /v1/teachers?after=N) is held open
 
 #: (teacher, inputs, deadline) -> answer; HTTP pool or Ray handles
@@ -94,6 +98,9 @@ class RouterCore:
     _inflight: asyncio.Semaphore | None = None
     _admin: asyncio.Lock | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: bytes held by admitted requests (bodies, answers); None: from the settings at build_api
+    admission: ByteBudget | None = None
+    admission_line: str = ""
 
     def set_registry(self, reg: Registry) -> None:
         self.registry = (
@@ -135,13 +142,16 @@ class BodyTooLarge(Exception):
     """A request body over the router's limit (413)."""
 
 
-async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+async def read_body(
+    receive: Receive, declared: str | None, limit: int, timeout_s: float | None = None
+) -> bytes:
     """The request body, refusing (:class:`BodyTooLarge`) more than ``limit`` bytes, before
-    reading when ``Content-Length`` says so and while reading otherwise."""
+    reading when ``Content-Length`` says so and while reading otherwise; :class:`BodyTimeout`
+    when it has not arrived within ``timeout_s``."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, total = [], 0
-    async for chunk in body_chunks(receive):
+    async for chunk in body_chunks(receive, timeout_s):
         total += len(chunk)
         if total > limit:
             raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
@@ -194,6 +204,12 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
     ``join``: infer answers go out as one ``bytes`` body (the Ray Serve ingress needs it)."""
     m, s = core.metrics, core.settings
     max_body = int(s.max_body_mb * 1024 * 1024)
+    if core.admission is None:
+        core.admission, core.admission_line = configured_budget(
+            s.max_queue_mb, "--max-queue-mb", MAX_QUEUE_ENV
+        )
+    budget = core.admission
+    m.watch_admission(budget)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -290,31 +306,53 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
     ) -> None:
         # Raw ASGI (common.asgi.InferFastPath): no middleware stack on the hot path.
         received = time.perf_counter()
+        held = [0]  # bytes this request holds in the admission budget
+        completed = False
         try:
-            resp = await answer(name, scope, receive, received)
-        except ClientGone:
-            return
-        try:
-            await resp(scope, receive, send)
+            try:
+                resp = await answer(name, scope, receive, received, held)
+            except ClientGone:
+                return
+            if isinstance(resp, PartsResponse):  # the answer, until it is written
+                size = sum(memoryview(p).nbytes for p in resp.parts)
+                budget.hold(size)
+                held[0] += size
+            try:
+                await resp(scope, receive, send)
+                completed = resp.status_code == 200
+            finally:
+                m.requests.labels(name, str(resp.status_code)).inc()
+                m.seconds.labels(name).observe(time.perf_counter() - received)
         finally:
-            m.requests.labels(name, str(resp.status_code)).inc()
-            m.seconds.labels(name).observe(time.perf_counter() - received)
+            budget.release(held[0], completed)
 
     async def answer(
-        name: str, scope: Scope, receive: Receive, received: float
+        name: str, scope: Scope, receive: Receive, received: float, held: list[int]
     ) -> Response | PartsResponse:
-        """The response to one infer request (errors as their ``{"error"}`` responses)."""
+        """The response to one infer request (errors as their ``{"error"}`` responses); the
+        bytes its body holds in the admission budget are added to ``held[0]``."""
         reg = core.registry  # the snapshot this request is served from, whatever changes meanwhile
         if name != fanout.MODEL_NAME and reg.get(name) is None:
             known = ", ".join([fanout.MODEL_NAME, *(t.name for t in reg.all())])
             return error_response(404, f"unknown model {name!r}; this router serves {known}")
         if core.pending >= s.max_inflight + s.max_queue:
             m.queue_full.inc()
+            excess = core.pending + 1 - s.max_inflight - s.max_queue
             return error_response(
                 503,
                 f"router queue is full ({core.pending} requests admitted); retry later",
-                {"Retry-After": RETRY_AFTER_S},
+                {"Retry-After": str(budget.retry_after_requests_s(excess))},
             )
+        declared = headers_of(scope, b"content-length")[0]
+        try:
+            if declared is not None and declared.isdigit():  # before a byte of it is read
+                budget.admit(int(declared))
+                held[0] += int(declared)
+        except RequestTooLarge as exc:
+            return error_response(413, str(exc))
+        except Overloaded as exc:
+            m.overloaded.inc()
+            return error_response(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
         core.pending += 1
         m.pending.set(core.pending)
         try:
@@ -324,19 +362,30 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
                 declared, header_length, content_type = headers_of(
                     scope, b"content-length", _HEADER_LENGTH, b"content-type"
                 )
-                body = await read_body(receive, declared, max_body)
+                body = await read_body(receive, declared, max_body, s.body_timeout_s)
+                if not held[0]:  # no Content-Length: admitted once its size is known
+                    budget.admit(len(body))
+                    held[0] += len(body)
                 if name == fanout.MODEL_NAME:
                     return await _virtual(reg, body, header_length, deadline, received)
                 return await _passthrough(reg, name, body, content_type, header_length, deadline)
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, RequestTooLarge) as exc:
             return error_response(413, str(exc))
+        except Overloaded as exc:
+            m.overloaded.inc()
+            return error_response(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+        except BodyTimeout as exc:  # close: the rest of a trickling body must not hold on
+            return error_response(408, str(exc), {"Connection": "close"})
         except CodecError as exc:
             return error_response(400, str(exc))
         except InputError as exc:  # 400, or 422 for an input a teacher does not declare
             return error_response(exc.status, str(exc))
         except TeacherRejected as exc:
             return error_response(exc.status, str(exc))
-        except (TeacherUnavailable, RegistryError) as exc:
+        except TeacherUnavailable as exc:  # the teachers' own Retry-After when they were busy
+            retry = str(exc.retry_after_s) if exc.retry_after_s else RETRY_AFTER_S
+            return error_response(503, str(exc), {"Retry-After": retry})
+        except RegistryError as exc:
             return error_response(503, str(exc), {"Retry-After": RETRY_AFTER_S})
         except TeacherFault as exc:
             return error_response(502, str(exc))

@@ -47,6 +47,8 @@ async def serve(settings: RouterSettings) -> None:
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
     app = create_app(settings, registry)
+    # Said at start: what the router admits before it answers 503 (README 'Overload').
+    print(f"opd serve router: {app.state.core.admission_line}", file=sys.stderr, flush=True)
     await serve_app(
         app, settings.host, settings.port, settings.log_level, app.state.core.wake_watchers
     )

@@ -57,6 +57,11 @@ class RouterMetrics:
         self.queue_full = Counter(
             "opd_router_queue_full", "requests refused with 503 (queue full)", registry=r
         )
+        self.overloaded = Counter(
+            "opd_router_overloaded",
+            "requests refused with 503: the byte bound (--max-queue-mb) was reached",
+            registry=r,
+        )
         self.pending = Gauge(
             "opd_router_pending", "requests admitted (running + waiting)", registry=r
         )
@@ -72,6 +77,23 @@ class RouterMetrics:
         self.registry_changes = Counter(
             "opd_router_registry_changes", "registry API changes", ["op"], registry=r
         )
+
+    def watch_admission(self, budget: object) -> None:
+        """Export the admission budget (``common.admission.ByteBudget``): bytes held and the
+        bound, read at scrape time."""
+        if getattr(self, "_admission_watched", False):
+            return
+        self._admission_watched = True
+        held = Gauge(
+            "opd_router_queue_bytes", "bytes held by admitted requests", registry=self.registry
+        )
+        held.set_function(lambda: budget.held)  # type: ignore[attr-defined]
+        bound = Gauge(
+            "opd_router_queue_limit_bytes",
+            "admission bound on those bytes (--max-queue-mb)",
+            registry=self.registry,
+        )
+        bound.set_function(lambda: budget.limit)  # type: ignore[attr-defined]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

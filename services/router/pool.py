@@ -10,6 +10,9 @@ registry swap needs no new client: connections to old endpoints simply age out.
 A call goes to the live replica with the fewest requests in flight; a refused connection, a 5xx
 or a timeout ejects that replica and the call moves to another one of the same teacher, all
 within the request's deadline (teacher inference is idempotent, so a retry is always safe).
+A replica that answers 503 with ``Retry-After`` is busy, not broken: it stays in rotation, the
+call tries the other replicas, and when every one was busy it waits the ``Retry-After``
+(jittered, :func:`common.admission.jittered`) and tries again while the deadline allows.
 Ejected replicas are probed in the background and admitted again once they answer ready with
 the teacher's checkpoint digest.
 """
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -29,6 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from common.admission import jittered, retry_after_of
 from common.codec import (
     HEADER_LENGTH,
     CodecError,
@@ -46,11 +51,13 @@ _KEEP_HEADERS = ("content-type", HEADER_LENGTH.lower())
 
 
 class TeacherUnavailable(Exception):
-    """No replica of a teacher answered within the deadline (HTTP 503)."""
+    """No replica of a teacher answered within the deadline (HTTP 503). ``retry_after_s``: the
+    longest ``Retry-After`` of the replicas that were busy (None: none was, they failed)."""
 
-    def __init__(self, teacher: str, causes: list[str]) -> None:
+    def __init__(self, teacher: str, causes: list[str], retry_after_s: int | None = None) -> None:
         self.teacher = teacher
         self.causes = causes
+        self.retry_after_s = retry_after_s
         cause = "; ".join(causes) or "no replica registered"
         super().__init__(f"teacher {teacher!r} has no live replica: {cause}")
 
@@ -173,13 +180,23 @@ class Pool:
         tried: set[int] = set()
         causes: list[str] = []
         attempts = 0
+        busy: list[float] = []  # Retry-After of the replicas that were busy since the last wait
         while True:
             replica = self.pick(teacher, tried)
             remaining = deadline - time.monotonic()
+            if replica is None and busy and remaining > 0:
+                wait = jittered(max(busy))
+                if wait < remaining:  # every replica busy: come back when they said
+                    await asyncio.sleep(wait)
+                    tried.clear()
+                    busy.clear()
+                    del causes[: -len(teacher.replicas)]  # the last round says enough
+                    continue
             if replica is None or remaining <= 0:
                 if remaining <= 0:
                     causes.append("deadline exceeded")
-                raise TeacherUnavailable(teacher.name, causes)
+                retry = math.ceil(max(busy)) if busy else None
+                raise TeacherUnavailable(teacher.name, causes, retry)
             tried.add(id(replica))
             attempts += 1
             if attempts > 1:
@@ -219,6 +236,7 @@ class Pool:
             if status == 503 and "retry-after" in resp_headers:
                 # The replica is overloaded, not broken: try another without ejecting it.
                 causes.append(f"{replica.endpoint.url}: busy (503: {error_text(content)})")
+                busy.append(retry_after_of(resp_headers) or 1.0)
                 continue
             if status >= 500:
                 self._fail(teacher, replica, f"HTTP {status}: {error_text(content)}", causes)

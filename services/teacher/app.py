@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.admission import ByteBudget, configured_budget
 from common.asgi import InferFastPath
 from common.httpapi import bare_app, error_response
 from common.threads import apply_threads, model_params, thread_budget
@@ -38,6 +39,18 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 ADMIN_BODY_LIMIT = 64 * 1024
 
+#: the variable a deployment without flags (Ray Serve) sets the admission bound with
+MAX_QUEUE_ENV = "OPD_TEACHER_MAX_QUEUE_MB"
+#: body read and answer send deadlines when the deployment sets none
+DEFAULT_BODY_TIMEOUT_S = DEFAULT_SEND_TIMEOUT_S = 30.0
+
+
+def teacher_budget(max_queue_mb: float | None = None) -> ByteBudget:
+    """The teacher's admission budget: ``--max-queue-mb``, else ``OPD_TEACHER_MAX_QUEUE_MB``,
+    else derived from the memory the process may use (see :mod:`common.admission`)."""
+    return configured_budget(max_queue_mb, "--max-queue-mb", MAX_QUEUE_ENV)[0]
+
+
 #: runs a forward: (model snapshot, x [B, *S], t [B][, extra]) -> result with v [B, *S];
 #: ``extra`` (conditioning and guidance of a diffusers model) is passed only when there is one
 Runner = Callable[..., Awaitable[ForwardResult]]
@@ -46,7 +59,8 @@ Runner = Callable[..., Awaitable[ForwardResult]]
 @dataclass
 class TeacherCore:
     """What the routes need: the repository, a forward runner, metrics, limits, the admin token,
-    and the conditioning cache (``cond_id``; shared by every model of the process)."""
+    the conditioning cache (``cond_id``; shared by every model of the process), and the
+    admission budget bounding the bytes held by infer requests (uvicorn and Ray alike)."""
 
     repository: ModelRepository | DiffusersRepository
     run: Runner
@@ -55,6 +69,9 @@ class TeacherCore:
     admin_token: str | None
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     conds: CondCache | None = None
+    admission: ByteBudget = field(default_factory=teacher_budget)
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
 
 
 def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> InferFastPath:
@@ -67,6 +84,7 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
     other route is a FastAPI route of the app it wraps (``.app``; its attributes show through).
     """
     repo, metrics = core.repository, core.metrics
+    metrics.watch_admission(core.admission)
     app = bare_app(SERVER_NAME, SERVER_VERSION, lifespan)
     app.state.core = core
 
@@ -229,8 +247,12 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
 def create_app(settings: TeacherSettings, admin_token: str | None = None) -> InferFastPath:
     """The uvicorn teacher app: loads ``settings.checkpoint`` now (errors surface before binding).
 
-    ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
+    ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable. The app's
+    ``state.admission_line`` says the admission bound and how it was chosen.
     """
+    budget, admission_line = configured_budget(
+        settings.max_queue_mb, "--max-queue-mb", MAX_QUEUE_ENV
+    )
     name = settings.served_name()
     if settings.model_dir is not None:
         repo: ModelRepository | DiffusersRepository = diffusers_repository(settings)
@@ -267,6 +289,9 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
         admin_token if admin_token is not None else admin_token_from_env(),
         on_close=[batcher.close],
         conds=CondCache(settings.cond_cache_bytes),
+        admission=budget,
+        body_timeout_s=settings.body_timeout_s,
+        send_timeout_s=settings.send_timeout_s,
     )
     metrics.watch_cond_cache(core.conds)
 
@@ -276,7 +301,9 @@ def create_app(settings: TeacherSettings, admin_token: str | None = None) -> Inf
         for close in core.on_close:
             await close()
 
-    return build_api(core, lifespan=lifespan)
+    app = build_api(core, lifespan=lifespan)
+    app.state.admission_line = admission_line
+    return app
 
 
 def diffusers_repository(settings: TeacherSettings) -> DiffusersRepository:

@@ -25,6 +25,8 @@ async def serve(settings: TeacherSettings) -> None:
     # Said at start: a teacher on too many (or too few) threads is the first thing to rule out
     # when a cluster runs slow (README 'CPU threads').
     print(f"opd serve teacher: {threads_line()}", file=sys.stderr, flush=True)
+    # Said at start too: what the teacher admits before it answers 503 (README 'Overload').
+    print(f"opd serve teacher: {app.state.admission_line}", file=sys.stderr, flush=True)
     await serve_app(app, settings.host, settings.port, settings.log_level)
 
 

@@ -77,6 +77,12 @@ class TeacherMetrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.overloaded = Counter(
+            "opd_teacher_overloaded",
+            "infer requests refused with 503 + Retry-After: the admission bound was reached",
+            ["model"],
+            registry=r,
+        )
         self.model = m
         # The hot path's series, looked up once: ``labels()`` takes a lock and builds a key on
         # every call (a few microseconds each, several per request).
@@ -119,6 +125,25 @@ class TeacherMetrics:
             gauge.set_function(lambda f=field: getattr(cache, f))
         entries = Gauge("opd_teacher_cond_cache_ids", "cond_ids held", registry=self.registry)
         entries.set_function(lambda: len(cache))
+
+    def watch_admission(self, budget: Any) -> None:
+        """Export the admission budget (``common.admission.ByteBudget``): bytes held and the
+        bound, read at scrape time; :attr:`overloaded` counts the 503s it caused."""
+        if getattr(self, "_admission_watched", False):
+            return  # one app per metrics object; a second build_api must not register twice
+        self._admission_watched = True
+        held = Gauge(
+            "opd_teacher_queue_bytes",
+            "bytes held by infer requests in queue and in flight (bodies, tensors, answers)",
+            registry=self.registry,
+        )
+        held.set_function(lambda: budget.held)
+        bound = Gauge(
+            "opd_teacher_queue_limit_bytes",
+            "admission bound on those bytes (--max-queue-mb)",
+            registry=self.registry,
+        )
+        bound.set_function(lambda: budget.limit)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -77,6 +77,19 @@ class TeacherSettings(BaseSettings):
         "(cache-sized: faster per state than one big forward); 0 = one forward per batch",
     )
     max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body (MiB)")
+    max_queue_mb: float | None = Field(
+        None,
+        gt=0,
+        description="most MiB held by requests in queue and in flight (bodies, decoded tensors, "
+        "answers not yet sent); beyond: 503 + Retry-After, one larger request: 413 "
+        "(default: a quarter of the cgroup limit or MemAvailable, 64..1024 MiB)",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this (else 408, closed)"
+    )
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="a client must take its answer within this (else disconnected)"
+    )
     model_root: Path | None = Field(
         None,
         description="directory that load calls may read "

@@ -29,12 +29,12 @@ from student.methods import METHODS
 
 @dataclass
 class LatentConfig:
-    """One latent OPD run (defaults sized for 2 CPU cores: about a minute per run)."""
+    """One latent OPD run (defaults sized for 2 CPU cores: a minute or so per run)."""
 
     method: str
     teachers: list[str] = field(default_factory=lambda: ["a", "b"])
     supervise: str = "router"  # "router" (label routing) | "average"
-    steps: int = 200
+    steps: int = 300
     batch: int = 32
     rollout_steps: int = 8
     lr: float = 3e-4
