@@ -74,7 +74,8 @@ def test_a_cond_id_the_server_does_not_hold_is_resent(models: Path, router: str)
     labels = torch.tensor([1, 2])
     x, t = torch.randn((2, *SHAPE)), torch.tensor([0.3, 0.7])
     served = HttpLatentTeachers(router, ["a", "b"], world, cond_cache=True)
-    served.cond_prefix, served._sent = "never-sent-", {0, 1, 2, 3}  # it thinks it sent them
+    served.cond_prefix = "never-sent-"
+    served.client.aio._cond_sent = {f"never-sent-{f}" for f in range(4)}  # it thinks it sent them
     try:
         got = served.query(x, t, labels)
     finally:
