@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,7 @@ from services.bench.sweep import (
     nodelay_client,
     run_point,
 )
+from services.router.negotiate import BINARY, encoding_of, server_extensions
 
 #: seconds of raw TCP echo sampled right after each binary point, at its body size
 ECHO_SAMPLE_S = 0.5
@@ -160,8 +162,10 @@ async def _sweep(
             raise UsageError(f"cannot read {url}/v2/models/{s.model}: {exc}") from None
         params = meta.get("parameters") or {}
         dim = s.state_dim or int(params.get("data_dim") or 2)
+        encodings = await negotiated_encodings(client, url, s.encoding, s.timeout_s)
+        meta["encodings"] = encodings
         deadline = time.perf_counter() + bounds.max_seconds
-        for enc in [e.strip() for e in s.encoding.split(",")]:
+        for enc in encodings:
             for states in int_list(s.states):
                 inputs = make_inputs(specs, states, dim)
                 for c in concurrency:
@@ -204,6 +208,26 @@ async def _sweep(
                             echo_rate(size, seconds=ECHO_SAMPLE_S).mb_s
                         )
     return points, meta
+
+
+async def negotiated_encodings(
+    client: httpx.AsyncClient, url: str, asked: str, timeout_s: float
+) -> list[str]:
+    """The encodings of ``asked`` (``binary,json``) that the server speaks: binary only when its
+    ``GET /v2`` declares the binary tensor extension; a server without it is swept in JSON
+    (said on stderr) rather than sent bodies it cannot read."""
+    wanted = [e.strip() for e in asked.split(",")]
+    try:
+        binary = encoding_of(await server_extensions(client, url, timeout_s)) == BINARY
+    except httpx.HTTPError:
+        binary = False
+    if binary or "binary" not in wanted:
+        return wanted
+    sys.stderr.write(
+        f"opd bench serve: {url} declares no binary_tensor_data extension (GET /v2); "
+        "sweeping JSON tensors instead of binary\n"
+    )
+    return list(dict.fromkeys("json" if e == "binary" else e for e in wanted))
 
 
 def _line(p: Point) -> str:

@@ -63,6 +63,9 @@ def _replicas(entry: dict[str, Any], known: dict[tuple[str, str, str | None], Re
             replica = Replica(Endpoint(url, str(model)), r.get("version"), r.get("digest"))
             if r.get("live") is False:  # the router's view until this client's own checks
                 replica.eject(str(r.get("cause") or "ejected by the router"))
+        exts = r.get("extensions")
+        if isinstance(exts, list):  # what the router negotiated with it: the same encoding here
+            replica.negotiated(tuple(str(e) for e in exts))
         out.append(replica)
     return out
 

@@ -39,10 +39,10 @@ from common.codec import (
     CodecError,
     datatype_of,
     decode_response,
-    encode_request,
 )
 from common.http1 import Http1Client, HttpClientError
 from services.router.fanout import TeacherAnswer, TeacherFault
+from services.router.negotiate import encode_infer, server_extensions
 from services.router.registry import Registry, Replica, Teacher
 
 log = logging.getLogger("opd.router")
@@ -168,11 +168,14 @@ class Pool:
         headers: dict[str, str],
         deadline: float,
         path: str = "infer",
+        encode: Callable[[Replica], tuple[bytes, dict[str, str]]] | None = None,
     ) -> Reply:
         """POST ``body`` to ``.../v2/models/{model}/{path}`` of one replica of ``teacher``.
 
         Args:
             deadline: ``time.monotonic()`` by which an answer must be in, retries included.
+            encode: the body and headers for the replica picked (its negotiated encoding),
+                instead of ``body`` and ``headers``.
         Raises:
             TeacherUnavailable: every replica failed, or the deadline passed.
             TeacherRejected: a replica answered 4xx (the request itself is wrong; not retried).
@@ -198,6 +201,8 @@ class Pool:
                 retry = math.ceil(max(busy)) if busy else None
                 raise TeacherUnavailable(teacher.name, causes, retry)
             tried.add(id(replica))
+            if encode is not None:
+                body, headers = encode(replica)
             attempts += 1
             if attempts > 1:
                 self._on_retry(teacher.name, causes[-1] if causes else "")
@@ -256,6 +261,7 @@ class Pool:
                 replica.cause = f"not ready (HTTP {ready.status_code})"
                 return
             meta = (await self.client.get(f"{url}/v2/models/{model}", timeout=timeout)).json()
+            extensions = await server_extensions(self.client, url, self.attempt_timeout_s)
         except (httpx.HTTPError, ValueError) as exc:
             replica.cause = f"health check failed: {type(exc).__name__}: {exc or 'no detail'}"
             return
@@ -270,6 +276,7 @@ class Pool:
         version = params.get("version")
         replica.version = str(version) if version is not None else replica.version
         replica.digest = digest or replica.digest
+        replica.negotiated(extensions)  # it may have come back as another server
         replica.admit()
         log.warning("admitted %s replica %s again", teacher.name, url)
 
@@ -302,16 +309,28 @@ async def infer(
     deadline: float,
     parameters: dict[str, Any] | None = None,
 ) -> TeacherAnswer:
-    """One binary OIP v2 infer call of ``teacher`` over HTTP: ``inputs`` (``x [n, *S]``,
+    """One OIP v2 infer call of ``teacher`` over HTTP: ``inputs`` (``x [n, *S]``,
     ``t [n]``, conditioning) and request ``parameters`` (``cond_id``, ``guidance_scale``...,
     sent unchanged) → ``v [n, *S]`` (FP32, FP16 or BF16, as the teacher answers).
+
+    Binary tensors to a replica that declared the binary extension, JSON (inputs in the
+    datatypes its metadata declares) to one that did not; each encoding is made once per call.
 
     Raises:
         TeacherUnavailable, TeacherRejected: see :meth:`Pool.post`.
         TeacherFault: the answer is not a decodable v2 response holding a floating ``v``.
     """
-    body, headers = encode_request(inputs, outputs=["v"], binary=True, parameters=parameters)
-    reply = await pool.post(teacher, body, headers, deadline)
+    encoded: dict[bool, tuple[bytes, dict[str, str]]] = {}
+    declared = {s.name: s.datatype for s in teacher.inputs}
+
+    def encode(replica: Replica) -> tuple[bytes, dict[str, str]]:
+        binary = replica.binary
+        if binary not in encoded:
+            encoded[binary] = encode_infer(inputs, ["v"], binary, parameters, declared)
+        return encoded[binary]
+
+    reply = await pool.post(teacher, b"", {}, deadline, encode=encode)
+    body = encoded[reply.replica.binary][0]
     header_length = next(
         (v for k, v in reply.headers.items() if k.lower() == HEADER_LENGTH.lower()), None
     )

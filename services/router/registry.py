@@ -26,6 +26,7 @@ import torch
 from common import routing
 from common.names import PLAIN_NAME_RULE, is_http_base_url, is_plain_name
 from common.ring import NUM_MODES, centers_of
+from services.router.negotiate import BINARY, encoding_of, server_extensions
 
 Role = Literal["teacher", "anchor"]
 log = logging.getLogger("opd.router")
@@ -92,6 +93,10 @@ class Replica:
     inflight: int = 0
     failures: int = 0
     infer_url: str = ""
+    #: what its server declares in ``GET /v2`` (None: not asked, e.g. a replica that has not
+    #: answered yet); binary tensors only to one that declares ``binary_tensor_data``
+    extensions: tuple[str, ...] | None = None
+    encoding: str = BINARY
 
     def __post_init__(self) -> None:
         self.infer_url = f"{self.endpoint.url}/v2/models/{self.endpoint.model}/infer"
@@ -113,7 +118,17 @@ class Replica:
             "digest": self.digest,
             "inflight": self.inflight,
             "failures": self.failures,
+            "encoding": self.encoding,
+            "extensions": None if self.extensions is None else list(self.extensions),
         }
+
+    def negotiated(self, extensions: tuple[str, ...]) -> None:
+        """Take what the server declares: the encoding follows its extensions."""
+        self.extensions, self.encoding = extensions, encoding_of(extensions)
+
+    @property
+    def binary(self) -> bool:
+        return self.encoding == BINARY
 
 
 @dataclass(frozen=True)
@@ -613,6 +628,7 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
                 f"({_error_text(resp)})"
             )
         meta = resp.json()
+        extensions = await server_extensions(client, endpoint.url, timeout)
     except RegistryError:
         raise  # a ValueError too: not to be taken for bad JSON below
     except httpx.HTTPError as exc:
@@ -631,6 +647,7 @@ async def discover(client: httpx.AsyncClient, endpoint: Endpoint, timeout: float
         str(version) if version is not None else None,
         str(digest) if digest else None,
     )
+    replica.negotiated(extensions)
     return Discovered(
         replica,
         _modes_from(params),
@@ -722,7 +739,45 @@ async def build_teacher(client: httpx.AsyncClient, spec: TeacherSpec, timeout: f
             )
     if (warning := convention_warning(teacher)) is not None:
         log.warning("%s", warning)
+    for warning in standard_only_warnings(teacher, ref):
+        log.warning("%s", warning)
     return teacher
+
+
+def standard_only_warnings(teacher: Teacher, ref: Discovered) -> list[str]:
+    """What a teacher served by a standards-only OIP v2 server goes without: the binary
+    extension (its replicas get JSON) and the metadata beyond the standard (digest, version,
+    mode centers) that this project's teachers add."""
+    out = []
+    json_only = [
+        str(r.endpoint) for r in teacher.replicas if r.extensions is not None and not r.binary
+    ]
+    if json_only:
+        out.append(
+            f"{teacher.role} {teacher.name!r}: {', '.join(json_only)} declare(s) no "
+            "binary_tensor_data extension in GET /v2; requests to them are JSON tensors"
+        )
+    missing = [
+        key
+        for key, value in (
+            ("digest", ref.replica.digest),
+            ("version", ref.replica.version),
+            ("mode_centers", teacher.centers),
+        )
+        if value is None
+    ]
+    if missing and teacher.role == "teacher":
+        out.append(
+            f"teacher {teacher.name!r} ({ref.replica.endpoint}) declares no "
+            f"{', '.join(missing)} in its model metadata parameters (a standards-only server); "
+            + (
+                "served by label or average routing: policy 'nearest' needs its mode centers "
+                "(give 'modes' or 'mode_centers' in its registry entry)"
+                if teacher.centers is None
+                else "served without checkpoint tracking"
+            )
+        )
+    return out
 
 
 def refreshed(teacher: Teacher, replica: Replica, found: Discovered) -> Teacher | None:

@@ -79,7 +79,11 @@ def build(args: argparse.Namespace) -> Starlette:
         return JSONResponse({"ready": True, "live": True})
 
     async def server(_: Request) -> JSONResponse:
-        return JSONResponse({"name": "latent-peer", "version": "0", "extensions": []})
+        # it reads the binary extension (common.codec): declared, so the router sends binary
+        # and FP16 / BF16 states pass through unconverted
+        return JSONResponse(
+            {"name": "latent-peer", "version": "0", "extensions": ["binary_tensor_data"]}
+        )
 
     async def index(_: Request) -> JSONResponse:
         return JSONResponse([{"name": n, "version": "1", "state": "READY"} for n in scales])
