@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -127,11 +127,17 @@ def _application(app: dict, where: str):
 
 
 @contextlib.contextmanager
-def local_serve(doc: dict, num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[str]:
+def local_serve(
+    doc: dict,
+    num_cpus: int = 2,
+    env: dict[str, str] | None = None,
+    before_deploy: Callable[[str], None] | None = None,
+) -> Iterator[str]:
     """A throwaway local Ray instance (``num_cpus``) with Serve on a free loopback port and the
     config ``doc`` deployed; yields the proxy's base URL and tears everything down after
     (tests, benchmarks). ``env`` is set in this process before Ray starts, so replicas inherit
-    it (e.g. the admin token), and restored after."""
+    it (e.g. the admin token), and restored after. ``before_deploy(gcs_address)`` runs once
+    Ray is up (e.g. to join a second node that replicas are pinned to)."""
     import ray
     from ray import serve
 
@@ -140,6 +146,8 @@ def local_serve(doc: dict, num_cpus: int = 2, env: dict[str, str] | None = None)
     port = free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="serve")
     try:
+        if before_deploy is not None:
+            before_deploy(ray.get_runtime_context().gcs_address)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy_config(doc)
         yield f"http://127.0.0.1:{port}"

@@ -1,4 +1,5 @@
-"""deploy/serve_config.yaml's topology on a real local Ray instance (one per module): teacher
+"""deploy/serve_config.yaml's topology on a real local Ray instance (one per module, with a
+second node joined by `ray start --address` that runs teacher-a's replicas): teacher
 applications over OIP v2 HTTP, composed by the router application through Serve handles.
 
 Training through the Ray router ends at the uvicorn services' student; a replica killed mid-run
@@ -25,7 +26,7 @@ from services.cluster import start_cluster
 from services.teacher.ray_command import UsageError, deploy_config
 from student.bench_backends import run as train_run
 from student.clients import LocalTeacherClient, TeacherInfo
-from tests.services.ray_cluster import TOKEN, ServeCluster, app_doc, serve_cluster
+from tests.services.ray_cluster import NODE2, TOKEN, ServeCluster, app_doc, serve_cluster
 from tests.services.router_helpers import call_router, states
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -37,8 +38,9 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def cluster(tiny_models: Path) -> Iterator[ServeCluster]:
-    # two replicas of teacher-a: a killed one leaves the other, a swap must reach both
-    with serve_cluster(tiny_models, {"teacher-a": 2}) as c:
+    # two replicas of teacher-a, both on a second Ray node (a separate `ray start --address`
+    # process): a killed one leaves the other, a swap must reach both
+    with serve_cluster(tiny_models, {"teacher-a": 2}, on_node2=("teacher-a",)) as c:
         yield c
 
 
@@ -96,6 +98,15 @@ def test_router_composes_the_teacher_apps_by_handle(cluster: ServeCluster) -> No
         # a teacher's 4xx comes back through the handle as the teacher's answer
         bad = c.post(f"{url}/router/v2/models/a/infer", content=b"{nope")
         assert bad.status_code == 400 and "JSON" in bad.json()["error"]
+
+
+def test_teacher_replicas_run_on_the_second_node(cluster: ServeCluster) -> None:
+    """The cluster has two nodes, and teacher-a's two replicas hold the resource that only the
+    node joined by `ray start --address` offers (0.25 each); the router's answers above came
+    through them."""
+    assert sum(n["Alive"] for n in ray.nodes()) == 2
+    assert ray.cluster_resources()[NODE2] == 1
+    assert ray.available_resources().get(NODE2, 0.0) == pytest.approx(0.5)
 
 
 def test_training_through_the_ray_router_equals_uvicorn(
