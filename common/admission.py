@@ -42,8 +42,9 @@ class ByteBudget:
     """Bytes held by admitted requests, refused beyond ``limit``; the recent drain rate.
 
     ``flag`` names the setting in messages (``--max-queue-mb``). ``on_drained`` runs when the
-    bytes held fall back to 0 after a burst that held at least ``trim_after`` bytes (the
-    services hand freed heap memory back to the kernel there). Single event loop: no locks.
+    bytes held fall back to 0 after a burst of at least ``trim_after`` bytes, admitted or
+    refused (a refused request's first bytes were read too; the services hand freed heap
+    memory back to the kernel there). Single event loop: no locks.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class ByteBudget:
         self.peak = 0  # since the last drain to 0
         self.refused = 0  # 503s
         self.too_large = 0  # 413s
+        self._since_drain = 0  # bytes admitted or refused since on_drained last ran
         self._done: deque[tuple[float, int]] = deque()  # (monotonic time, bytes completed)
         self._done_bytes = 0
 
@@ -80,12 +82,14 @@ class ByteBudget:
         """
         if nbytes > self.limit:
             self.too_large += 1
+            self._since_drain += min(nbytes, self.limit)
             raise RequestTooLarge(
                 f"request of {nbytes} bytes exceeds this service's bound of {self.limit} bytes "
                 f"({self.limit_mb:g} MiB, {self.flag}); send fewer states per request"
             )
         if self.held and self.held + nbytes > self.limit:
             self.refused += 1
+            self._since_drain += nbytes
             wait = self.retry_after_s(nbytes)
             raise Overloaded(
                 f"overloaded: {self.held} bytes held, {nbytes} more would exceed the bound of "
@@ -97,6 +101,7 @@ class ByteBudget:
     def hold(self, nbytes: int) -> None:
         """Hold ``nbytes`` more for a request already admitted (its answer): never refused."""
         self.held += nbytes
+        self._since_drain += nbytes
         self.peak = max(self.peak, self.held)
 
     def release(self, nbytes: int, completed: bool = True) -> None:
@@ -109,8 +114,9 @@ class ByteBudget:
             self._done_bytes += nbytes
             self._forget(now)
         if self.held == 0:
-            peak, self.peak = self.peak, 0
-            if peak >= self.trim_after and self.on_drained is not None:
+            self.peak = 0
+            burst, self._since_drain = self._since_drain, 0
+            if burst >= self.trim_after and self.on_drained is not None:
                 self.on_drained()
 
     def _forget(self, now: float) -> None:

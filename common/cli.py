@@ -69,6 +69,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "throughput/latency sweep against any OIP v2 endpoint",
         "services.bench.command:BENCH_SERVE",
     ),
+    ("bench", "overload"): (
+        "flood a teacher and a router: statuses, Retry-After, latency, RSS",
+        "services.bench.overload:OVERLOAD",
+    ),
     ("bench", "cost"): (
         "rollout vs query vs update cost per OPD method",
         "student.bench_cost:COST",

@@ -116,12 +116,43 @@ def trim_heap() -> bool:
     return True
 
 
-def trim_soon() -> None:
+#: set to 0 to keep freed heap memory after a burst (to measure what the trim gives back)
+TRIM_ENV = "OPD_MALLOC_TRIM"
+
+
+def trim_soon(min_interval_s: float = 1.0) -> None:
     """:func:`trim_heap` off the event loop (a trim of a large heap takes milliseconds), or now
-    when there is no running loop."""
+    when there is no running loop; nothing when ``OPD_MALLOC_TRIM=0``.
+
+    At most one trim per ``min_interval_s``: a call sooner than that schedules one for when the
+    interval is over (so the last burst of a series is trimmed too), once.
+    """
+    if os.environ.get(TRIM_ENV, "1").strip() == "0":
+        return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         trim_heap()
         return
+    if _trim.scheduled:
+        return
+    wait = _trim.last + min_interval_s - loop.time()
+    if wait > 0:
+        _trim.scheduled = True
+        loop.call_later(wait, _trim_now, loop)
+        return
+    _trim_now(loop)
+
+
+class _TrimState:
+    last = float("-inf")  # loop time of the last trim
+    scheduled = False
+
+
+_trim = _TrimState()
+
+
+def _trim_now(loop: asyncio.AbstractEventLoop) -> None:
+    _trim.scheduled = False
+    _trim.last = loop.time()
     loop.run_in_executor(None, trim_heap)

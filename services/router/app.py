@@ -33,6 +33,7 @@ from common.asgi import (
     Scope,
     Send,
     body_chunks,
+    drop_unread_body,
     headers_of,
     send_parts,
 )
@@ -324,6 +325,7 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
                 m.requests.labels(name, str(resp.status_code)).inc()
                 m.seconds.labels(name).observe(time.perf_counter() - received)
         finally:
+            drop_unread_body(receive)  # what a refused body buffered before its refusal
             budget.release(held[0], completed)
 
     async def answer(

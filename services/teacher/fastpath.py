@@ -22,6 +22,7 @@ from common.asgi import (
     Scope,
     Send,
     body_chunks,
+    drop_unread_body,
     headers_of,
     refuse,
     send_parts,
@@ -120,6 +121,7 @@ def infer_handler(
             core.metrics.answered(protocol, states)
             completed = True
         finally:
+            drop_unread_body(receive)  # what a refused body buffered before its refusal
             budget.release(held[0], completed)
 
     return infer
