@@ -172,7 +172,12 @@ def encode_request(
     if parameters:
         doc["parameters"] = parameters
     if outputs is not None:
-        doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
+        # a JSON request names its outputs only: a server without the binary extension must
+        # not meet its parameters (JSON outputs are the protocol's default)
+        doc["outputs"] = [
+            {"name": n, "parameters": {"binary_data": True}} if binary else {"name": n}
+            for n in outputs
+        ]
     elif binary:
         doc.setdefault("parameters", {})["binary_data_output"] = True
     parts, headers = _parts(doc, chunks)
@@ -301,6 +306,8 @@ def decode(body: bytes, header_length: str | None, kind: str = "inputs") -> Infe
     entries = doc.get(kind)
     if not isinstance(entries, list):
         raise CodecError(f"the infer document needs an '{kind}' list")
+    if kind == "inputs":  # requests are held to the schema; answers are read leniently
+        _check_schema_types(doc, kind)
     offset = 0 if n is None else n
     tensors: dict[str, np.ndarray] = {}
     slots: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
@@ -376,6 +383,24 @@ def decode(body: bytes, header_length: str | None, kind: str = "inputs") -> Infe
     if n is not None and kind == "inputs" and len(slots) == len(tensors):
         _remember(head, msg, tuple(slots), offset)
     return msg
+
+
+def _check_schema_types(doc: dict[str, Any], kind: str) -> None:
+    """Refuse what the OIP REST schema forbids and a lenient read would let through: an ``id``
+    that is not a string (it is echoed in the response, where the schema wants a string),
+    ``parameters`` that are not an object (here or on a tensor or requested output), an
+    ``outputs`` that is not a list of objects."""
+    if "id" in doc and not isinstance(doc["id"], str):
+        raise CodecError(f"'id' must be a string, got {doc['id']!r}")
+    if "parameters" in doc and not isinstance(doc["parameters"], dict):
+        raise CodecError("'parameters' must be a JSON object")
+    lists = [kind] + (["outputs"] if kind == "inputs" and "outputs" in doc else [])
+    for key in lists:
+        if not isinstance(doc[key], list):
+            raise CodecError(f"'{key}' must be a list")
+        for entry in doc[key]:
+            if isinstance(entry, dict) and not isinstance(entry.get("parameters", {}), dict):
+                raise CodecError(f"'parameters' of {entry.get('name')!r} must be a JSON object")
 
 
 def _remember(head: bytes, msg: InferMessage, slots: _Slots, end: int) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,6 +40,7 @@ from common.asgi import (
 )
 from common.codec import HEADER_LENGTH, CodecError, decode_request, response_parts, wants_binary
 from common.httpapi import bare_app, error_response
+from common.openapi import document, index_ready_only, oip_paths, responses, serve_openapi
 from services.router import fanout
 from services.router.fanout import InputError, TeacherAnswer, TeacherFault
 from services.router.metrics import RouterMetrics
@@ -231,6 +233,11 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # the protocol's {"error"} body (FastAPI's own is {"detail"}: not in our OpenAPI)
+        return error_response(400, f"invalid request: {exc.errors()}")
+
     @app.get("/v2/health/live")
     async def live() -> dict:
         return {"live": True}
@@ -289,18 +296,37 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post("/v2/repository/index")
-    async def repository_index() -> list:
-        entries = [{"name": fanout.MODEL_NAME, "version": fanout.MODEL_VERSION, "state": "READY"}]
+    async def repository_index(request: Request) -> Response:
+        try:  # {"ready": true}: only the models ready for inferencing (the extension's filter)
+            body = await read_body(
+                request.receive, request.headers.get("content-length"), ADMIN_BODY_LIMIT
+            )
+            ready_only = index_ready_only(body)
+        except BodyTooLarge as exc:
+            return error_response(413, str(exc))
+        except ValueError as exc:
+            return error_response(400, str(exc))
+        entries = [
+            {
+                "name": fanout.MODEL_NAME,
+                "version": fanout.MODEL_VERSION,
+                "state": "READY",
+                "reason": "",
+            }
+        ]
         for t in core.registry.all():
-            up = any(r.live for r in t.replicas)
+            down = [f"{r.endpoint.url}: {r.cause}" for r in t.replicas if not r.live]
+            up = len(down) < len(t.replicas)
             entries.append(
                 {
                     "name": t.name,
                     "version": t.version or "",
                     "state": "READY" if up else "UNAVAILABLE",
+                    # the repository extension requires a reason: "" when there is none
+                    "reason": "" if up else "no live replica: " + "; ".join(down),
                 }
             )
-        return entries
+        return JSONResponse([e for e in entries if e["state"] == "READY" or not ready_only])
 
     async def infer(
         name: str, version: str | None, scope: Scope, receive: Receive, send: Send
@@ -536,7 +562,47 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
             m.checkpoints.labels(t.name).set(len(t.live_digests))
         return Response(m.render(), media_type=m.content_type)
 
+    serve_openapi(app, router_openapi())
     return InferFastPath(app, infer)
+
+
+def router_openapi() -> dict[str, Any]:
+    """The router's OpenAPI document (``GET /openapi.json``; :mod:`common.openapi`): the OIP v2
+    routes (infer also 501 / 502: passthrough unavailable, a teacher's undecodable answer; a
+    500 only for a router bug, answered and named) and the registry API."""
+    paths = oip_paths(versions=False, load_errors=None, infer_errors=(500, 501, 502))
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    obj = {"application/json": {"schema": {"$ref": "#/components/schemas/object"}}}
+    admin = [{"bearer": []}]
+    paths["/v1/teachers"] = {
+        "get": {
+            "summary": "The registry; with after=N and wait_s, a long-poll watch",
+            "parameters": [
+                {"name": "after", "in": "query", "required": False, "schema": {"type": "integer"}},
+                {"name": "wait_s", "in": "query", "required": False, "schema": {"type": "number"}},
+            ],
+            "responses": responses(obj, 400),
+        }
+    }
+    put = responses(obj, 400, 401, 403, 413, 422)
+    put["201"] = {"description": "Created (a new teacher)", "content": obj}
+    paths["/v1/teachers/{name}"] = {
+        "get": {"summary": "One teacher", "parameters": [name], "responses": responses(obj, 404)},
+        "put": {
+            "summary": "Register or replace a teacher's endpoints (admin: Bearer token)",
+            "security": admin,
+            "parameters": [name],
+            "requestBody": {"required": False, "content": obj},
+            "responses": put,
+        },
+        "delete": {
+            "summary": "Take a teacher out of routing (admin: Bearer token)",
+            "security": admin,
+            "parameters": [name],
+            "responses": responses(obj, 401, 403, 404),
+        },
+    }
+    return document(SERVER_NAME, SERVER_VERSION, paths)
 
 
 # -------------------------------------------------------------------- uvicorn router

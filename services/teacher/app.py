@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.admission import ByteBudget, configured_budget
 from common.asgi import InferFastPath
 from common.httpapi import bare_app, error_response
+from common.openapi import document, index_ready_only, oip_paths, serve_openapi
 from common.threads import apply_threads, model_params, thread_budget
 from services.teacher.batcher import Batcher, ForwardResult
 from services.teacher.cond_cache import CondCache
@@ -72,6 +73,13 @@ class TeacherCore:
     admission: ByteBudget = field(default_factory=teacher_budget)
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
+
+
+def teacher_openapi() -> dict[str, Any]:
+    """The teacher's OpenAPI document (``GET /openapi.json``; :mod:`common.openapi`): infer may
+    also answer 500 (a forward that failed is answered and named, the server keeps serving)."""
+    paths = oip_paths(versions=True, load_errors=(413, 422), infer_errors=(500,))
+    return document(SERVER_NAME, SERVER_VERSION, paths)
 
 
 def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> InferFastPath:
@@ -175,12 +183,21 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
             model = repo.get(name)
         except KeyError:
             raise unknown(name) from None
-        ok = model is not None and (version is None or version == str(model.version))
+        if model is not None:
+            # a version this server does not serve is not found (404, as its metadata and
+            # infer answer), not "not ready": only the served model can be (not) ready
+            check_version(model, version)
+        ok = model is not None
+        # not ready: 503, as KServe answers (Triton answers 400); only 200 means ready
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post("/v2/repository/index")
-    async def repository_index() -> list:
-        return repo.index()
+    async def repository_index(request: Request) -> list:
+        try:  # {"ready": true}: only the models ready for inferencing (the extension's filter)
+            ready_only = index_ready_only(await read_body(request, ADMIN_BODY_LIMIT))
+        except ValueError as exc:
+            raise ProtocolError(400, "decode", str(exc)) from None
+        return [e for e in repo.index() if e["state"] == "READY" or not ready_only]
 
     def check_admin(request: Request) -> None:
         if core.admin_token is None:
@@ -241,6 +258,7 @@ def build_api(core: TeacherCore, lifespan: Any = None, join: bool = False) -> In
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    serve_openapi(app, teacher_openapi())
     return InferFastPath(app, infer_handler(core, model_for, join))
 
 

@@ -172,9 +172,9 @@ class DiffusersRepository:
                 "name": name,
                 "version": str(m.version) if m else "",
                 "state": "READY" if m else "UNAVAILABLE",
+                # required by the repository extension's index schema: "" when there is none
+                "reason": "" if m else self.last_error.get(name) or "unloaded",
             }
-            if m is None:
-                entry["reason"] = self.last_error.get(name) or "unloaded"
             out.append(entry)
         return out
 

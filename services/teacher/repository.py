@@ -322,7 +322,7 @@ class ModelRepository:
             "name": self.name,
             "version": str(m.version) if m else "",
             "state": "READY" if m else "UNAVAILABLE",
+            # required by the repository extension's index schema: "" when there is none
+            "reason": "" if m else self.last_error or "unloaded",
         }
-        if m is None:
-            entry["reason"] = self.last_error or "unloaded"
         return [entry]

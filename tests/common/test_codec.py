@@ -120,3 +120,20 @@ def test_repeated_request_encodes_like_the_first():
     # a non-contiguous view encodes its values, not its buffer
     strided, h4 = encode_request({"x": a.T.copy().T}, outputs=["v"])
     assert np.array_equal(decode_request(strided, h4[HEADER_LENGTH]).tensors["x"], a)
+
+
+@pytest.mark.parametrize(
+    "doc, says",
+    [
+        ({"id": 5}, "'id' must be a string"),
+        ({"parameters": [1]}, "'parameters' must be a JSON object"),
+        ({"outputs": {"name": "v"}}, "'outputs' must be a list"),
+        ({"outputs": [{"name": "v", "parameters": 3}]}, "'parameters' of 'v'"),
+    ],
+)
+def test_request_fields_the_schema_forbids_are_refused(doc: dict, says: str) -> None:
+    """The OIP REST schema's types for id, parameters and outputs: a lenient read would accept
+    these (and echo a non-string id into the response)."""
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], **doc}
+    with pytest.raises(CodecError, match=says):
+        decode_request(json.dumps(body).encode(), None)

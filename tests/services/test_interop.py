@@ -188,3 +188,13 @@ def test_bench_serve_sweeps_the_json_peer_in_json(
     doc = json.loads((tmp_path / "sweep.json").read_text())
     assert [p["encoding"] for p in doc["points"]] == ["json"]
     assert doc["points"][0]["errors"] == 0 and doc["points"][0]["requests_total"] > 0
+
+
+def test_trainer_client_asks_the_server_for_its_encoding(world: dict[str, Service]) -> None:
+    """What the trainer's client (student/remote.py) decides its encoding by: our router
+    declares the binary extension, the standards-only peer does not (JSON for it)."""
+    from services.router.negotiate import speaks_binary
+
+    assert speaks_binary(world["router_peer"].url, 5.0) is True
+    assert speaks_binary(world["peer"].url, 5.0) is False
+    assert speaks_binary("http://127.0.0.1:9", 1.0) is False  # nothing there: the base protocol

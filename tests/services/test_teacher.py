@@ -97,7 +97,7 @@ def test_metadata_carries_version_digest_and_modes(teacher: Service, tiny_models
         "model_repository",
     ]
     index = httpx.post(f"{teacher.url}/v2/repository/index").json()
-    assert index == [{"name": "teacher-a", "version": "1", "state": "READY"}]
+    assert index == [{"name": "teacher-a", "version": "1", "state": "READY", "reason": ""}]
 
 
 def batch_requests_histogram(url: str) -> tuple[float, float]:
