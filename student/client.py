@@ -373,17 +373,22 @@ class AsyncOPDClient:
         inputs, conds, cond_id = prep.inputs, prep.conds, prep.cond_id
         params, outputs = prep.params, prep.outputs
         try:
-            # By id alone once the tensors went out under it; with them, the first time or
-            # after the server said it does not hold the id (its LRU dropped it).
+            # By id alone once the tensors went out under it (or are on their way: a rollout's
+            # later states need not wait for its first answer; a server that has not stored
+            # them yet answers 'unknown cond_id' and the tensors follow). With them the first
+            # time, or after the server said it does not hold the id (its LRU dropped it).
             if cond_id is not None and conds and cond_id in self._cond_sent:
                 try:
                     return await self._send(inputs, params, outputs)
                 except UnknownCondId:
-                    self._cond_sent.discard(cond_id)
-            reply = await self._send({**inputs, **conds}, params, outputs)
+                    pass
             if cond_id is not None and conds:
                 self._cond_sent.add(cond_id)
-            return reply
+            try:
+                return await self._send({**inputs, **conds}, params, outputs)
+            except BaseException:
+                self._cond_sent.discard(cond_id)  # it may not hold them: send them next time
+                raise
         finally:
             self._slots.release()
 
