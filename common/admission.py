@@ -70,8 +70,9 @@ class ByteBudget:
     def limit_mb(self) -> float:
         return self.limit / 2**20
 
-    def admit(self, nbytes: int) -> None:
-        """Hold ``nbytes`` more for a new request, or refuse it.
+    def admit(self, nbytes: int, body: int | None = None) -> None:
+        """Hold ``nbytes`` more for a new request, or refuse it; ``body``: the request's own
+        size when ``nbytes`` is an estimate of what serving it holds (messages name both).
 
         An empty service admits any request within the bound, so a request that fits is never
         starved by the ones ahead of it for long.
@@ -83,8 +84,9 @@ class ByteBudget:
         if nbytes > self.limit:
             self.too_large += 1
             self._since_drain += min(nbytes, self.limit)
+            what = f"{nbytes} bytes" if body is None else f"{body} bytes ({nbytes} held served)"
             raise RequestTooLarge(
-                f"request of {nbytes} bytes exceeds this service's bound of {self.limit} bytes "
+                f"request of {what} exceeds this service's bound of {self.limit} bytes "
                 f"({self.limit_mb:g} MiB, {self.flag}); send fewer states per request"
             )
         if self.held and self.held + nbytes > self.limit:

@@ -71,6 +71,10 @@ ADMIN_BODY_LIMIT = 64 * 1024
 RETRY_AFTER_S = "1"  # a teacher call that failed without saying when to come back
 #: the variable that sets the byte bound where the flag cannot be given (Ray Serve)
 MAX_QUEUE_ENV = "OPD_ROUTER_MAX_QUEUE_MB"
+#: bytes a routed request holds per byte of its body while it is served: the body, its rows
+#: split per teacher and the bodies sent to them (measured: a 64 MiB bound counted as bodies
+#: alone let the router's RSS grow by 250 MiB in a flood); passthrough: body and answer
+ROUTED_HOLD, PASSTHROUGH_HOLD = 3, 2
 MAX_WATCH_S = 60.0  # longest a registry watch (GET /v1/teachers?after=N) is held open
 
 #: (teacher, inputs, deadline) -> answer; HTTP pool or Ray handles
@@ -374,8 +378,11 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
         declared = headers_of(scope, b"content-length")[0]
         try:
             if declared is not None and declared.isdigit():  # before a byte of it is read
-                budget.admit(int(declared))
-                held[0] += int(declared)
+                size = int(declared) * (
+                    ROUTED_HOLD if name == fanout.MODEL_NAME else PASSTHROUGH_HOLD
+                )
+                budget.admit(size, int(declared))
+                held[0] += size
         except RequestTooLarge as exc:
             return error_response(413, str(exc))
         except Overloaded as exc:

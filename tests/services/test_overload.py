@@ -189,8 +189,8 @@ def test_router_byte_bound_refuses_with_503_retry_after_and_413(tiny_models: Pat
     try:
         assert "admission bound 1 MiB" in router.output()
         url = f"{router.url}/v2/models/opd-router/infer"
-        body, headers, _, _ = body_of(32768)
-        replies = flood(url, body, headers, 16)
+        body, headers, _, _ = body_of(10_000)  # 120 kB, held 3x while routed: 2 fit in 1 MiB
+        replies = flood(url, body, headers, 24)
         assert all(not isinstance(r, BaseException) for r in replies), replies
         statuses = [r.status for r in replies]
         assert set(statuses) == {200, 503}, statuses
