@@ -27,14 +27,22 @@ import httpx
 import numpy as np
 import torch
 
-from common.admission import jittered, retry_after_of
-from common.codec import HEADER_LENGTH, CodecError, decode_response, encode_request
-from common.http1 import Http1Client, HttpClientError
+from common.codec import encode_request
+from common.http1 import Http1Client
 from services.router.direct import DirectRouter
 from services.router.fanout import InputError, RouterPart, TeacherFault
 from services.router.pool import TeacherRejected
 from services.router.pool import TeacherUnavailable as PoolUnavailable
 from services.router.registry import RegistryError, Teacher
+from student.client import (
+    BUSY_WAIT_S,
+    Posted,
+    RetryPolicy,
+    TeacherRequestError,
+    post_infer,
+    teacher_stamps,
+)
+from student.client import Retry as _Retry
 from student.clients import (
     Answer,
     QueryCost,
@@ -49,13 +57,8 @@ ROUTER_MODEL = "opd-router"
 ROUTING = ("router", "client")
 #: what one group of :meth:`HttpTeacherClient.collect_parts` holds
 UPDATE_GROUPS = ("ready", "request")
-#: Statuses worth another attempt: the request is idempotent and the cause may pass.
-RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
-# connection refused/reset, protocol errors, timeouts: the request is idempotent, try again
-RETRY_ERRORS = (HttpClientError, OSError, asyncio.TimeoutError)
-#: how long a request waits in all for busy servers (503 + Retry-After) before it fails: an
-#: overloaded teacher slows a run down; only one that stays overloaded this long ends it
-BUSY_WAIT_S = 600.0
+# Requests, retries and busy waits: the public client's (student/client.py), the one
+# implementation every client here shares.
 # in-client routing: no live replica, an unusable answer, or a registry in transit may pass
 DIRECT_RETRY_ERRORS = (PoolUnavailable, TeacherFault, RegistryError, asyncio.TimeoutError)
 
@@ -66,19 +69,6 @@ def _poll(parts: queue.SimpleQueue) -> Any:
         return parts.get_nowait()
     except queue.Empty:
         return None
-
-
-class _Retry(Exception):
-    """A failed attempt worth another one (idempotent request, a cause that may pass);
-    ``retry_after_s``: the server was busy and said when to come back (``Retry-After``)."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class TeacherRequestError(RuntimeError):
-    """The router refused a request for a reason retrying will not fix (a 4xx: a bug of ours)."""
 
 
 @dataclass
@@ -182,8 +172,7 @@ class HttpTeacherClient(TeacherClient):
         self.policy, self.stream_chunk = policy, max(1, stream_chunk)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.spin_wait_s, self.ready = spin_wait_s, update_groups == "ready"
-        self.busy_wait_s = BUSY_WAIT_S
-        self.busy_waits = 0  # waits on busy servers' Retry-After, over the client's life
+        self._retry = RetryPolicy(retries, backoff_s, BUSY_WAIT_S)
         self._outputs = ["v", "teacher"] + (["v_anchor"] if anchor else [])
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._inflight: list[_Request] = []
@@ -402,58 +391,28 @@ class HttpTeacherClient(TeacherClient):
         self._inflight.append(_Request(sizes, self._offset, parts, fut))
         self._offset += sum(sizes)
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[None]], where: str) -> None:
-        """``attempt()`` until it answers, at most ``retries`` more times after a :class:`_Retry`,
-        with exponential backoff; then :class:`TeacherUnavailable` naming ``where``.
+    @property
+    def busy_waits(self) -> int:
+        """Waits on busy servers' ``Retry-After``, over the client's life."""
+        return self._retry.busy_waits
 
-        A busy answer (503 + ``Retry-After``) is not a failure: the request waits what the
-        server asked (jittered, so the requests refused together do not return together) and
-        goes again without using up a retry, for at most :data:`BUSY_WAIT_S` in all."""
-        last = "no attempt"
-        failures = 0
-        busy_until: float | None = None
-        while True:
-            try:
-                return await attempt()
-            except _Retry as exc:
-                last = str(exc)
-                if exc.retry_after_s is not None:
-                    now = time.monotonic()
-                    busy_until = busy_until or now + self.busy_wait_s
-                    if now < busy_until:
-                        self.busy_waits += 1
-                        wait = jittered(max(exc.retry_after_s, self.backoff_s))
-                        await asyncio.sleep(min(wait, busy_until - now))
-                        continue
-                failures += 1
-                if failures > self.retries:
-                    break
-                await asyncio.sleep(min(self.backoff_s * 2 ** (failures - 1), 5.0))
-        raise TeacherUnavailable(
-            f"teachers unreachable {where} after {failures} failed attempt(s)"
-            f"{f' and {self.busy_wait_s:g} s of busy answers' if busy_until else ''}; "
-            f"last error: {last}"
-        )
+    @property
+    def busy_wait_s(self) -> float:
+        return self._retry.busy_wait_s
+
+    @busy_wait_s.setter
+    def busy_wait_s(self, value: float) -> None:
+        self._retry.busy_wait_s = value
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[None]], where: str) -> None:
+        """``attempt()`` under the public client's :class:`~student.client.RetryPolicy`:
+        bounded retries with backoff, busy answers (503 + ``Retry-After``) waited out."""
+        await self._retry.run(attempt, where)
 
     async def _post(self, body: bytes, headers: dict[str, str], states: int, put) -> None:
         async def attempt() -> None:
-            start = time.perf_counter()
-            try:
-                r = await self._http.post(self.endpoint, body, headers, timeout=self.timeout_s)
-            except RETRY_ERRORS as exc:
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-            end = time.perf_counter()
-            content, status = r.content, r.status
-            if status in RETRY_STATUSES:
-                busy = retry_after_of(r.headers) if status in (429, 503) else None
-                raise _Retry(f"HTTP {status}: {content[:300].decode(errors='replace')}", busy)
-            if status != 200:
-                raise TeacherRequestError(
-                    f"{self.endpoint} answered HTTP {status}: "
-                    f"{content[:500].decode(errors='replace')}"
-                )
-            header_length = r.headers.get(HEADER_LENGTH.lower())
-            put((self._decode(content, header_length, body, states, start, end), None))
+            posted = await post_infer(self._http, self.endpoint, body, headers, self.timeout_s)
+            put((self._decode(posted, body, states), None))
 
         await self._retrying(attempt, f"through {self.endpoint}")
 
@@ -512,29 +471,18 @@ class HttpTeacherClient(TeacherClient):
             res = await direct.infer(inputs, self._outputs, params)
             yield RouterPart(None, res.outputs, res.parameters)
 
-    def _decode(
-        self,
-        content: bytearray,
-        header_length: str | None,
-        body: bytes,
-        states: int,
-        start: float,
-        end: float,
-    ) -> _Reply:
-        try:
-            msg = decode_response(content, header_length)
-        except CodecError as exc:
-            raise TeacherRequestError(f"{self.endpoint} sent an unreadable answer: {exc}") from exc
+    def _decode(self, posted: Posted, body: bytes, states: int) -> _Reply:
+        out = posted.tensors
         return self._reply(
-            msg.parameters,
-            np.asarray(msg.tensors["v"]),
-            np.asarray(msg.tensors["teacher"]),
-            np.asarray(msg.tensors["v_anchor"]) if "v_anchor" in msg.tensors else None,
+            posted.parameters,
+            np.asarray(out["v"]),
+            np.asarray(out["teacher"]),
+            np.asarray(out["v_anchor"]) if "v_anchor" in out else None,
             len(body),
-            len(content),
+            posted.received,
             states,
-            start,
-            end,
+            posted.start,
+            posted.end,
         )
 
     def _reply(
@@ -558,8 +506,7 @@ class HttpTeacherClient(TeacherClient):
             *(str(p.get("teachers") or "").split(",")),
             *([self.anchor.name] if self.anchor else []),
         ]
-        versions = {n: str(p[f"{n}.version"]) for n in names if n and f"{n}.version" in p}
-        digests = {n: str(p[f"{n}.digest"]) for n in names if n and p.get(f"{n}.digest")}
+        versions, digests = teacher_stamps(p, names)
         queue_s = float(p.get("queue_ms", 0.0)) / 1e3
         compute_s = float(p.get("compute_ms", 0.0)) / 1e3
         span = None
