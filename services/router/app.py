@@ -668,15 +668,20 @@ def specs_from_settings(s: RouterSettings) -> tuple[list[TeacherSpec], str]:
 
 
 def create_app(
-    settings: RouterSettings, registry: Registry | None = None, admin_token: str | None = None
+    settings: RouterSettings,
+    registry: Registry | None = None,
+    admin_token: str | None = None,
+    make_pool: Callable[..., Pool] = Pool,
 ) -> InferFastPath:
     """The uvicorn router: HTTP pool to teachers, background health checks.
 
     Without ``registry`` the teachers in ``settings`` are discovered at start-up (the app's
     lifespan); ``admin_token`` defaults to the ``OPD_ADMIN_TOKEN`` environment variable.
+    ``make_pool`` (``Pool``'s signature) lets the Ray Serve router reach ``serve://``
+    endpoints through deployment handles (services/router/serve_transport.py).
     """
     m = RouterMetrics()
-    pool = Pool(
+    pool = make_pool(
         settings.connect_timeout_s,
         settings.attempt_timeout_s,
         settings.max_connections,

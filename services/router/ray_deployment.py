@@ -13,9 +13,9 @@ autoscaling and GPUs are set per teacher application. Config::
 
 A teacher may also be any OIP v2 server by URL (``{endpoints: [http://host:port#model]}``).
 
-The replica runs the uvicorn router's code: :func:`services.router.app.build_api` over the same
-:class:`~services.router.pool.Pool`, discovery and registry, so routing, passthrough, retries,
-ejection and health checks are the uvicorn router's. Registry changes at runtime, two ways:
+The replica runs the uvicorn router itself (:func:`services.router.app.create_app`) with a pool
+whose clients send ``serve://`` exchanges through handles, so routing, passthrough, retries,
+ejection, health checks, metadata refresh and capability negotiation are the uvicorn router's. Registry changes at runtime, two ways:
 
 - the admin API, as on the uvicorn router: ``PUT /v1/teachers/NAME`` with
   ``{"endpoints": ["serve://teacher-b"]}`` (or http URLs) and ``Authorization: Bearer
@@ -29,33 +29,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from services.router.app import RouterCore, build_api
-from services.router.fanout import TeacherAnswer
-from services.router.metrics import RouterMetrics
-from services.router.pool import Pool, infer
+from services.router.app import RouterCore, create_app
+from services.router.pool import Pool
 from services.router.registry import (
     Registry,
     RegistryError,
-    Replica,
-    Teacher,
     TeacherSpec,
     build_registry,
-    build_teacher,
     spec_from_doc,
 )
 from services.router.serve_transport import ServeData, ServeHandles, ServeTransport
-from services.router.settings import ADMIN_TOKEN_ENV, RouterSettings
+from services.router.settings import RouterSettings
 
 log = logging.getLogger("opd.router.ray")
 #: how long a router replica waits at start for its teacher applications to answer
@@ -117,99 +110,80 @@ class RayRouterArgs(RegistryConfig):
     attempt_timeout_s: float = Field(5.0, gt=0)
 
 
+def pickled_bodies(app: Any) -> Any:
+    """``app`` with response bodies sent as ``bytes``: Serve pickles ASGI messages between the
+    replica and its proxy, and a ``memoryview`` (the uvicorn router's zero-copy bodies) does
+    not pickle."""
+
+    async def entry(scope: dict, receive: Any, send: Any) -> None:
+        async def send_bytes(message: dict) -> None:
+            body = message.get("body")
+            if isinstance(body, memoryview | bytearray):
+                message = {**message, "body": bytes(body)}
+            await send(message)
+
+        await app(scope, receive, send_bytes)
+
+    return entry
+
+
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class RayRouter:
-    """The router replica: the uvicorn router's API and pool, teachers reached by handle."""
+    """The router replica: the uvicorn router (:func:`create_app`) whose pool reaches
+    ``serve://`` endpoints through Serve handles."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    async def __init__(self, **kwargs: Any) -> None:
         torch.set_num_threads(1)  # routing math only
-        args = RayRouterArgs(**kwargs)
-        self.args = args
-        settings = RouterSettings(
-            policy=args.policy,
-            deadline_s=args.deadline_s,
-            max_inflight=args.max_inflight,
-            max_queue=args.max_queue,
-            attempt_timeout_s=args.attempt_timeout_s,
+        self.args = RayRouterArgs(**kwargs)
+        self.settings = RouterSettings(
+            policy=self.args.policy,
+            deadline_s=self.args.deadline_s,
+            max_inflight=self.args.max_inflight,
+            max_queue=self.args.max_queue,
+            attempt_timeout_s=self.args.attempt_timeout_s,
         )
-        self.settings = settings
-        m = RouterMetrics()
-        pool = Pool(
-            settings.connect_timeout_s,
-            settings.attempt_timeout_s,
-            settings.max_connections,
-            on_retry=lambda t, _: m.retries.labels(t).inc(),
-            on_eject=lambda t, r: m.ejections.labels(t, r).inc(),
-        )
-        handles = ServeHandles()
-        # serve:// through handles, anything else over HTTP as before (see serve_transport)
-        pool.data = ServeData(pool.data, handles)  # type: ignore[assignment]
-        pool.client = httpx.AsyncClient(
-            mounts={"serve://": ServeTransport(handles)},
-            timeout=httpx.Timeout(settings.attempt_timeout_s, connect=settings.connect_timeout_s),
-        )
-        self.pool = pool
-        self._refreshing: set[str] = set()
-        pool.on_version = self._on_version
-
-        async def call(
-            teacher: Teacher,
-            inputs: dict[str, np.ndarray],
-            deadline: float,
-            parameters: dict[str, Any] | None = None,
-        ) -> TeacherAnswer:
-            ans = await infer(pool, teacher, inputs, deadline, parameters)
-            m.teacher_seconds.labels(teacher.name).observe(ans.latency_ms / 1e3)
-            m.teacher_rows.labels(teacher.name).inc(len(ans.v))
-            return ans
-
-        async def passthrough(teacher: Teacher, body: bytes, headers: dict[str, str], deadline):
-            reply = await pool.post(teacher, body, headers, deadline)
-            return reply.status, bytes(reply.content), reply.headers  # Serve pickles: no views
-
-        async def discover(spec: TeacherSpec) -> Teacher:
-            return await build_teacher(pool.client, spec, settings.attempt_timeout_s)
-
-        token = os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None
-        self.core = RouterCore(Registry(), call, passthrough, discover, settings, token, m)
-        self._tasks: list[asyncio.Task] = []
-        self.core.on_start.append(self._start)
-        self.core.on_close.append(self._close)
-        self.api = build_api(self.core, join=True)  # join: Serve pickles ASGI messages
+        self.handles = ServeHandles()
+        # Teacher applications may still be deploying: wait for them here, as `opd serve
+        # router` waits for its teachers before it serves.
+        registry = await self._build(self.args, START_WAIT_S)
+        self.api = create_app(self.settings, registry=registry, make_pool=self._pool)
+        self.core: RouterCore = self.api.state.core
 
     def __serve_build_asgi_app__(self):
-        return self.api
+        return pickled_bodies(self.api)
+
+    def _pool(self, *args: Any, **kwargs: Any) -> Pool:
+        """The uvicorn router's pool, with ``serve://`` exchanges sent through handles."""
+        pool = Pool(*args, **kwargs)
+        pool.data = ServeData(pool.data, self.handles)  # type: ignore[assignment]
+        pool.client = self._client()
+        return pool
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            mounts={"serve://": ServeTransport(self.handles)},
+            timeout=httpx.Timeout(
+                self.settings.attempt_timeout_s, connect=self.settings.connect_timeout_s
+            ),
+        )
 
     async def _build(self, config: RegistryConfig, wait_s: float) -> Registry:
         """The registry of ``config``, waiting up to ``wait_s`` for teachers that are not up
         yet (applications deploy in any order)."""
         deadline = time.monotonic() + wait_s
         policy = config.policy or self.args.policy
-        while True:
-            try:
-                return await build_registry(
-                    self.pool.client, config.specs(), policy, self.settings.attempt_timeout_s
-                )
-            except RegistryError as exc:
-                if time.monotonic() > deadline:
-                    raise RegistryError(f"router registry: {exc}") from None
-                log.warning("router registry not ready yet: %s", exc)
-                await asyncio.sleep(1.0)
-
-    async def _start(self) -> None:
-        if not self.core.registry.all():  # reconfigure may have built it already
-            self.core.set_registry(await self._build(self.args, START_WAIT_S))
-        self._tasks.append(
-            asyncio.create_task(
-                self.pool.health_loop(lambda: self.core.registry, self.settings.health_interval_s)
-            )
-        )
-
-    async def _close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await self.pool.aclose()
+        async with self._client() as client:
+            while True:
+                try:
+                    return await build_registry(
+                        client, config.specs(), policy, self.settings.attempt_timeout_s
+                    )
+                except RegistryError as exc:
+                    if time.monotonic() > deadline:
+                        raise RegistryError(f"router registry: {exc}") from None
+                    log.warning("router registry not ready yet: %s", exc)
+                    await asyncio.sleep(1.0)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Ray-native registry change: ``user_config: {teachers: {...}, anchors: {...}}``
@@ -217,31 +191,8 @@ class RayRouter:
         finish on the registry they started with. Empty: keep ``args``' registry."""
         if not user_config:
             return
-        config = RegistryConfig(**user_config)
-        reg = await self._build(config, self.settings.attempt_timeout_s)
+        reg = await self._build(RegistryConfig(**user_config), self.settings.attempt_timeout_s)
         self.core.set_registry(reg)
-
-    def _on_version(self, teacher: Teacher, replica: Replica) -> None:
-        # A teacher answered from another checkpoint (a user_config swap, a load call): read
-        # its metadata again off the request path and publish the new digest.
-        if teacher.name not in self._refreshing:
-            self._refreshing.add(teacher.name)
-            task = asyncio.create_task(self._refresh(teacher))
-            task.add_done_callback(lambda _: self._refreshing.discard(teacher.name))
-
-    async def _refresh(self, teacher: Teacher) -> None:
-        spec = TeacherSpec(
-            teacher.name,
-            tuple(r.endpoint for r in teacher.replicas),
-            teacher.role,
-            tuple(teacher.modes) if teacher.pinned and teacher.modes else None,
-        )
-        try:
-            new = await build_teacher(self.pool.client, spec, self.settings.attempt_timeout_s)
-            if (cur := self.core.registry.get(teacher.name)) is not None and cur is teacher:
-                self.core.set_registry(self.core.registry.with_teacher(new))
-        except RegistryError as exc:
-            log.warning("teacher %s: metadata refresh failed: %s", teacher.name, exc)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

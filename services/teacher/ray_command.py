@@ -144,7 +144,14 @@ def local_serve(
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="serve")
+    # "local": always a new instance, never another job's cluster that happens to run here
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="serve",
+    )
     try:
         if before_deploy is not None:
             before_deploy(ray.get_runtime_context().gcs_address)
@@ -167,12 +174,15 @@ def run_ray(s: RaySettings) -> int:
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
+    if s.apply and not s.address:
+        raise UsageError("--apply deploys onto a running cluster: give --address (e.g. auto)")
     doc = load_config(s.config, s.port)
     schema = ServeDeploySchema.model_validate(doc)
     started_ray = not ray.is_initialized() and s.address is None
     ray.init(
-        address=s.address,
-        num_cpus=s.num_cpus,
+        # without --address a new local instance: never attach to another job's cluster
+        address=s.address or "local",
+        num_cpus=None if s.address else s.num_cpus,
         include_dashboard=False,
         namespace="serve",
         log_to_driver=False,

@@ -381,7 +381,7 @@ def local_ray_teacher(checkpoint: Path, threads: int = 1, port: int = 0) -> Iter
     from services.teacher.ray_command import free_port
 
     port = port or free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         name = checkpoint.stem
