@@ -29,6 +29,7 @@ from common.admission import ByteBudget, Overloaded, RequestTooLarge, configured
 from common.asgi import (
     BodyTimeout,
     ClientGone,
+    ClientStalled,
     InferFastPath,
     Receive,
     Scope,
@@ -140,9 +141,12 @@ class PartsResponse:
     headers: dict[str, str]
     join: bool = False  # one bytes body, for Ray Serve (see common.asgi.send_parts)
     status_code: int = 200
+    timeout_s: float | None = None  # the client must take it within this (ClientStalled)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_parts(send, self.status_code, self.parts, self.headers, self.join)
+        await send_parts(
+            send, self.status_code, self.parts, self.headers, self.join, self.timeout_s
+        )
 
 
 class BodyTooLarge(Exception):
@@ -351,6 +355,8 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
             try:
                 await resp(scope, receive, send)
                 completed = resp.status_code == 200
+            except ClientStalled:
+                pass  # a client that does not read its answer: dropped, its bytes released
             finally:
                 m.requests.labels(name, str(resp.status_code)).inc()
                 m.seconds.labels(name).observe(time.perf_counter() - received)
@@ -454,7 +460,7 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
             parameters=params,
         )
         m.states.inc(len(result.outputs.get("teacher", result.outputs.get("v", ()))))
-        return PartsResponse(parts, headers, join)
+        return PartsResponse(parts, headers, join, timeout_s=s.send_timeout_s)
 
     async def _passthrough(
         reg: Registry,

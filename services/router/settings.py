@@ -77,6 +77,9 @@ class RouterSettings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body must arrive within this (else 408, closed)"
     )
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="a client must take its answer within this (else disconnected)"
+    )
     threads: int = Field(1, ge=1, description="torch CPU threads (routing math only)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "warning", description="uvicorn log level"
