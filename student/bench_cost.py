@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -65,6 +65,15 @@ class BenchCostSettings(BaseSettings):
     threads: int = Field(1, ge=1, description="torch threads (trainer and started teachers)")
     out: Path = Field(
         Path("bench-cost"), description="directory for cost.json, cost.png (and toy runs/)"
+    )
+    world: Literal["ring", "latent"] = Field(
+        "ring",
+        description="latent: SD3 transformers at latent shapes over the public client, swept "
+        "over --sides and --teacher-sizes (batch 16, N=8, 4 steps unless given)",
+    )
+    sides: str = Field("8,16,32", description="latent: latent sides (states [4, side, side])")
+    teacher_sizes: str = Field(
+        "2x2,8x4", description="latent: teacher sizes as BLOCKSxHEADS (heads of 16 dims)"
     )
 
     @property
@@ -253,6 +262,8 @@ def run_bench_cost(s: BenchCostSettings) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UsageError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if s.world == "latent":
+        return run_latent_cost(s, methods)
     out_dir(s.out)  # before the runs, not after them
     cluster = None
     if s.router_url is None:
@@ -292,6 +303,42 @@ def run_bench_cost(s: BenchCostSettings) -> int:
     )
     plot(s.out / "cost.png", rows, title)
     print(f"# {title}\n{table(rows)}\nwrote {s.out}/cost.json, cost.png")
+    return 0
+
+
+def run_latent_cost(s: BenchCostSettings, methods: list[str]) -> int:
+    """``--world latent``: :mod:`student.latent.bench_scale`'s sweep; ``cost.json`` holds the
+    rows and DanceOPD's saving per point."""
+    import tempfile
+
+    from student.latent.bench_scale import savings, sweep, tables
+
+    try:
+        sides = [int(v) for v in s.sides.split(",") if v.strip()]
+        sizes = [tuple(int(p) for p in v.split("x")) for v in s.teacher_sizes.split(",") if v]
+    except ValueError:
+        raise UsageError("--sides: integers; --teacher-sizes: BLOCKSxHEADS, e.g. 2x2,8x4") from None
+    if not sides or any(v < 2 or v % 2 for v in sides) or any(len(z) != 2 for z in sizes):
+        raise UsageError("--sides: even integers >= 2; --teacher-sizes: BLOCKSxHEADS, e.g. 2x2")
+    given = s.model_fields_set
+    batch = s.batch if "batch" in given else 16
+    n = s.rollout_steps if "rollout_steps" in given else 8
+    steps = s.steps if "steps" in given else 4
+    out_dir(s.out)
+    points = [(side, b, h) for side in sides for b, h in sizes]
+    with tempfile.TemporaryDirectory(prefix="opd-bench-latent-") as work:
+        try:
+            rows = sweep(points, methods, batch, n, steps, s.threads, Path(work),
+                         lambda m: print(m, file=sys.stderr))  # fmt: skip
+        except TeacherUnavailable as exc:
+            sys.stderr.write(f"opd bench cost: {exc}\n")
+            return 1
+    saved = savings(rows)
+    title = f"latent world shapes; batch {batch}, N={n}, {steps} steps per point"
+    (s.out / "cost.json").write_text(
+        json.dumps({"mode": title, "rows": rows, "savings": saved}, indent=2) + "\n"
+    )
+    print(f"# {title}\n{tables(rows, saved)}\nwrote {s.out}/cost.json")
     return 0
 
 

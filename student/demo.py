@@ -1,4 +1,4 @@
-"""``opd demo``: the main job. Cluster up, the SPEC §5 runs over HTTP, two tables, a report.
+"""``opd demo``: the main job (``--world latent``: the latent world's, student/latent/demo.py). Cluster up, the SPEC §5 runs over HTTP, two tables, a report.
 
 Starts teachers ``a``, ``b``, ``base`` and a router as local processes (plus a router holding
 only teacher ``a`` for the single-teacher row), trains every row through the routers, prints
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,9 +57,20 @@ class DemoSettings(BaseSettings):
     stream_chunk: int = Field(12, ge=1, description="queried rollout steps per request")
     threads: int | None = Field(None, ge=1, description=THREADS_HELP + "; the trainer's")
     progress: bool = Field(True, description="progress bars")
+    world: Literal["ring", "latent"] = Field(
+        "ring",
+        description="ring: the SPEC §5 demo; latent: the latent world (SD3 base + LoRA teachers "
+        "in one process, label router, prompts by cond_id, guided queries) over HTTP, with "
+        "--models models/latent, --out runs/demo-latent and 300 steps unless given",
+    )
+    guidance_scale: float | None = Field(
+        2.0, description="latent world: classifier-free guidance of the teacher queries"
+    )
 
 
 def run_demo(s: DemoSettings) -> int:
+    if s.world == "latent":
+        return run_latent_world(s)
     # Like the services the cluster starts, the in-process trainer takes its share of cores.
     apply_threads(
         s.threads or thread_budget(model_params(VelocityNet()), share=computing_processes())
@@ -163,6 +175,24 @@ the trainer streams states in requests of {s.stream_chunk} rollout steps.
     (s.out / "summary.json").write_text(
         json.dumps({label: r for label, r in runs}, indent=2, default=str)
     )
+
+
+def run_latent_world(s: DemoSettings) -> int:
+    """``--world latent``: :mod:`student.latent.demo` with this command's flags (the ring's
+    defaults for models, out and steps replaced by the latent world's unless given)."""
+    from student.latent.demo import run_latent_demo
+    from student.latent.run import LatentSettings
+
+    given = s.model_fields_set
+    ls = LatentSettings(
+        models=s.models if "models" in given else Path("models/latent"),
+        out=s.out if "out" in given else Path("runs/demo-latent"),
+        steps=s.steps if "steps" in given else LatentSettings().steps,
+        seed=s.seed,
+        guidance_scale=s.guidance_scale,
+        threads=s.threads,
+    )
+    return run_latent_demo(ls)
 
 
 DEMO = Command(
