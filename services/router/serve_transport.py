@@ -13,8 +13,9 @@ URL over HTTP as before:
 So retries, ejection, health checks, digest tracking, passthrough and the registry API behave as
 on the uvicorn router, and the bytes are the same OIP v2 documents; only the hop is a Serve
 handle call (Serve picks the replica: ``num_replicas``, autoscaling, multi-node) instead of a
-socket. A replica that dies mid-call is retried once through the handle (Serve routes it to a
-live replica) before the pool sees a failure.
+socket. A call that fails below HTTP (a replica that died or drains mid-call, an application
+being redeployed) is tried again through the handle, with backoff, while the pool's attempt
+timeout lasts (Serve routes it to a live or new replica) before the pool sees a failure.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from common.http1 import Http1Client, HttpClientError, Response
 
 SCHEME = "serve"
 PREFIX = f"{SCHEME}://"
-#: handle attempts per exchange: the second goes to another (or the restarted) replica
+#: handle attempts per exchange at least (the second goes to another or the restarted replica);
+#: more while the attempt's timeout lasts, up to MAX_ATTEMPTS
 ATTEMPTS = 2
-#: pause before the second attempt: Serve needs a moment to drop a dead replica from its routing
-RETRY_PAUSE_S = 0.2
+MAX_ATTEMPTS = 8
+#: first pause before another attempt (doubling up to MAX_PAUSE_S): Serve needs a moment to
+#: drop a dead replica from its routing or to start the replacement
+RETRY_PAUSE_S = 0.1
+MAX_PAUSE_S = 1.0
 
 
 def is_serve_url(url: str) -> bool:
@@ -83,22 +88,26 @@ class ServeHandles:
         """
         app, path = split(url)
         deadline = None if timeout is None else time.monotonic() + timeout
-        cause = ""
-        for attempt in range(ATTEMPTS):
+        cause, pause = "", RETRY_PAUSE_S
+        for attempt in range(MAX_ATTEMPTS):
             handle = self.get(app)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 call = handle.http.remote(method, path, body, headers)
                 return await asyncio.wait_for(call, timeout=left)
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, asyncio.CancelledError):
                 raise
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a dead replica, the app being redeployed or deleted
+            except Exception as exc:  # a dead or draining replica, the app being redeployed
                 cause = f"{type(exc).__name__}: {exc}"
                 self._handles.pop(app, None)  # a deleted and redeployed app needs a new handle
-                if attempt + 1 < ATTEMPTS:
-                    await asyncio.sleep(RETRY_PAUSE_S)
+            # Serve replaces a dead replica or rolls a redeploy within seconds: try again while
+            # the attempt's time lasts (at least ATTEMPTS times), backing off.
+            if attempt + 1 >= ATTEMPTS and (
+                deadline is None or time.monotonic() + pause >= deadline
+            ):
+                break
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, MAX_PAUSE_S)
         raise HttpClientError(f"Serve application {app!r}: {cause}")
 
 
