@@ -284,3 +284,26 @@ def test_training_through_a_flooded_teacher_completes_every_step(
     assert len((tmp_path / "run" / "steps.jsonl").read_text().splitlines()) == 3
     assert set(statuses) <= {200, 503} and 503 in statuses  # the flood: no resets, no timeouts
     assert refused > statuses.count(503)  # the run's calls were refused too, and waited
+
+
+def test_bench_overload_floods_teacher_and_router_and_reports(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    from services.bench.overload import BenchOverloadSettings, run_overload
+
+    settings = BenchOverloadSettings(
+        models=tiny_models,
+        requests=12,
+        states=20_000,  # 240 kB each: 4 fit in the 1 MiB teacher bound, 1 in the router's
+        max_queue_mb=1.0,
+        after_s=0.5,
+        out=tmp_path,
+    )
+    assert run_overload(settings) == 0
+    doc = json.loads((tmp_path / "overload.json").read_text())
+    teacher, router = doc["floods"]
+    for flood_ in (teacher, router):
+        assert set(flood_["statuses"]) <= {"200", "503"} and "200" in flood_["statuses"]
+        assert sum(flood_["statuses"].values()) == 12
+        assert flood_["rss_peak_mib"] >= flood_["rss_before_mib"] > 0
+    assert "503" in router["statuses"] and set(teacher["ready"]) == {"200"}
