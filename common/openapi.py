@@ -36,7 +36,7 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout: the body did not arrive in time",
     413: "Content Too Large: the body exceeds the server's limit",
-    422: "Unprocessable: an input the model does not declare, or a refused registry change",
+    422: "Unprocessable: an input the model does not declare, a refused registry change, or a query parameter of the wrong type",
     500: "Internal Server Error",
     501: "Not Implemented in this deployment",
     502: "Bad Gateway: a teacher answered something undecodable",

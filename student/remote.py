@@ -31,6 +31,7 @@ from common.codec import encode_request
 from common.http1 import Http1Client
 from services.router.direct import DirectRouter
 from services.router.fanout import InputError, RouterPart, TeacherFault
+from services.router.negotiate import speaks_binary
 from services.router.pool import TeacherRejected
 from services.router.pool import TeacherUnavailable as PoolUnavailable
 from services.router.registry import RegistryError, Teacher
@@ -185,6 +186,7 @@ class HttpTeacherClient(TeacherClient):
         # competes with the rollout on the same cores (aiohttp cost ~4x its round-trip time).
         self._http = Http1Client(limit_per_host=max_in_flight, keepalive_s=30.0)
         self._direct: DirectRouter | None = None
+        self._binary = True  # binary tensors, unless the router's GET /v2 does not declare them
         try:
             served, anchors = self._registry(routing, max_in_flight)
             names = [t.name for t in served]
@@ -210,7 +212,9 @@ class HttpTeacherClient(TeacherClient):
         """The router's teachers and anchors; routing here, from the registry snapshot the
         in-client router starts with (one read, so both views agree)."""
         if routing != "client":
-            return fetch_registry(self.url, self.timeout_s, self.retries, self.backoff_s)
+            found = fetch_registry(self.url, self.timeout_s, self.retries, self.backoff_s)
+            self._binary = speaks_binary(self.url, self.timeout_s)
+            return found
         direct = DirectRouter(self.url, deadline_s=self.timeout_s, max_connections=max_in_flight)
         try:
             self._run(direct.start(self.timeout_s, self.retries, self.backoff_s))
@@ -372,7 +376,10 @@ class HttpTeacherClient(TeacherClient):
         # Encoding copies the states into the body here, in the trainer thread, so the rollout
         # may go on writing its own buffers while the request is in flight.
         body, headers = encode_request(
-            {"x": x.numpy(), "t": t.numpy()}, outputs=self._outputs, binary=True, parameters=params
+            {"x": x.numpy(), "t": t.numpy()},
+            outputs=self._outputs,
+            binary=self._binary,
+            parameters=params,
         )
         self._send(lambda put: self._post(body, headers, sum(sizes), put), sizes)
 

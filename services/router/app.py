@@ -45,6 +45,7 @@ from common.openapi import document, index_ready_only, oip_paths, responses, ser
 from services.router import fanout
 from services.router.fanout import InputError, TeacherAnswer, TeacherFault
 from services.router.metrics import RouterMetrics
+from services.router.negotiate import passthrough_encoder
 from services.router.pool import Pool, TeacherRejected, TeacherUnavailable, infer
 from services.router.registry import (
     Registry,
@@ -243,8 +244,8 @@ def build_api(core: RouterCore, join: bool = False) -> InferFastPath:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # the protocol's {"error"} body (FastAPI's own is {"detail"}: not in our OpenAPI)
-        return error_response(400, f"invalid request: {exc.errors()}")
+        # 422 as before, with the protocol's {"error"} body (FastAPI's own is {"detail"})
+        return error_response(422, f"invalid request: {exc.errors()}")
 
     @app.get("/v2/health/live")
     async def live() -> dict:
@@ -594,7 +595,7 @@ def router_openapi() -> dict[str, Any]:
                 {"name": "after", "in": "query", "required": False, "schema": {"type": "integer"}},
                 {"name": "wait_s", "in": "query", "required": False, "schema": {"type": "number"}},
             ],
-            "responses": responses(obj, 400),
+            "responses": responses(obj, 422),
         }
     }
     put = responses(obj, 400, 401, 403, 413, 422)
@@ -775,7 +776,10 @@ def create_app(
         return ans
 
     async def passthrough(teacher: Teacher, body: bytes, headers: dict[str, str], deadline: float):
-        reply = await pool.post(teacher, body, headers, deadline)
+        # a binary request to a replica without the binary extension goes as JSON
+        declared = {s.name: s.datatype for s in teacher.inputs}
+        encode = passthrough_encoder(body, headers, declared)
+        reply = await pool.post(teacher, body, headers, deadline, encode=encode)
         return reply.status, memoryview(reply.content), reply.headers
 
     async def discover(spec: TeacherSpec) -> Teacher:

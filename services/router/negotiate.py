@@ -10,6 +10,7 @@ otherwise, with each input in the datatype the model metadata declares for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,9 +18,11 @@ import numpy as np
 
 from common.codec import (
     DATATYPES,
+    HEADER_LENGTH,
     CodecError,
     bf16_to_float32,
     datatype_of,
+    decode_request,
     encode_request,
     float32_to_bf16,
     is_bf16,
@@ -94,3 +97,38 @@ def encode_infer(
     if not binary and declared:
         inputs = {k: as_declared(a, declared.get(k)) for k, a in inputs.items()}
     return encode_request(inputs, outputs=outputs, binary=binary, parameters=parameters)
+
+
+def passthrough_encoder(
+    body: bytes, headers: dict[str, str], declared: dict[str, str | None]
+) -> Callable[[Any], tuple[bytes, dict[str, str]]]:
+    """For the router's passthrough infer (a client's own request to one teacher): the body as
+    sent for a replica that reads binary, and for one that does not a binary-extension request
+    re-encoded as JSON (same inputs in the declared datatypes, outputs, parameters and id; made
+    once). The JSON-only server answers JSON, which every OIP client reads. A body that does not
+    decode is sent as is: the server's own 400 says what is wrong with it."""
+    made: list[tuple[bytes, dict[str, str]]] = []
+
+    def encode(replica: Any) -> tuple[bytes, dict[str, str]]:
+        if replica.binary or HEADER_LENGTH not in headers:
+            return body, headers
+        if not made:
+            try:
+                msg = decode_request(body, headers[HEADER_LENGTH])
+            except CodecError:
+                made.append((body, headers))
+                return made[0]
+            params = {k: v for k, v in msg.parameters.items() if k != "binary_data_output"}
+            inputs = {k: as_declared(a, declared.get(k)) for k, a in msg.tensors.items()}
+            made.append(
+                encode_request(
+                    inputs,
+                    outputs=list(msg.outputs) or None,
+                    binary=False,
+                    parameters=params or None,
+                    request_id=msg.id,
+                )
+            )
+        return made[0]
+
+    return encode

@@ -5,7 +5,8 @@ stdlib HTTP server and ``json``, the REST endpoints the spec requires (health, s
 metadata, model ready, infer) and nothing else. It does **not** implement the binary tensor
 extension: ``GET /v2`` answers ``"extensions": []``, and a request body that is not a JSON
 document (e.g. the binary extension's raw tensor bytes) is refused with 400, as such a server
-would. Its model metadata lists only the standard fields (no ``parameters``: no version,
+would. It answers ``v`` as FP64 (declared so), as many framework servers do. Its model
+metadata lists only the standard fields (no ``parameters``: no version,
 digest, mode centers or time convention), so the router must serve it on what the spec gives.
 
 Run as a process (the tests do)::
@@ -42,7 +43,8 @@ def make_handler(name: str, net: torch.nn.Module, dim: int) -> type[BaseHTTPRequ
             {"name": "x", "datatype": "FP32", "shape": [-1, dim]},
             {"name": "t", "datatype": "FP32", "shape": [-1]},
         ],
-        "outputs": [{"name": "v", "datatype": "FP32", "shape": [-1, dim]}],
+        # FP64 out, as many framework servers answer: the router must take it (as FP32)
+        "outputs": [{"name": "v", "datatype": "FP64", "shape": [-1, dim]}],
     }
 
     class Handler(BaseHTTPRequestHandler):
@@ -94,9 +96,9 @@ def make_handler(name: str, net: torch.nn.Module, dim: int) -> type[BaseHTTPRequ
                 "outputs": [
                     {
                         "name": "v",
-                        "datatype": "FP32",
+                        "datatype": "FP64",
                         "shape": list(v.shape),
-                        "data": v.reshape(-1).tolist(),
+                        "data": v.double().reshape(-1).tolist(),
                     }
                 ],
             }

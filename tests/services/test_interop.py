@@ -198,3 +198,27 @@ def test_trainer_client_asks_the_server_for_its_encoding(world: dict[str, Servic
     assert speaks_binary(world["router_peer"].url, 5.0) is True
     assert speaks_binary(world["peer"].url, 5.0) is False
     assert speaks_binary("http://127.0.0.1:9", 1.0) is False  # nothing there: the base protocol
+
+
+def test_binary_client_reaches_the_json_peer_through_router_passthrough(
+    world: dict[str, Service],
+) -> None:
+    """tritonclient asks the router for teacher a in binary; the router re-encodes the request
+    as JSON for the peer, and the client reads the peer's JSON answer."""
+    import tritonclient.http as triton
+
+    x, t = states(32, seed=8)
+    answers = []
+    for router in ("router_peer", "router_ours"):
+        client = triton.InferenceServerClient(world[router].url.removeprefix("http://"))
+        try:
+            inputs = []
+            for name, arr in (("x", x), ("t", t)):
+                i = triton.InferInput(name, list(arr.shape), "FP32")
+                i.set_data_from_numpy(arr, binary_data=True)
+                inputs.append(i)
+            out = [triton.InferRequestedOutput("v", binary_data=True)]
+            answers.append(client.infer("a", inputs, outputs=out).as_numpy("v"))
+        finally:
+            client.close()
+    np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-6)
