@@ -279,9 +279,13 @@ class AsyncOPDClient:
         self._http = Http1Client(limit_per_host=max_in_flight, keepalive_s=30.0)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._cond_sent: set[str] = set()  # cond_ids this client has sent tensors for
+        #: binary tensors unless the server's GET /v2 does not declare the extension (start())
+        self.binary = True
 
     async def start(self) -> AsyncOPDClient:
-        """Read the registry (retried: a router a moment late should not fail the run)."""
+        """Read the registry (retried: a router a moment late should not fail the run) and
+        whether the server reads binary tensors (a third-party teacher may not: then JSON)."""
+        self.binary = await self._speaks_binary()
         if self.model != ROUTER_MODEL:
             self.teachers = [self.model]
             return self
@@ -392,10 +396,23 @@ class AsyncOPDClient:
         finally:
             self._slots.release()
 
+    async def _speaks_binary(self) -> bool:
+        """Whether the server's ``GET /v2`` lists ``binary_tensor_data`` (unreachable: assume
+        it does; the registry read or the first request reports the real failure)."""
+        try:
+            r = await self._http.get(f"{self.url}/v2", timeout=self.timeout_s)
+            doc = httpx.Response(200, content=bytes(r.content)).json() if r.status == 200 else {}
+        except (*RETRY_ERRORS, ValueError):
+            return True
+        exts = doc.get("extensions") if isinstance(doc, dict) else None
+        return isinstance(exts, list) and "binary_tensor_data" in exts
+
     async def _send(
         self, inputs: dict[str, np.ndarray], params: dict[str, Any], outputs: list[str]
     ) -> Reply:
-        body, headers = encode_request(inputs, outputs=outputs, parameters=params or None)
+        body, headers = encode_request(
+            inputs, outputs=outputs, binary=self.binary, parameters=params or None
+        )
 
         async def attempt() -> Posted:
             return await post_infer(self._http, self.endpoint, body, headers, self.timeout_s)

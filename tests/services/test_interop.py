@@ -222,3 +222,18 @@ def test_binary_client_reaches_the_json_peer_through_router_passthrough(
         finally:
             client.close()
     np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-6)
+
+
+def test_public_client_talks_json_to_the_peer_directly(world: dict[str, Service]) -> None:
+    """student.client.OPDClient on one teacher model: binary to ours, JSON to the peer (it
+    reads the server's GET /v2 at start), the same velocities."""
+    from student.client import OPDClient
+
+    x, t = (torch.from_numpy(a) for a in states(16, seed=9))
+    answers = []
+    for url, model, binary in ((world["peer"].url, "velocity", False), (world["a"].url, "a", True)):
+        with OPDClient(url, model=model) as client:
+            assert client.aio.binary is binary
+            (reply,) = client.wait([client.submit(x, t)])
+            answers.append(reply.v)
+    torch.testing.assert_close(answers[0].float(), answers[1].float(), rtol=1e-5, atol=1e-6)
