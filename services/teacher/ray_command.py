@@ -4,7 +4,8 @@ Does what ``serve run CONFIG`` does, with Serve's public API only (start Serve w
 HTTP options, deploy its applications in file order, each with its ``deployments`` options),
 announces the HTTP base URL (``OPD_URL=...``; application routes hang below it, e.g.
 ``/teacher-a``) and serves until SIGINT/SIGTERM, when it shuts Serve (and a Ray instance it
-started) down. ``--apply --address auto`` deploys onto a running cluster and exits.
+started) down. ``--apply --address GCS`` deploys onto a running cluster (the ``OPD_RAY_ADDRESS`` it
+printed) and exits, leaving it serving: the way to change ``user_config`` on every replica.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +42,11 @@ class RaySettings(BaseSettings):
         description="deploy onto the running cluster at --address and exit, leaving it serving "
         "(a changed user_config reaches every replica: the swap path)",
     )
+
+
+#: Ray's token-auth switch, and where Ray keeps the token of clusters started on this machine
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+DEFAULT_TOKEN = Path.home() / ".ray" / "auth_token"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -170,12 +177,20 @@ def local_serve(
 
 
 def run_ray(s: RaySettings) -> int:
+    if s.address and AUTH_MODE_ENV not in os.environ and DEFAULT_TOKEN.is_file():
+        # A local `ray.init` cluster uses token auth with Ray's default token file, but a
+        # driver that connects by address reads the mode from the environment: say it, before
+        # Ray is imported (Ray reads the token file itself).
+        os.environ[AUTH_MODE_ENV] = "token"
     import ray
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
     if s.apply and not s.address:
-        raise UsageError("--apply deploys onto a running cluster: give --address (e.g. auto)")
+        raise UsageError(
+            "--apply deploys onto a running cluster: give --address (the OPD_RAY_ADDRESS "
+            "that `opd serve ray` printed)"
+        )
     doc = load_config(s.config, s.port)
     schema = ServeDeploySchema.model_validate(doc)
     started_ray = not ray.is_initialized() and s.address is None
@@ -187,26 +202,32 @@ def run_ray(s: RaySettings) -> int:
         namespace="serve",
         log_to_driver=False,
     )
+
+    # where a later `--apply --address ...` finds this cluster (never "auto": another job's
+    # Ray instance may run on the same machine)
+    print(f"OPD_RAY_ADDRESS={ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
+    if s.apply:
+        # onto Serve as it runs (its HTTP options stay); a failed apply leaves it serving
+        try:
+            names = deploy_config(doc)
+        finally:
+            ray.shutdown()  # this driver only disconnects
+        print(f"opd serve ray: applied {', '.join(names)}", file=sys.stderr, flush=True)
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    leave_running = s.apply
     try:
         serve.start(
             proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump()
         )
         deploy_config(doc)
         announce_url(f"http://{doc['http_options']['host']}:{doc['http_options']['port']}")
-        if not s.apply:
-            stop.wait()
-    except BaseException:
-        leave_running = False
-        raise
+        stop.wait()
     finally:
-        if not leave_running:
-            serve.shutdown()
-        if started_ray or s.apply:
-            ray.shutdown()  # a driver that attached only disconnects
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,9 +23,7 @@ TOKEN = "ray-admin-token"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_serve_config_on_local_ray_answers_v2_and_hot_swaps(
-    tiny_models: Path, tmp_path: Path
-) -> None:
+def test_serve_config_on_local_ray_answers_v2_and_swaps(tiny_models: Path, tmp_path: Path) -> None:
     doc = yaml.safe_load((REPO / "deploy/serve_config.yaml").read_text())
 
     def use_test_models(args: dict) -> None:  # same config, the test's checkpoints
@@ -99,5 +99,32 @@ def test_serve_config_on_local_ray_answers_v2_and_hot_swaps(
             msg = decode_response(r.content, r.headers.get(HEADER_LENGTH))
             assert msg.model_version == "2"
             assert np.abs(msg.tensors["v"] - expected["teacher-b"]).max() <= 1e-6
+            # every replica: teacher-b's user_config names teacher a's checkpoint, applied by a
+            # second `opd serve ray --apply` onto the running cluster
+            address = re.search(r"OPD_RAY_ADDRESS=(\S+)", svc.output())
+            assert address, svc.output()
+            app = next(a for a in doc["applications"] if a["name"] == "teacher-b")
+            app["deployments"][0]["user_config"] = {"checkpoint": "teacher-a.safetensors"}
+            changed = tmp_path / "changed.yaml"
+            changed.write_text(yaml.safe_dump({**doc, "applications": [app]}))
+            applied = subprocess.run(
+                [sys.executable, "-m", "common.cli", "serve", "ray", "--config", str(changed)]
+                + ["--address", address.group(1), "--apply"],
+                cwd=str(REPO),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert applied.returncode == 0, applied.stdout + applied.stderr
+            digest = read_model(tiny_models / "teacher-a.safetensors")[1].digest
+            for _ in range(4):
+                params = client.get(f"{svc.url}/teacher-b/v2/models/teacher-b").json()
+                assert params["parameters"]["digest"] == digest
+            body, headers = encode_request({"x": x, "t": t})
+            r = client.post(
+                f"{svc.url}/teacher-b/v2/models/teacher-b/infer", content=body, headers=headers
+            )
+            msg = decode_response(r.content, r.headers.get(HEADER_LENGTH))
+            assert np.abs(msg.tensors["v"] - expected["teacher-a"]).max() <= 1e-6
     finally:
         assert svc.stop(grace_s=60) == 0, svc.output()
