@@ -333,9 +333,22 @@ class AsyncOPDClient:
         """The request for :meth:`submit`'s arguments; copies the inputs (the caller may reuse
         its buffers as soon as this returns)."""
         inputs = {"x": _f32(x), "t": _f32(t).reshape(-1)}
+        b = len(inputs["x"])
+        if inputs["x"].ndim < 2 or len(inputs["t"]) != b:
+            raise ValueError(
+                f"x must be [B, *S] and t [B]: got x {list(inputs['x'].shape)}, "
+                f"t {list(inputs['t'].shape)}"
+            )
         if labels is not None:
             inputs["route"] = self.route_of(labels)
+            if len(inputs["route"]) != b:
+                raise ValueError(f"{len(inputs['route'])} labels for {b} states")
         conds = {k: _f32(c) for k, c in (cond or {}).items()}
+        if bad := [k for k, c in conds.items() if c.ndim == 0 or len(c) not in (1, b)]:
+            raise ValueError(
+                f"conditioning {bad[0]!r} has {len(conds[bad[0]]) if conds[bad[0]].ndim else 0} "
+                f"rows; give one (broadcast) or one per state ({b})"
+            )
         params: dict[str, Any] = {}
         if self.policy:
             params["policy"] = self.policy

@@ -68,6 +68,14 @@ def test_replies_carry_the_registry_digests_and_the_cond_goes_once(router: str) 
         step = client.step_cost()
         with pytest.raises(ValueError, match="no teacher 'c'"):
             client.submit(x, t, cond=cond, labels=["c"] * 4)
+        # the caller's mistakes are refused before anything is sent
+        with pytest.raises(ValueError, match="3 labels for 4 states"):
+            client.submit(x, t, cond=cond, labels=["a"] * 3)
+        with pytest.raises(ValueError, match="x must be"):
+            client.submit(x, t[:3], cond=cond)
+        with pytest.raises(ValueError, match="'pooled_projections' has 2 rows"):
+            client.submit(x, t, cond={**cond, "pooled_projections": torch.zeros(2, 8)})
+        assert client.step_cost().query.requests == 0
     assert isinstance(step, StepCost) and step.query.requests == 3 and step.query.states == 12
     assert by_id[0].cost.bytes_sent < first[0].cost.bytes_sent  # states only
     assert torch.equal(first[0].v, by_id[0].v) and torch.allclose(first[0].v, plain[0].v)
