@@ -24,7 +24,7 @@ import numpy as np
 
 from common.codec import CodecError, decode_request, wants_binary
 from services.teacher.cond_cache import CondCache
-from services.teacher.protocol import OUTPUT, InferRequest, ProtocolError
+from services.teacher.protocol import OUTPUT, InferRequest, ProtocolError, check_times
 from services.teacher.tensors import FLOAT_DATATYPES, finite, wire_datatype
 
 if TYPE_CHECKING:
@@ -98,17 +98,7 @@ def parse_conditioned(
         raise ProtocolError(400, "input", problem)
     if wire_datatype(t) != "FP32":
         raise ProtocolError(400, "input", f"input 't' must be FP32, got {wire_datatype(t)}")
-    if not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
-        raise ProtocolError(
-            400, "input", f"input 't' must have shape [B] (or [B, 1]), got {list(t.shape)}"
-        )
-    t = t.reshape(-1)
-    if len(t) != len(x):
-        raise ProtocolError(
-            400, "input", f"x has {len(x)} rows but t has {len(t)}; send one time per state"
-        )
-    if len(x) == 0:
-        raise ProtocolError(400, "input", "empty batch: x has 0 rows")
+    t = check_times(x, t)
     if not finite(x) or not np.isfinite(t).all():
         raise ProtocolError(400, "input", "x or t holds NaN or Inf; send finite values")
     cond_id, scale = _parameters(msg.parameters)

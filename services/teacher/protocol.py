@@ -95,6 +95,23 @@ async def read_body(request: Request, limit: int) -> bytearray:
     return await collect_body(request.stream(), limit)
 
 
+def check_times(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``t [B]`` (or ``[B, 1]``) for states ``x [B, ...]``, flattened to ``[B]``; a 400 naming
+    the mismatch otherwise (and for an empty batch)."""
+    if not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
+        raise ProtocolError(
+            400, "input", f"input 't' must have shape [B] (or [B, 1]), got {list(t.shape)}"
+        )
+    t = t.reshape(-1)
+    if len(t) != len(x):
+        raise ProtocolError(
+            400, "input", f"x has {len(x)} rows but t has {len(t)}; send one time per state"
+        )
+    if len(x) == 0:
+        raise ProtocolError(400, "input", "empty batch: x has 0 rows")
+    return t
+
+
 def parse_infer(body: bytearray, header_length: str | None, data_dim: int) -> InferRequest:
     """Decode and validate an infer body for a model with state dimension ``data_dim``."""
     if not body:
@@ -138,17 +155,7 @@ def parse_infer(body: bytearray, header_length: str | None, data_dim: int) -> In
         raise ProtocolError(
             400, "input", f"input 'x' must have shape [B, {data_dim}], got {list(x.shape)}"
         )
-    if not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
-        raise ProtocolError(
-            400, "input", f"input 't' must have shape [B] (or [B, 1]), got {list(t.shape)}"
-        )
-    t = t.reshape(-1)
-    if len(t) != len(x):
-        raise ProtocolError(
-            400, "input", f"x has {len(x)} rows but t has {len(t)}; send one time per state"
-        )
-    if len(x) == 0:
-        raise ProtocolError(400, "input", "empty batch: x has 0 rows")
+    t = check_times(x, t)
     c = msg.tensors.get("c")
     if c is not None and (c.ndim == 0 or len(c) != len(x)):
         raise ProtocolError(
