@@ -17,6 +17,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 #: seconds of completed bytes the drain rate is averaged over
 DRAIN_WINDOW_S = 5.0
@@ -173,6 +174,24 @@ def configured_budget(max_queue_mb: float | None, flag: str, env: str) -> tuple[
         limit, how = default_queue_bytes()
     line = f"admission bound {limit / 2**20:.0f} MiB held in queue and in flight ({how})"
     return ByteBudget(limit, flag, on_drained=trim_soon), line
+
+
+def body_timeout_field() -> Any:
+    """The services' ``--body-timeout-s`` setting (one definition for teacher and router)."""
+    from pydantic import Field
+
+    return Field(
+        30.0, gt=0, description="a request body must arrive within this (else 408, closed)"
+    )
+
+
+def send_timeout_field() -> Any:
+    """The services' ``--send-timeout-s`` setting (one definition for teacher and router)."""
+    from pydantic import Field
+
+    return Field(
+        30.0, gt=0, description="a client must take its answer within this (else disconnected)"
+    )
 
 
 def jittered(retry_after_s: float, spread: float = 0.5) -> float:

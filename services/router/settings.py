@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.admission import body_timeout_field, send_timeout_field
+
 #: Environment variable holding the admin Bearer token (shared with the teacher service).
 ADMIN_TOKEN_ENV = "OPD_ADMIN_TOKEN"
 
@@ -74,12 +76,8 @@ class RouterSettings(BaseSettings):
         "max_inflight + max_queue; beyond: 503 + Retry-After, one larger request: 413 "
         "(default: a quarter of the cgroup limit or MemAvailable, 64..1024 MiB)",
     )
-    body_timeout_s: float = Field(
-        30.0, gt=0, description="a request body must arrive within this (else 408, closed)"
-    )
-    send_timeout_s: float = Field(
-        30.0, gt=0, description="a client must take its answer within this (else disconnected)"
-    )
+    body_timeout_s: float = body_timeout_field()
+    send_timeout_s: float = send_timeout_field()
     threads: int = Field(1, ge=1, description="torch CPU threads (routing math only)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "warning", description="uvicorn log level"

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.admission import body_timeout_field, send_timeout_field
 from common.names import PLAIN_NAME_RULE, is_plain_name
 from common.threads import THREADS_HELP
 
@@ -84,12 +85,8 @@ class TeacherSettings(BaseSettings):
         "answers not yet sent); beyond: 503 + Retry-After, one larger request: 413 "
         "(default: a quarter of the cgroup limit or MemAvailable, 64..1024 MiB)",
     )
-    body_timeout_s: float = Field(
-        30.0, gt=0, description="a request body must arrive within this (else 408, closed)"
-    )
-    send_timeout_s: float = Field(
-        30.0, gt=0, description="a client must take its answer within this (else disconnected)"
-    )
+    body_timeout_s: float = body_timeout_field()
+    send_timeout_s: float = send_timeout_field()
     model_root: Path | None = Field(
         None,
         description="directory that load calls may read "

@@ -92,18 +92,8 @@ def probe_uncached(
     for key in runs:
         title, method, supervise = ROWS[key]
         names = ["a"] if key == "single" else ["a", "b"]
-        cfg = LatentConfig(
-            method=method,
-            teachers=names,
-            supervise=supervise,
-            steps=PROBE_STEPS,
-            batch=s.batch,
-            rollout_steps=s.rollout_steps,
-            lr=s.lr,
-            seed=s.seed,
-            guidance_scale=s.guidance_scale,
-            eval_per_family=1,
-            eval_steps=2,
+        cfg = LatentConfig.of(
+            s, method, names, supervise, steps=PROBE_STEPS, eval_per_family=1, eval_steps=2
         )
         client = HttpLatentTeachers(url, names, world, supervise, s.guidance_scale)
         try:

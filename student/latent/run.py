@@ -120,17 +120,7 @@ def latent_table(
     sched = declared_scheduler(s.models)
 
     def config(method: str, names: list[str], supervise: str = "router") -> LatentConfig:
-        return LatentConfig(
-            method=method,
-            teachers=names,
-            supervise=supervise,
-            steps=s.steps,
-            batch=s.batch,
-            rollout_steps=s.rollout_steps,
-            lr=s.lr,
-            seed=s.seed,
-            guidance_scale=s.guidance_scale,
-        )
+        return LatentConfig.of(s, method, names, supervise, steps=s.steps)
 
     ref = config("diffusionopd", ["a", "b"])
     sig_eval = sigma_grid(sched, ref.eval_steps)

@@ -44,6 +44,19 @@ class LatentConfig:
     eval_steps: int = 16
     eval_seed: int = 2024
 
+    @classmethod
+    def of(cls, s: Any, method: str, teachers: list[str], supervise: str, **more: Any):
+        """A run of ``method`` with the recipe flags (batch, rollout steps, lr, seed, guidance)
+        of a command's settings ``s``; ``more`` sets the rest (steps, evaluation)."""
+        recipe = ("batch", "rollout_steps", "lr", "seed", "guidance_scale")
+        return cls(
+            method=method,
+            teachers=teachers,
+            supervise=supervise,
+            **{k: getattr(s, k) for k in recipe},
+            **more,
+        )
+
 
 def check_setup(
     cfg: LatentConfig, student: DiffusersBackend, teachers: DiffusersBackend, world: World
