@@ -21,6 +21,7 @@ from student.models import BASE_NAME, load_named, parse_names
 from student.pretrain import pretrain_all
 from student.report import RunTotals, build_report, plot_samples, write_json
 from student.state import check_not_shorter, read_state_meta
+from student.students import SetupError
 from student.trainer import TrainConfig, TrainingAborted, TrainingInterrupted, train
 
 
@@ -44,8 +45,18 @@ def run_pretrain(s: PretrainSettings) -> int:
     return 0
 
 
+#: what ``--world latent`` changes where the flag is not given (its models, its recipe)
+LATENT_MODELS = Path("models/latent")
+
+
 class TrainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TRAIN_")
+    world: Literal["ring", "latent"] = Field(
+        "ring",
+        description="ring: the toy VelocityNet on [B, 2]; latent: a diffusers SD3 student on "
+        "[B, 4, 8, 8] latents with prompt conditioning and LoRA teachers (its own defaults for "
+        "--models, --steps, --batch, --rollout-steps, --lr where not given)",
+    )
     method: Literal["diffusionopd", "flowopd", "danceopd"] = Field(description="OPD method")
     teachers: str = Field("a,b", description="comma-separated teacher names, e.g. a,b")
     supervise: Literal["router", "average"] = Field(
@@ -101,6 +112,14 @@ class TrainSettings(BaseSettings):
     batch: int = Field(128, ge=1, description="rollout batch")
     rollout_steps: int = Field(12, ge=2, description="Euler steps per rollout (N)")
     lr: float = Field(8e-4, gt=0, description="Adam learning rate")
+    guidance_scale: float | None = Field(
+        None, description="latent: classifier-free guidance in the teachers' answers (none: off)"
+    )
+    cond_cache: bool = Field(
+        True,
+        description="latent, http: each rollout batch's conditioning sent once under a cond_id "
+        "(the teachers' cache), its later states without it",
+    )
     threads: int | None = Field(None, ge=1, description=THREADS_HELP)
     progress: bool = Field(True, description="show a progress bar")
 
@@ -180,6 +199,8 @@ def run_train(s: TrainSettings) -> int:
         teachers = parse_names(s.teachers)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if s.world == "latent":
+        return run_train_latent(s, teachers)
     cfg = TrainConfig(
         method=s.method,
         teachers=teachers,
@@ -198,7 +219,13 @@ def run_train(s: TrainSettings) -> int:
     apply_threads(s.threads or thread_budget(model_params(student)))
     out_dir(s.out)  # a usage error now, not a traceback from the trainer
     check_out(s)
-    with make_client(s, teachers) as client:
+    return _run(s, cfg, student, make_client(s, teachers), base_meta)
+
+
+def _run(s: TrainSettings, cfg: TrainConfig, student, client: TeacherClient, base_meta=None) -> int:
+    """Train and say how it ended: 0 done, 1 teachers unreachable (checkpoint written), 128 +
+    signal when interrupted (checkpoint written); a setup the teachers refuse is a usage error."""
+    with client:
         try:
             report = train(
                 cfg,
@@ -209,6 +236,8 @@ def run_train(s: TrainSettings) -> int:
                 progress=s.progress,
                 resume=s.resume,
             )
+        except SetupError as exc:
+            raise UsageError(str(exc)) from None
         except TrainingAborted as exc:
             sys.stderr.write(f"opd train: {exc}\n")
             return 1
@@ -219,6 +248,74 @@ def run_train(s: TrainSettings) -> int:
         json.dumps({"out": str(s.out), **report["metrics"], "wall_s": report["timings_s"]["wall"]})
     )
     return 0
+
+
+def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
+    """``opd train --world latent``: the same trainer on a diffusers student (the latent
+    world's base, fully fine-tuned) with LoRA teachers in-process or behind ``--router-url``;
+    pretrains the models that are missing in ``--models``."""
+    from services.teacher.diffusers_backend import DiffusersLoadError  # imports diffusers
+    from student.latent.models import declared_scheduler, load_student
+    from student.latent.pretrain import ensure_models
+    from student.latent.teachers import LatentSetupError
+    from student.latent.train import LATENT_DEFAULTS, LatentStudent, latent_config
+    from student.latent.world import make_world
+    from student.methods import METHODS
+
+    given = s.model_fields_set
+    models = s.models if "models" in given else LATENT_MODELS
+    recipe = {k: getattr(s, k) for k in ("steps", "batch", "rollout_steps", "lr") if k in given}
+    cfg = latent_config(
+        s.method,
+        teachers=teachers,
+        supervise=s.supervise,
+        backend=s.backend,
+        seed=s.seed,
+        guidance_scale=s.guidance_scale,
+        checkpoint_every=s.checkpoint_every,
+        trace_steps=s.trace_steps,
+        **(recipe | {k: LATENT_DEFAULTS[k] for k in ("steps",) if k not in recipe}),
+    )
+    out_dir(s.out)
+    check_out(s.model_copy(update={"steps": cfg.steps}))
+    world, anchor = make_world(), METHODS[cfg.method].uses_anchor
+    try:
+        ensure_models(models, say=lambda line: sys.stderr.write(line + "\n"))
+        student = load_student(models)
+        apply_threads(s.threads or thread_budget(model_params(student.transformer)))
+        task = LatentStudent(student, world, declared_scheduler(models))
+        if s.backend == "local":
+            from student.latent.models import load_teachers
+            from student.latent.teachers import LocalLatentTeachers
+
+            client: TeacherClient = LocalLatentTeachers(
+                load_teachers(models, teachers),
+                teachers,
+                world,
+                cfg.supervise,
+                cfg.guidance_scale,
+                anchor=anchor,
+            )
+        else:
+            if not s.router_url:
+                raise UsageError("--backend http needs --router-url (e.g. http://127.0.0.1:8000)")
+            from student.latent.http import HttpLatentTeachers
+
+            client = HttpLatentTeachers(
+                s.router_url,
+                teachers,
+                world,
+                cfg.supervise,
+                cfg.guidance_scale,
+                timeout_s=s.request_timeout_s,
+                cond_cache=s.cond_cache,
+                anchor=anchor,
+                retries=s.retries,
+                max_in_flight=s.max_in_flight,
+            )
+    except (LatentSetupError, DiffusersLoadError, TeacherUnavailable) as exc:
+        raise UsageError(str(exc)) from None
+    return _run(s, cfg, task, client)
 
 
 class EvalSettings(BaseSettings):

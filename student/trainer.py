@@ -1,7 +1,10 @@
-"""The OPD trainer: one loop, the same for every method and every teacher backend.
+"""The OPD trainer: one loop, the same for every method, teacher backend and student.
 
-Each optimizer step: (1) plan which rollout states to query, (2) roll out the student without
-grad, handing each queried state to the teacher client as soon as it exists, (3) wait for the
+The student is the ring's ``VelocityNet`` or a diffusers transformer on latents
+(:mod:`student.students`): states ``[B, *S]``, its time grid, a prompt per rollout.
+Each optimizer step: (1) plan which rollout states to query, draw the rollouts' prompts, (2)
+roll out the student without grad, handing each queried state (with its rollouts' prompts) to
+the teacher client as soon as it exists, (3) wait for the
 teachers' answers, (4) regress the student toward them with one Adam step, (5) account, and
 every ``checkpoint_every`` steps save everything a resumed run needs. Unreachable teachers,
 SIGINT and SIGTERM also end the run with such a checkpoint.
@@ -10,6 +13,7 @@ SIGINT and SIGTERM also end the run with such a checkpoint.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,30 +23,44 @@ import torch
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointError, CheckpointMeta, TeacherRef, save_model
+from common.checkpoint import CheckpointError, CheckpointMeta, TeacherRef
 from common.nets import VelocityNet
 from common.threads import CpuWatch
 from student.clients import QueryCost, TeacherClient, TeacherUnavailable
-from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS, evaluate
+from student.evaluate import EVAL_SAMPLES, EVAL_SEED, EVAL_STEPS
 from student.interrupt import Interrupt, SignalGuard
 from student.methods import METHODS, Method
-from student.report import RunTotals, build_report, plot_samples, write_json
-from student.rollout import StateHook, rollout
+from student.report import RunTotals, build_report, write_json
 from student.state import STATE_FILE, TrainState, check_not_shorter, load_state, save_state
+from student.students import Prompts, RingStudent, StateHook, Student
 from student.trace import Tracer
 
 #: Settings a resumed run must share with the run it continues (``steps`` may grow).
-RESUME_KEYS = ("method", "teachers", "supervise", "seed", "batch", "rollout_steps", "lr")
+RESUME_KEYS = (
+    "world",
+    "method",
+    "teachers",
+    "supervise",
+    "seed",
+    "batch",
+    "rollout_steps",
+    "lr",
+    "guidance_scale",
+)
 #: names of the trainer's time segments after the rollout (also its trace spans)
 WAIT, UPDATE = "wait for teachers", "update"
 #: what a finished or stopped run leaves in its directory besides steps.jsonl and trace.json
 #: (which a new run rewrites from its first step)
 RUN_FILES = (STATE_FILE, "report.json", "student.safetensors", "samples.png")
+#: run outputs that are directories (the latent student, a diffusers directory)
+RUN_DIRS = ("student",)
 
 
 class TrainConfig(BaseModel):
-    """The recipe of one OPD run (SPEC §3 defaults)."""
+    """The recipe of one OPD run (SPEC §3 defaults; the latent world's in
+    :func:`student.latent.student.latent_config`)."""
 
+    world: Literal["ring", "latent"] = "ring"
     method: Literal["diffusionopd", "flowopd", "danceopd"]
     teachers: list[str]
     supervise: Literal["router", "average"] = "router"
@@ -52,7 +70,8 @@ class TrainConfig(BaseModel):
     batch: int = Field(128, ge=1)
     rollout_steps: int = Field(12, ge=2)
     lr: float = Field(8e-4, gt=0)
-    eval_samples: int = Field(EVAL_SAMPLES, ge=1)
+    guidance_scale: float | None = Field(None, description="CFG in the teachers' answers")
+    eval_samples: int = Field(EVAL_SAMPLES, ge=1, description="latent: per prompt family")
     eval_steps: int = Field(EVAL_STEPS, ge=1)
     eval_seed: int = EVAL_SEED
     checkpoint_every: int = Field(0, ge=0, description="0 = only on failure")
@@ -82,7 +101,7 @@ def _cat(answers, attr: str) -> torch.Tensor | None:
 
 def train(
     cfg: TrainConfig,
-    student: VelocityNet,
+    student: VelocityNet | Student,
     client: TeacherClient,
     out: str | Path,
     base_meta: CheckpointMeta | None = None,
@@ -91,25 +110,31 @@ def train(
 ) -> dict[str, Any]:
     """Run ``cfg.steps`` OPD steps on ``student`` supervised through ``client``; write the run.
 
-    Writes ``out/report.json``, ``steps.jsonl``, ``trace.json``, ``student.safetensors``,
+    Writes ``out/report.json``, ``steps.jsonl``, ``trace.json``, the student (the ring's
+    ``student.safetensors``, the latent world's ``student/`` diffusers directory),
     ``samples.png`` (and ``checkpoint.safetensors`` every ``checkpoint_every`` steps).
 
     Without ``resume`` the run replaces whatever run ``out`` held (an earlier run's checkpoint
     left there would otherwise be what a later ``resume=True`` continues, spliced onto this one).
 
     Raises:
+        SetupError: the student, its prompts and the teachers do not fit (before any work).
         TrainingAborted: the teachers stayed unreachable; the state at the last completed step
             was saved, and ``resume=True`` continues from it.
         TrainingInterrupted: SIGINT or SIGTERM; the same, at the step the signal came in (a
             step cut short is replayed on resume).
     """
+    task = student if isinstance(student, Student) else RingStudent(student)
+    if task.world != cfg.world:
+        raise ValueError(f"a {task.world} student for a {cfg.world} run")
+    task.check(cfg, client)
     with SignalGuard() as guard:
-        return _train(cfg, student, client, Path(out), base_meta, progress, resume, guard)
+        return _train(cfg, task, client, Path(out), base_meta, progress, resume, guard)
 
 
 def _train(
     cfg: TrainConfig,
-    student: VelocityNet,
+    task: Student,
     client: TeacherClient,
     out: Path,
     base_meta: CheckpointMeta | None,
@@ -122,10 +147,13 @@ def _train(
     if not resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
     method = METHODS[cfg.method]
     if method.uses_anchor and client.anchor is None:
         raise ValueError(f"{cfg.method} needs an anchor teacher (the frozen base) in the client")
-    n, b, d = cfg.rollout_steps, cfg.batch, student.config.data_dim
+    n, b, student = cfg.rollout_steps, cfg.batch, task.model
+    grid = task.grid(n)
     torch.manual_seed(cfg.seed)
     student.train().requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
@@ -136,7 +164,9 @@ def _train(
     start_step = 0
     if resume:
         state = load_state(out, student, opt)
-        mismatch = [k for k in RESUME_KEYS if state.config.get(k) != cfg.model_dump()[k]]
+        now, default = cfg.model_dump(), TrainConfig.model_fields
+        # a key the checkpoint lacks was written before it existed: it had the default then
+        mismatch = [k for k in RESUME_KEYS if state.config.get(k, default[k].default) != now[k]]
         if mismatch:
             raise CheckpointError(
                 f"--resume: the run in {out} differs in {', '.join(mismatch)}; "
@@ -203,15 +233,15 @@ def _train(
             t0 = time.perf_counter()
             rng_at_step = torch.get_rng_state()  # a failure checkpoint replays this step
             resume_at = (step, rng_at_step)  # so does an interrupt, until the update is in
-            # 1. plan: which rollout indices to query (DanceOPD draws its index before the rollout)
+            # 1. plan: which rollout indices to query (DanceOPD draws its index before the
+            # rollout); the rollouts' prompts (the latent world: a prompt family each)
             plan = method.plan(n)
+            prompts = task.prompts(b, cfg)
             marks: list[float] = []
 
             # 2. rollout without grad, streaming each queried state to the teachers right away
-            on_state = streaming_hook(client, plan, b, marks)
-            states, _ = rollout(
-                student, torch.randn(b, d), n, method.sde_noise, on_state, final=False
-            )
+            on_state = streaming_hook(client, plan, b, marks, prompts)
+            states = task.rollout(task.noise(b), prompts, grid, method.sde_noise, on_state)
             t1 = time.perf_counter()
 
             # 3+4. wait for the answers request by request and regress the student toward each
@@ -219,7 +249,7 @@ def _train(
             # the next; gradients accumulate, one Adam step at the end (same as one big batch)
             try:
                 loss_value, cost, segments = update_step(
-                    student, opt, method, client, states, plan, b, n
+                    task, opt, method, client, states, plan, grid, prompts
                 )
             except TeacherUnavailable as exc:
                 path = checkpoint(step, rng_at_step)
@@ -304,9 +334,7 @@ def _train(
     try:  # an interrupt during evaluation leaves a checkpoint after the last step
         guard.release()
         seen = (versions_seen, digests_seen)
-        return _finish(
-            cfg, student, client, out, totals, seen, params_before, base_meta, cpu.totals()
-        )
+        return _finish(cfg, task, client, out, totals, seen, params_before, base_meta, cpu.totals())
     except Interrupt as sig:
         raise interrupted(sig) from None
 
@@ -332,43 +360,49 @@ def _open_steps_log(path: Path, keep: int):
 
 
 def streaming_hook(
-    client: TeacherClient, plan: list[int], b: int, marks: list[float] | None = None
+    client: TeacherClient,
+    plan: list[int],
+    b: int,
+    marks: list[float] | None = None,
+    prompts: Prompts | None = None,
 ) -> StateHook:
-    """The rollout hook that hands each queried state (``[B, D]``, index in ``plan``) to
-    ``client`` as soon as it exists, flagging the step's last one; appends each state's time
-    to ``marks`` when given (for the trace)."""
+    """The rollout hook that hands each queried state (``[B, *S]``, index in ``plan``, with
+    the rollouts' ``prompts`` when they have any) to ``client`` as soon as it exists, flagging
+    the step's last one; appends each state's time to ``marks`` when given (for the trace)."""
     wanted, last = set(plan), plan[-1]
+    more = {} if prompts is None else {"prompts": prompts}
 
     def on_state(i: int, x_i: torch.Tensor, t_i: float) -> None:
         if marks is not None:
             marks.append(time.perf_counter())
         if i in wanted:
-            client.submit(x_i, torch.full((b,), t_i), last=i == last)
+            client.submit(x_i, torch.full((b,), t_i), last=i == last, **more)
 
     return on_state
 
 
 def update_step(
-    student: VelocityNet,
+    task: Student,
     opt: torch.optim.Adam,
     method: Method,
     client: TeacherClient,
     states: torch.Tensor,
     plan: list[int],
-    b: int,
-    n: int,
+    grid: list[float],
+    prompts: Prompts | None = None,
 ) -> tuple[float, QueryCost, list[tuple[str, float, float]]]:
     """One Adam step toward the teachers' answers, taking them group by group as they arrive.
 
-    ``states [N, B, D]`` are the rollout's states, ``plan`` the queried indices (in submit
-    order). A group is the next states in submit order, or the rows it names (a teacher's
+    ``states [N, B, *S]`` are the rollout's states, ``plan`` the queried indices (in submit
+    order), ``grid`` the rollout's times (state ``i`` at ``grid[i]``), ``prompts`` the
+    rollouts' prompts (row ``r`` of the queried states is rollout ``r mod B``). A group is the next states in submit order, or the rows it names (a teacher's
     share of a request, or several answers merged). Each group's loss is its share of the mean over all queried states, so
     the accumulated gradient is the one-batch gradient. Returns the loss, the query cost and the
     trainer's time segments ``(WAIT | UPDATE, start, end)``.
     """
-    d = states.shape[-1]
-    xs = states[plan].reshape(-1, d)  # [len(plan)·B, D]
-    ts = torch.cat([torch.full((b,), 1.0 - i / n) for i in plan])
+    b = states.shape[1]
+    xs = states[plan].reshape(-1, *states.shape[2:])  # [len(plan)·B, *S], plan-major
+    ts = torch.cat([torch.full((b,), grid[i]) for i in plan])
     total, row, loss_sum = xs.shape[0], 0, 0.0
     cost = QueryCost()
     segments: list[tuple[str, float, float]] = []
@@ -380,11 +414,16 @@ def update_step(
         cost.add(part_cost)
         k = sum(a.v.shape[0] for a in answers)
         if answers[0].rows is not None:  # rows named out of submit order (see Answer.rows)
-            x, t = xs[answers[0].rows], ts[answers[0].rows]
+            idx = answers[0].rows
+            x, t = xs[idx], ts[idx]
         else:
+            idx = None
             x, t = xs[row : row + k], ts[row : row + k]
+        p = None
+        if prompts is not None:
+            p = prompts.rows((torch.arange(row, row + k) if idx is None else idx) % b)
         v_anchor = _cat(answers, "v_anchor") if method.uses_anchor else None
-        loss = method.loss(student(x, t), t, _cat(answers, "v"), v_anchor)
+        loss = method.loss(task.velocity(x, t, p), t, _cat(answers, "v"), v_anchor)
         if k != total:  # a group's share of the mean (a single group needs no rescaling)
             loss = loss * (k / total)
         loss.backward()
@@ -430,7 +469,7 @@ def _trace_step(
 
 def _finish(
     cfg: TrainConfig,
-    student: VelocityNet,
+    task: Student,
     client: TeacherClient,
     out: Path,
     totals: RunTotals,
@@ -439,16 +478,11 @@ def _finish(
     base_meta: CheckpointMeta | None,
     cpu: dict[str, float],
 ) -> dict[str, Any]:
-    """Evaluate, save the student and write report.json and samples.png; ``cpu``: the
+    """Evaluate and save the student (its world's way), write report.json; ``cpu``: the
     trainer's torch threads and CPU run / run-queue wait seconds over the steps."""
+    student = task.model
     student.eval().requires_grad_(False)
     params_after = torch.cat([p.detach().flatten() for p in student.parameters()])
-    t_eval = time.perf_counter()
-    teacher_modes = [info.modes for info in client.teachers]
-    metrics, samples = evaluate(
-        student, teacher_modes, cfg.eval_samples, cfg.eval_steps, cfg.eval_seed
-    )
-    totals.timings_s["eval"] = time.perf_counter() - t_eval
     refs = [
         TeacherRef(
             name=i.name,
@@ -458,28 +492,9 @@ def _finish(
         )
         for i in [*client.teachers, *([client.anchor] if client.anchor else [])]
     ]
-    modes = sorted({m for ms in teacher_modes for m in ms})
-    meta = save_model(
-        out / "student.safetensors",
-        student,
-        CheckpointMeta(
-            name=out.name,
-            role="student",
-            modes=modes,
-            seed=cfg.seed,
-            steps=cfg.steps,
-            teachers=refs,
-            training={
-                "method": cfg.method,
-                "supervise": cfg.supervise,
-                "backend": cfg.backend,
-                "lr": cfg.lr,
-                "batch": cfg.batch,
-                "rollout_steps": cfg.rollout_steps,
-                "init": base_meta.digest if base_meta else None,
-            },
-        ),
-    )
+    t_eval = time.perf_counter()
+    metrics, extra = task.finish(cfg, client, out, refs, base_meta)
+    totals.timings_s["eval"] = time.perf_counter() - t_eval
     report = build_report(
         method=cfg.method,
         teachers=[i.name for i in client.teachers],
@@ -491,7 +506,7 @@ def _finish(
         totals=totals,
         extra={
             "method_title": METHODS[cfg.method].title,
-            "student_digest": meta.digest,
+            **extra,
             "teacher_refs": [r.model_dump() for r in refs],
             "param_change_l2": float((params_after - params_before).norm()),
             "cpu": cpu,
@@ -499,10 +514,4 @@ def _finish(
         },
     )
     write_json(out / "report.json", report)
-    plot_samples(
-        out / "samples.png",
-        samples,
-        modes,
-        f"{METHODS[cfg.method].title} ({'+'.join(report['teachers'])}, {cfg.supervise}, {cfg.steps} steps)",
-    )
     return report

@@ -144,6 +144,8 @@ class DiffusersBackend:
     uncond: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [1, ...]
     lock: threading.Lock = field(default_factory=threading.Lock)
     kind: str = "diffusers"
+    #: in-process users' record of installed LoRA adapters: name -> the digest a server reports
+    adapter_digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
@@ -207,7 +209,7 @@ class DiffusersBackend:
             cond = {k: torch.cat([c, self._uncond_rows(k, c)]) for k, c in cond.items()}
         with self.lock, torch.inference_mode():
             self._select(adapter)
-            v = self._call(x, t, cond)
+            v = self.velocity(x, t, cond)
         if guided:
             v_c, v_u = v[:b], v[b:]
             v = v_u + guidance_scale * (v_c - v_u)
@@ -237,7 +239,13 @@ class DiffusersBackend:
             self.transformer.enable_adapters()
             self.transformer.set_adapter(adapter)
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> Any:
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer's output ``v [B, C, H, W]`` at ``x [B, C, H, W]``, ``t [B]`` (our
+        convention: diffusers' sigma) with ``cond[name] [B, ...]``: no lock, no adapter change,
+        no guidance, and with grad when the caller enables it. What :meth:`forward` runs, and
+        what a student trained on this model's convention calls (one place converts ``t``)."""
         m = self.transformer
         if self.family == "sd3":
             return m(

@@ -16,7 +16,6 @@ the base) changes nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,9 +207,7 @@ class DiffusersRepository:
         except DiffusersLoadError as exc:
             self.last_error[name] = str(exc)
             raise RepositoryError(str(exc), 400) from None
-        digest = (
-            "sha256:" + hashlib.sha256(f"{self.backend.digest}+{file_sha}".encode()).hexdigest()
-        )
+        digest = lora.adapter_digest(self.backend.digest, file_sha)
         model = self._serve(name, internal, digest, lora.adapter_file(path))
         self._paths[name] = Path(path)
         installed = self._internal.setdefault(name, [])

@@ -127,6 +127,12 @@ def check_fits(transformer: torch.nn.Module, sd: dict[str, torch.Tensor], name: 
             )
 
 
+def adapter_digest(base_digest: str, file_sha: str) -> str:
+    """What a served adapter reports as its digest: the base's weights and the adapter file's
+    (an adapter answers differently on another base)."""
+    return "sha256:" + hashlib.sha256(f"{base_digest}+{file_sha}".encode()).hexdigest()
+
+
 def install(
     backend: DiffusersBackend,
     internal: str,

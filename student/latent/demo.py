@@ -82,26 +82,24 @@ def probe_uncached(
     """Bytes per step of each row's method with every row's prompt in every request (no
     ``cond_id``), over :data:`PROBE_STEPS` steps: title → ``{sent, received}`` per step."""
     from student.latent.http import HttpLatentTeachers
-    from student.latent.models import declared_scheduler, load_student, load_teachers, sigma_grid
-    from student.latent.train import LatentConfig, train_latent
-    from student.latent.world import TEACHER_FAMILIES, make_world
+    from student.latent.models import declared_scheduler, load_student
+    from student.latent.train import recipe_config, train_latent
+    from student.latent.world import make_world
+    from student.methods import METHODS
 
     world, sched = make_world(), declared_scheduler(s.models)
-    teachers = load_teachers(s.models, list(TEACHER_FAMILIES))
     out: dict[str, dict[str, float]] = {}
     for key in runs:
         title, method, supervise = ROWS[key]
         names = ["a"] if key == "single" else ["a", "b"]
-        cfg = LatentConfig.of(
-            s, method, names, supervise, steps=PROBE_STEPS, eval_per_family=1, eval_steps=2
+        cfg = recipe_config(
+            s, method, names, supervise, steps=PROBE_STEPS, eval_samples=1, eval_steps=2
         )
-        client = HttpLatentTeachers(url, names, world, supervise, s.guidance_scale)
+        client = HttpLatentTeachers(
+            url, names, world, supervise, s.guidance_scale, anchor=METHODS[method].uses_anchor
+        )
         try:
-            train_latent(
-                cfg, load_student(s.models), teachers, world,
-                sigma_grid(sched, cfg.rollout_steps), sigma_grid(sched, 2), lambda _: None,
-                client,
-            )  # fmt: skip
+            train_latent(cfg, load_student(s.models), world, sched, s.out / "probe" / key, client)
         finally:
             client.close()
         out[title] = {

@@ -1,12 +1,15 @@
 """The latent world's teachers over HTTP: the router's ``opd-router`` model, OIP v2 binary.
 
-The same interface as :class:`student.latent.teachers.LocalLatentTeachers` (``query``), so the
-latent loop runs unchanged against served teachers: one request per optimizer step carrying the
-queried states, their times, each row's teacher index (``route``: label routing by the prompt's
-family) and each row's prompt conditioning; ``guidance_scale`` as a request parameter (the
-teachers run the unconditional rows themselves); the anchor as ``v_anchor``. With
-``cond_cache`` it sends one request per prompt family instead, the family's conditioning once
-under a ``cond_id`` and then states only (the teachers' conditioning cache).
+The same interface as :class:`student.latent.teachers.LocalLatentTeachers`, so the trainer runs
+unchanged against served teachers. As the trainer's client (``submit`` / ``collect_parts``) it
+streams: each queried rollout state goes out as soon as it exists, one request per state of
+``B`` rollouts, carrying their times, each row's teacher index (``route``: label routing by the
+prompt's family) and the rollouts' conditioning; with ``cond_cache`` the conditioning goes once
+per rollout batch under a ``cond_id`` (the prompts' key) and the rollout's later states name the
+id only (the teachers' conditioning cache). ``guidance_scale`` is a request parameter (the
+teachers run the unconditional rows themselves); the anchor answers as ``v_anchor``.
+``query`` answers a set of prompted states at once (one request, or one per prompt family with
+``cond_cache``).
 
 It sends through the public client (:mod:`student.client`), the one implementation of the
 wire path; it counts requests and bytes.
@@ -14,6 +17,7 @@ wire path; it counts requests and bytes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,13 +26,23 @@ from pathlib import Path
 import torch
 
 from common.procs import start_service
-from student.client import OPDClient, StepCost
+from services.teacher.backend import TensorSpec
+from student.client import OPDClient, RetryPolicy, StepCost
+from student.clients import Answer, QueryCost, TeacherClient, TeacherInfo
 from student.latent.models import BASE_DIR, teacher_dir
-from student.latent.teachers import LatentQuery, LatentSetupError, family_routes
+from student.latent.teachers import (
+    ANCHOR,
+    LatentQuery,
+    LatentSetupError,
+    TeacherContract,
+    family_routes,
+    teacher_infos,
+)
 from student.latent.world import TEACHER_FAMILIES, World
+from student.students import Prompts
 
 
-class HttpLatentTeachers:
+class HttpLatentTeachers(TeacherClient):
     """Teachers ``names`` behind the router at ``url`` (registered in this order), through the
     public client (:class:`student.client.OPDClient`): its retries, bytes and cost accounting,
     its ``cond_id`` handling (tensors once, resent on the server's 'unknown cond_id')."""
@@ -42,13 +56,21 @@ class HttpLatentTeachers:
         guidance_scale: float | None = None,
         timeout_s: float = 60.0,
         cond_cache: bool = False,
+        anchor: bool = False,
+        retries: int = 5,
+        max_in_flight: int = 8,
     ) -> None:
         self.url, self.names, self.world = url.rstrip("/"), list(names), world
         self.cond_cache, self.cond_prefix = cond_cache, "latent-fam"
         self.supervise, self.guidance_scale = supervise, guidance_scale
         policy = "average" if supervise == "average" else None
         self.client = OPDClient(
-            self.url, timeout_s=timeout_s, guidance_scale=guidance_scale, policy=policy
+            self.url,
+            timeout_s=timeout_s,
+            guidance_scale=guidance_scale,
+            policy=policy,
+            retry=RetryPolicy(retries=retries),
+            max_in_flight=max_in_flight,
         )
         # route labels are the router's teacher indices: its registry order, not ours
         registered = self.client.teachers
@@ -61,8 +83,75 @@ class HttpLatentTeachers:
             )
         ours = family_routes(self.names, [f for n in self.names for f in TEACHER_FAMILIES[n]])
         self.routes = {f: registered.index(self.names[k]) for f, k in ours.items()}
+        if anchor and ANCHOR not in self.client.anchors:
+            self.client.close()
+            raise LatentSetupError(
+                f"Flow-OPD needs the anchor {ANCHOR!r} at the router {url} (it has "
+                f"{', '.join(self.client.anchors) or 'none'}): start it with --anchor"
+            )
         self.requests = self.bytes_sent = self.bytes_received = 0
         self.last_cost = StepCost()
+        self.teachers = teacher_infos(self.names, {})  # digests: as the answers report them
+        self.anchor = TeacherInfo(ANCHOR, "") if anchor else None
+        self._inflight: list[concurrent.futures.Future] = []
+
+    def contract(self) -> TeacherContract:
+        """The router's declared contract (``GET /v2/models/opd-router``): its teachers' time
+        convention, state shape and conditioning inputs."""
+        import httpx
+
+        doc = httpx.get(f"{self.url}/v2/models/opd-router", timeout=30.0).json()
+        specs = {
+            i["name"]: TensorSpec(i["name"], tuple(i["shape"][1:]), i.get("datatype", "FP32"))
+            for i in doc.get("inputs", [])
+        }
+        conds = tuple(v for k, v in specs.items() if k not in ("x", "t", "route"))
+        params = doc.get("parameters") or {}
+        return TeacherContract(params.get("time_convention"), specs["x"], conds)
+
+    def _route(self, labels: torch.Tensor) -> torch.Tensor | None:
+        if self.supervise == "average":
+            return None
+        return torch.tensor([self.routes[int(f)] for f in labels], dtype=torch.int32)
+
+    def submit(
+        self, x: torch.Tensor, t: torch.Tensor, last: bool = False, prompts: Prompts | None = None
+    ) -> None:
+        """Send states ``x [B, C, H, W]`` of the rollouts ``prompts`` now (the public client
+        copies them; it blocks only while ``max_in_flight`` requests are out)."""
+        if prompts is None:
+            raise ValueError("latent teachers answer prompted states: give each state's prompts")
+        self._inflight.append(
+            self.client.submit(
+                x,
+                t,
+                cond=prompts.cond,
+                cond_id=f"rollouts-{prompts.key}" if self.cond_cache else None,
+                labels=self._route(prompts.labels),
+                anchor=self.anchor is not None,
+            )
+        )
+
+    def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
+        """One group per request, in submit order, each as soon as it is answered; the step's
+        cost (every request, resends included) comes with the last group."""
+        futs, self._inflight = self._inflight, []
+        try:
+            for k, fut in enumerate(futs):
+                reply = self.client.wait([fut])[0]
+                cost = self._take_cost() if k == len(futs) - 1 else QueryCost()
+                yield [Answer(reply.v, reply.teacher.to(torch.int32), reply.v_anchor)], cost
+        finally:  # a failed or abandoned step: nothing of it may still be running after
+            for fut in futs:
+                fut.cancel()
+            concurrent.futures.wait(futs)
+
+    def _take_cost(self) -> QueryCost:
+        self.last_cost = cost = self.client.step_cost()
+        self.requests += cost.query.requests
+        self.bytes_sent += cost.query.bytes_sent
+        self.bytes_received += cost.query.bytes_received
+        return cost.query
 
     def query(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, anchor: bool = False
@@ -102,10 +191,7 @@ class HttpLatentTeachers:
         v = torch.cat([r.v for r in replies])[where]
         teacher = torch.cat([r.teacher for r in replies])[where]
         v_anchor = torch.cat([r.v_anchor for r in replies])[where] if anchor else None
-        self.last_cost = cost = self.client.step_cost()
-        self.requests += cost.query.requests
-        self.bytes_sent += cost.query.bytes_sent
-        self.bytes_received += cost.query.bytes_received
+        self._take_cost()
         return LatentQuery(v, teacher, v_anchor)
 
     def close(self) -> None:

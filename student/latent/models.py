@@ -2,7 +2,7 @@
 
 The time convention is the teacher backend's (``services/teacher/diffusers_backend.py``): our
 ``t`` is diffusers' sigma, ``v = eps − x0`` is the model output, SD3 takes ``timestep = 1000·t``.
-Students and pretraining call the model through :meth:`DiffusersBackend._call`, the same code the
+Students and pretraining call the model through :meth:`DiffusersBackend.velocity`, the same code the
 served teachers run, so there is one place that converts ``t``.
 
 Layout of a latent models directory (``models/latent`` by default)::
@@ -31,7 +31,7 @@ from services.teacher.diffusers_backend import (
     scheduler_config,
     time_convention,
 )
-from services.teacher.lora import install, read_adapter
+from services.teacher.lora import adapter_digest, install, read_adapter
 from student.latent.world import POOLED_DIM, SHAPE, TEXT_DIM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the hub: models are built from a config
@@ -91,7 +91,7 @@ def velocity(
 ) -> torch.Tensor:
     """``v [B, C, H, W]`` at ``x [B, C, H, W]``, ``t [B]`` (our convention), with grad if the
     model has it: the backend's own call, outside its inference mode."""
-    return model._call(x, t, cond)
+    return model.velocity(x, t, cond)
 
 
 def save_base(transformer: torch.nn.Module, out: Path) -> Path:
@@ -107,11 +107,13 @@ def save_base(transformer: torch.nn.Module, out: Path) -> Path:
 
 def load_teachers(models: Path, names: list[str]) -> DiffusersBackend:
     """The base (frozen) with the LoRA adapters ``names`` installed, as the teacher server
-    holds them: one model, adapter ``NAME`` per teacher, ``None`` = the base itself."""
+    holds them: one model, adapter ``NAME`` per teacher, ``None`` = the base itself.
+    ``backend.adapter_digests[NAME]`` is the digest the server reports for that adapter."""
     backend = load_backend(Path(models) / BASE_DIR)
     for name in names:
-        sd, meta, _ = read_adapter(teacher_dir(models, name))
+        sd, meta, file_sha = read_adapter(teacher_dir(models, name))
         install(backend, name, sd, meta)
+        backend.adapter_digests[name] = adapter_digest(backend.digest, file_sha)
     return backend
 
 

@@ -3,13 +3,12 @@
 Pretrains what is missing in ``--models`` (base, LoRA teachers a and b), then runs the rows of
 SPEC §5 at latent shapes (single teacher, the three methods with label routing, the naive
 average) and prints the quality table; writes ``report.json``, ``samples.png`` and each trained
-student (``students/ROW/``, a diffusers directory) to ``--out``.
+row's run (``runs/ROW/``: its report, steps log, checkpoint and ``student/``, a diffusers directory) to ``--out``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ class LatentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_LATENT_")
     models: Path = Field(Path("models/latent"), description="latent models directory")
     out: Path = Field(
-        Path("runs/latent"), description="where report.json, samples.png and students/ROW/ go"
+        Path("runs/latent"), description="where report.json, samples.png and runs/ROW/ go"
     )
     runs: str = Field(",".join(RUNS), description=f"comma-separated rows to train: {RUNS}")
     steps: int = Field(300, ge=1, description="OPD optimizer steps per run")
@@ -108,19 +107,19 @@ def latent_table(
         declared_scheduler,
         load_student,
         load_teachers,
-        save_base,
         sigma_grid,
     )
     from student.latent.rollout import student_field, teacher_field
-    from student.latent.train import LatentConfig, evaluate, train_latent
+    from student.latent.train import evaluate_field, recipe_config, train_latent
     from student.latent.world import TEACHER_FAMILIES, make_world, metrics_of
+    from student.methods import METHODS
 
     world = make_world()
     teachers = load_teachers(s.models, list(TEACHER_FAMILIES))
     sched = declared_scheduler(s.models)
 
-    def config(method: str, names: list[str], supervise: str = "router") -> LatentConfig:
-        return LatentConfig.of(s, method, names, supervise, steps=s.steps)
+    def config(method: str, names: list[str], supervise: str = "router"):
+        return recipe_config(s, method, names, supervise, steps=s.steps)
 
     ref = config("diffusionopd", ["a", "b"])
     sig_eval = sigma_grid(sched, ref.eval_steps)
@@ -130,12 +129,11 @@ def latent_table(
     empty = {"counts": {}, "timings_s": {}}
 
     def reference(title: str, families: list[int], names: str) -> None:
-        metrics, samples, labels = evaluate(base, world, families, sig_eval, ref)
-        rows.append(_row(title, names, {"metrics": metrics, **empty}))
+        samples, labels = evaluate_field(base, world, families, sig_eval, ref)
+        rows.append(_row(title, names, {"metrics": metrics_of(world, samples, labels), **empty}))
         grids["base student"] = (samples, labels)  # the last: every family
 
-    def trained(key: str, title: str, cfg: LatentConfig, names: str) -> None:
-        student = load_student(s.models)
+    def trained(key: str, title: str, cfg, names: str) -> None:
         t0 = time.perf_counter()
         say(f"training {title} ({cfg.steps} steps, {s.backend})")
         client = None
@@ -149,26 +147,19 @@ def latent_table(
                 cfg.supervise,
                 cfg.guidance_scale,
                 cond_cache=s.cond_cache,
+                anchor=METHODS[cfg.method].uses_anchor,
             )
-        grid = sigma_grid(sched, cfg.rollout_steps)
-        try:
-            rep = train_latent(cfg, student, teachers, world, grid, sig_eval, say, client)
+        try:  # each row is a run of its own: s.out/runs/KEY (report, steps, student/)
+            rep, task = train_latent(
+                cfg, load_student(s.models), world, sched, s.out / "runs" / key, client, teachers
+            )
         finally:
             if client is not None:
                 client.close()
-        if client is not None:
-            rep["counts"] |= {
-                "requests": client.requests,
-                "bytes_sent": client.bytes_sent,
-                "bytes_received": client.bytes_received,
-            }
-        say(f"  done in {time.perf_counter() - t0:.0f} s: {_brief(rep['metrics'])}")
-        grids[title] = (rep.pop("samples"), rep.pop("labels"))
-        # a diffusers directory like the base's: `opd serve teacher --model-dir` serves it
-        saved = s.out / "students" / key
-        shutil.rmtree(saved, ignore_errors=True)
-        save_base(student.transformer, saved)
-        rows.append(_row(title, names, rep | {"student_dir": str(saved)}))
+        row = latent_row(rep)
+        say(f"  done in {time.perf_counter() - t0:.0f} s: {_brief(row['metrics'])}")
+        grids[title] = task.samples
+        rows.append(_row(title, names, row))
 
     reference("base student, target = a", [0, 1], "a")
     if "single" in runs:
@@ -176,10 +167,10 @@ def latent_table(
     reference("base student, target = a ∪ b", [0, 1, 2, 3], "a,b")
     # the ceiling: each teacher sampling its own families (what label routing distils)
     parts = [
-        evaluate(teacher_field(teachers, n, s.guidance_scale), world, list(f), sig_eval, ref)
+        evaluate_field(teacher_field(teachers, n, s.guidance_scale), world, f, sig_eval, ref)
         for n, f in TEACHER_FAMILIES.items()
     ]
-    samples, labels = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    samples, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     rows.append(
         _row(
             "teachers a, b label-routed (ceiling)",
@@ -199,6 +190,20 @@ def latent_table(
             trained(key, title, config(method, ["a", "b"], supervise), "a,b")
     plot_grid(s.out / "samples.png", world, grids)
     return rows
+
+
+def latent_row(report: dict[str, Any]) -> dict[str, Any]:
+    """A table row of a trainer report: the world's metrics, the counts, the time segments
+    (``query``: the exposed wait for the teachers), the saved student and the recipe."""
+    t = report["timings_s"]
+    return {
+        "metrics": report["latent_metrics"],
+        "counts": report["counts"],
+        "timings_s": {**t, "query": t["query_exposed"]},
+        "param_change_l2": report["param_change_l2"],
+        "student_dir": report["student_dir"],
+        "config": report["config"],
+    }
 
 
 def _brief(m: dict[str, float]) -> str:

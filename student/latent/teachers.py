@@ -8,19 +8,41 @@ base) is the base model itself, adapter ``None``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from common.routing import assign_rows, merge_rows, split_rows
+from services.teacher.backend import TensorSpec
 from services.teacher.diffusers_backend import DiffusersBackend
+from student.clients import Answer, QueryCost, TeacherClient, TeacherInfo
 from student.latent.world import TEACHER_FAMILIES, World
+from student.students import Prompts, SetupError
+
+#: the anchor's name: the frozen base the adapters are fine-tunes of (the served model's name)
+ANCHOR = "base"
 
 
-class LatentSetupError(ValueError):
+class LatentSetupError(SetupError):
     """A latent OPD run that cannot start (a label no teacher serves, ...): said before step 1."""
+
+
+@dataclass(frozen=True)
+class TeacherContract:
+    """What the teachers take, as the setup checks compare it with the student and prompts:
+    their time convention (equal strings: the same scheduler grid), the state ``x`` (per-state
+    shape, ``-1`` = any) and their conditioning inputs."""
+
+    time_convention: str | None
+    state: TensorSpec
+    conds: tuple[TensorSpec, ...]
+
+    @classmethod
+    def of(cls, backend: DiffusersBackend) -> TeacherContract:
+        return cls(backend.time_convention, backend.state_spec(), backend.cond_specs())
 
 
 def family_routes(teachers: Sequence[str], families: Sequence[int]) -> dict[int, int]:
@@ -29,12 +51,13 @@ def family_routes(teachers: Sequence[str], families: Sequence[int]) -> dict[int,
     Raises:
         LatentSetupError: a family no named teacher serves.
     """
-    routes = {f: k for k, name in enumerate(teachers) for f in TEACHER_FAMILIES[name]}
+    routes = {f: k for k, name in enumerate(teachers) for f in TEACHER_FAMILIES.get(name, ())}
     missing = [f for f in families if f not in routes]
     if missing:
         raise LatentSetupError(
             f"prompt family {missing[0]} has no teacher among {', '.join(teachers)} "
-            f"(their families: {', '.join(f'{t}={list(TEACHER_FAMILIES[t])}' for t in teachers)})"
+            f"(their families: "
+            f"{', '.join(f'{t}={list(TEACHER_FAMILIES.get(t, ()))}' for t in teachers)})"
         )
     return routes
 
@@ -48,8 +71,16 @@ class LatentQuery:
     v_anchor: torch.Tensor | None = None  # [M, C, H, W] the base's velocity, when asked
 
 
-class LocalLatentTeachers:
-    """Teachers ``names`` (adapters of ``backend``) answering label-routed latent queries."""
+def teacher_infos(names: Sequence[str], digests: dict[str, str]) -> list[TeacherInfo]:
+    """The trainer's view of latent teachers ``names``: their families stand for the ring's
+    modes (what the report lists as each teacher's target)."""
+    return [TeacherInfo(n, digests.get(n, ""), "1", list(TEACHER_FAMILIES[n])) for n in names]
+
+
+class LocalLatentTeachers(TeacherClient):
+    """Teachers ``names`` (adapters of ``backend``) answering label-routed latent queries;
+    ``anchor``: also the base's velocity (Flow-OPD). The trainer's in-process client: a step's
+    submitted states are answered together, one batched forward per teacher."""
 
     def __init__(
         self,
@@ -58,6 +89,7 @@ class LocalLatentTeachers:
         world: World,
         supervise: str = "router",
         guidance_scale: float | None = None,
+        anchor: bool = False,
     ) -> None:
         self.backend, self.names, self.world = backend, list(names), world
         self.policy = {"router": "label", "average": "average"}[supervise]
@@ -65,6 +97,12 @@ class LocalLatentTeachers:
         self.routes = family_routes(
             self.names, [f for n in self.names for f in TEACHER_FAMILIES[n]]
         )
+        self.teachers = teacher_infos(self.names, backend.adapter_digests)
+        self.anchor = TeacherInfo(ANCHOR, backend.digest) if anchor else None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def contract(self) -> TeacherContract:
+        return TeacherContract.of(self.backend)
 
     def route(self, labels: torch.Tensor) -> np.ndarray:
         """Teacher index per row of prompt families ``labels [M]`` (``-1`` rows: averaged)."""
@@ -94,3 +132,29 @@ class LocalLatentTeachers:
         if anchor:
             v_anchor = self.backend.forward(x, t, cond, None, self.guidance_scale).clone()
         return LatentQuery(v, torch.from_numpy(owner), v_anchor)
+
+    def submit(
+        self, x: torch.Tensor, t: torch.Tensor, last: bool = False, prompts: Prompts | None = None
+    ) -> None:
+        if prompts is None:
+            raise ValueError("latent teachers answer prompted states: give each state's prompts")
+        self._pending.append((x, t, prompts.labels))
+
+    def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
+        """All of one step's states in one group (one forward per teacher, and the anchor's)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        x, t, labels = (torch.cat(part) for part in zip(*pending, strict=True))
+        start = time.perf_counter()
+        q = self.query(x, t, labels, anchor=self.anchor is not None)
+        elapsed = time.perf_counter() - start
+        infos = self.teachers + ([self.anchor] if self.anchor else [])
+        cost = QueryCost(
+            states=len(x),
+            latency_s=elapsed,
+            server_compute_s=elapsed,
+            versions={i.name: i.version for i in infos},
+            digests={i.name: i.digest for i in infos},
+        )
+        yield [Answer(q.v, q.teacher.to(torch.int32), q.v_anchor)], cost

@@ -1,65 +1,75 @@
-"""OPD at latent shapes, in-process: the SPEC §3 loop on a diffusers student and LoRA teachers.
+"""OPD at latent shapes: a diffusers transformer as the trainer's student.
 
-A compact loop of its own rather than a branch in ``student/trainer.py``: that trainer is built
-around the ring's ``VelocityNet``, its streaming HTTP client, checkpoints, resume and ring
-evaluation, none of which takes conditioning or a sigma grid yet (issue 18 item 2 over HTTP).
-What the methods are is not duplicated: query plans, SDE noise, time weight, anchor and the loss
-come from ``student/methods.py`` unchanged, routing from ``common/routing.py``.
+There is one OPD loop, ``student/trainer.py``'s: :class:`LatentStudent` is what it needs of a
+diffusers student (latents ``[B, C, H, W]``, the teachers' declared sigma grid with diffusers'
+shift, a prompt per rollout drawn from the families the teachers serve, the world's evaluation),
+so the latent world gets the ring's streaming HTTP client path, checkpoints, ``--resume``,
+signals, steps log and trace unchanged. What the methods are comes from ``student/methods.py``,
+routing from ``common/routing.py``.
 
-Each step: draw ``B`` prompts from the prompt set (families the teachers serve), roll out the
-student from noise on the teachers' sigma grid without grad (SDE noise for Flow-OPD), query the
-planned states (each row with its own prompt; routed by label or averaged), one Adam step on the
-method's loss.
+Each step: draw ``B`` prompts (families the teachers serve), roll out the student from noise on
+the sigma grid without grad (SDE noise for Flow-OPD), stream the planned states with their
+rollouts' prompts to the teachers (routed by label or averaged), one Adam step on the method's
+loss.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from services.teacher.diffusers_backend import DiffusersBackend
+from student.clients import TeacherClient
 from student.latent.rollout import rollout, sample, student_field
-from student.latent.teachers import LatentSetupError, LocalLatentTeachers, family_routes
+from student.latent.teachers import (
+    LatentSetupError,
+    LocalLatentTeachers,
+    TeacherContract,
+    family_routes,
+)
 from student.latent.world import SHAPE, World, eval_labels, metrics_of, target_families
 from student.methods import METHODS
+from student.students import Prompts, Student
+from student.trainer import TrainConfig, train
+
+#: the latent recipe's defaults (sized for 2 CPU cores: a minute or so per run)
+LATENT_DEFAULTS: dict[str, Any] = {
+    "teachers": ["a", "b"],
+    "steps": 300,
+    "batch": 32,
+    "rollout_steps": 8,
+    "lr": 3e-4,
+    "eval_samples": 128,  # per prompt family
+    "eval_steps": 16,
+    "eval_seed": 2024,
+}
 
 
-@dataclass
-class LatentConfig:
-    """One latent OPD run (defaults sized for 2 CPU cores: a minute or so per run)."""
+def latent_config(method: str, **fields: Any) -> TrainConfig:
+    """A latent-world :class:`TrainConfig`: :data:`LATENT_DEFAULTS` under ``fields``."""
+    return TrainConfig(world="latent", method=method, **(LATENT_DEFAULTS | fields))
 
-    method: str
-    teachers: list[str] = field(default_factory=lambda: ["a", "b"])
-    supervise: str = "router"  # "router" (label routing) | "average"
-    steps: int = 300
-    batch: int = 32
-    rollout_steps: int = 8
-    lr: float = 3e-4
-    seed: int = 123
-    guidance_scale: float | None = None  # classifier-free guidance in the teacher query
-    eval_per_family: int = 128
-    eval_steps: int = 16
-    eval_seed: int = 2024
 
-    @classmethod
-    def of(cls, s: Any, method: str, teachers: list[str], supervise: str, **more: Any):
-        """A run of ``method`` with the recipe flags (batch, rollout steps, lr, seed, guidance)
-        of a command's settings ``s``; ``more`` sets the rest (steps, evaluation)."""
-        recipe = ("batch", "rollout_steps", "lr", "seed", "guidance_scale")
-        return cls(
-            method=method,
-            teachers=teachers,
-            supervise=supervise,
-            **{k: getattr(s, k) for k in recipe},
-            **more,
-        )
+def recipe_config(
+    s: Any, method: str, teachers: list[str], supervise: str, **more: Any
+) -> TrainConfig:
+    """A run of ``method`` with the recipe flags (batch, rollout steps, lr, seed, guidance) of a
+    command's settings ``s``; ``more`` sets the rest (steps, evaluation)."""
+    recipe = ("batch", "rollout_steps", "lr", "seed", "guidance_scale")
+    return latent_config(
+        method,
+        teachers=teachers,
+        supervise=supervise,
+        **{k: getattr(s, k) for k in recipe},
+        **more,
+    )
 
 
 def check_setup(
-    cfg: LatentConfig, student: DiffusersBackend, teachers: DiffusersBackend, world: World
+    cfg: TrainConfig, student: DiffusersBackend, teachers: TeacherContract, world: World
 ) -> list[int]:
     """Refuse before step 1 what would fail later; returns the prompt families.
 
@@ -80,14 +90,15 @@ def check_setup(
             f"the student's time convention {student.time_convention} differs from the "
             f"teachers' {teachers.time_convention}: their scheduler grids differ"
         )
-    s, t = student.state_spec(), teachers.state_spec()
-    if s.shape != t.shape or student.check_state(SHAPE) or teachers.check_state(SHAPE):
+    s, t = student.state_spec(), teachers.state
+    if not t.fits(SHAPE) or student.check_state(SHAPE):
         raise LatentSetupError(
-            f"student state {s.describe()} does not fit the teachers' {t.describe()} at {SHAPE}"
+            f"the student's state {s.describe()} at {list(SHAPE)} does not fit the teachers' "
+            f"{t.describe()}"
         )
     prompt = world.cond(torch.tensor(families[:1]))
-    for who, model in (("student", student), ("teachers", teachers)):
-        for spec in model.cond_specs():
+    for who, specs in (("student", student.cond_specs()), ("teachers", teachers.conds)):
+        for spec in specs:
             got = prompt.get(spec.name)
             if got is None or not spec.fits(tuple(got.shape[1:])):
                 have = "none" if got is None else list(got.shape[1:])
@@ -98,89 +109,103 @@ def check_setup(
     return families
 
 
-def evaluate(
-    field_, world: World, families: list[int], sigmas_eval: list[float], cfg: LatentConfig
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """The world's evaluation of ``field_`` on ``eval_per_family`` prompts of each family:
-    ``(metrics, samples [n, C, H, W], labels [n])``."""
-    labels = eval_labels(families, cfg.eval_per_family)
-    samples = sample(field_, world, labels, sigmas_eval, cfg.eval_seed)
-    return metrics_of(world, samples, labels), samples, labels
+class LatentStudent(Student):
+    """A diffusers transformer (``backend``, trained in place: full fine-tune) in the latent
+    world ``data``; ``sched``: the scheduler config the teachers declare (its sigmas, shift
+    included, are the rollout grid)."""
+
+    world = "latent"
+
+    def __init__(self, backend: DiffusersBackend, data: World, sched: dict[str, Any]) -> None:
+        self.backend, self.data, self.sched = backend, data, sched
+        self.model = backend.transformer
+        self.field = student_field(backend)
+        #: the last evaluation's ``(samples [n, C, H, W], labels [n])``, for callers' figures
+        self.samples: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def grid(self, num_steps: int) -> list[float]:
+        from student.latent.models import sigma_grid
+
+        return sigma_grid(self.sched, num_steps)
+
+    def noise(self, b: int) -> torch.Tensor:
+        return torch.randn(b, *SHAPE)
+
+    def prompts(self, b: int, cfg: TrainConfig) -> Prompts:
+        fams = torch.tensor(target_families(cfg.teachers))
+        labels = fams[torch.randint(0, len(fams), (b,))]
+        return Prompts.of(labels, self.data.cond(labels))
+
+    def rollout(self, x, prompts, grid, sde_noise, on_state) -> torch.Tensor:
+        return rollout(self.field, x, prompts.cond, grid, sde_noise, on_state, final=False)[0]
+
+    def velocity(self, x, t, prompts) -> torch.Tensor:
+        return self.backend.velocity(x, t, prompts.cond)
+
+    def check(self, cfg: TrainConfig, client: TeacherClient) -> None:
+        contract = getattr(client, "contract", None)
+        if contract is None:
+            raise LatentSetupError(f"{type(client).__name__} does not serve latent teachers")
+        check_setup(cfg, self.backend, contract(), self.data)
+
+    def evaluate(self, cfg: TrainConfig) -> dict[str, float]:
+        """The world's metrics on ``eval_samples`` prompts of each target family (sets
+        :attr:`samples`)."""
+        self.samples = evaluate_field(
+            self.field, self.data, target_families(cfg.teachers), self.grid(cfg.eval_steps), cfg
+        )
+        return metrics_of(self.data, *self.samples)
+
+    def finish(self, cfg, client, out, refs, base_meta):
+        from student.latent.figures import plot_grid
+        from student.latent.models import save_base
+
+        m = self.evaluate(cfg)
+        # a diffusers directory like the base's: `opd serve teacher --model-dir` serves it
+        saved = save_base(self.model, out / "student")
+        plot_grid(out / "samples.png", self.data, {f"student ({cfg.method})": self.samples})
+        metrics = {
+            "avg_target_logp": m["target_logp"],
+            "teacher_mode_mass": m["family_mass"],
+            "effective_modes": m["effective_modes"],
+        }
+        return metrics, {"latent_metrics": m, "student_dir": str(saved)}
+
+
+def evaluate_field(
+    field_, world: World, families: Sequence[int], sigmas_eval: list[float], cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eval_samples`` ODE samples of ``field_`` for each family's prompts (the evaluation's
+    own seed): ``(samples [n, C, H, W], labels [n])``."""
+    labels = eval_labels(families, cfg.eval_samples)
+    return sample(field_, world, labels, sigmas_eval, cfg.eval_seed), labels
 
 
 def train_latent(
-    cfg: LatentConfig,
+    cfg: TrainConfig,
     student: DiffusersBackend,
-    teachers: DiffusersBackend,
     world: World,
-    sigmas: list[float],
-    sigmas_eval: list[float],
-    log=None,
-    client=None,
-) -> dict[str, Any]:
-    """Run ``cfg.steps`` OPD steps on ``student`` (trained in place); return a report with the
-    metrics, counts and timings (rollout / query / update seconds).
-
-    ``teachers`` is the in-process teacher backend (the setup checks read its convention and
-    shape); ``client`` answers the queries instead of it when given (e.g.
-    :class:`student.latent.http.HttpLatentTeachers`, the same teachers served).
-    """
-    families = check_setup(cfg, student, teachers, world)
-    method = METHODS[cfg.method]
+    sched: dict[str, Any],
+    out: Path,
+    client: TeacherClient | None = None,
+    teachers: DiffusersBackend | None = None,
+    progress: bool = False,
+    resume: bool = False,
+) -> tuple[dict[str, Any], LatentStudent]:
+    """Run ``cfg`` on ``student`` (trained in place) through ``client``, or in-process
+    ``teachers`` when no client is given; the run is written to ``out`` as the trainer writes
+    every run. Returns the report and the :class:`LatentStudent` (its last samples)."""
     if client is None:
+        if teachers is None:
+            raise ValueError("give a client or the in-process teachers")
         client = LocalLatentTeachers(
-            teachers, cfg.teachers, world, cfg.supervise, cfg.guidance_scale
+            teachers,
+            cfg.teachers,
+            world,
+            cfg.supervise,
+            cfg.guidance_scale,
+            anchor=METHODS[cfg.method].uses_anchor,
         )
-    n, b = len(sigmas) - 1, cfg.batch
-    fams = torch.tensor(families)
-    torch.manual_seed(cfg.seed)
-    model = student.transformer.train().requires_grad_(True)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
-    f_student = student_field(student)
-    timings = {"rollout": 0.0, "query": 0.0, "update": 0.0}
-    queries, losses = 0, []
-    wall0 = time.perf_counter()
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        plan = method.plan(n)
-        labels = fams[torch.randint(0, len(fams), (b,))]
-        cond = world.cond(labels)
-        states, _ = rollout(
-            f_student, torch.randn(b, *SHAPE), cond, sigmas, method.sde_noise, final=False
-        )
-        t1 = time.perf_counter()
-        xs = states[plan].reshape(-1, *SHAPE)  # [len(plan)·B, C, H, W], plan-major
-        ts = torch.cat([torch.full((b,), sigmas[i]) for i in plan])
-        rows = labels.repeat(len(plan))
-        answer = client.query(xs, ts, rows, anchor=method.uses_anchor)
-        t2 = time.perf_counter()
-        row_cond = {k: c.repeat(len(plan), *([1] * (c.ndim - 1))) for k, c in cond.items()}
-        loss = method.loss(f_student(xs, ts, row_cond), ts, answer.v, answer.v_anchor)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        t3 = time.perf_counter()
-        for k, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-            timings[k] += dt
-        queries += len(xs)
-        losses.append(float(loss.detach()))
-        if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
-            log(f"  {cfg.method}/{cfg.supervise} step {step}: loss {losses[-1]:.4f}")
-    model.eval().requires_grad_(False)
-    after = torch.cat([p.detach().flatten() for p in model.parameters()])
-    timings["wall"] = time.perf_counter() - wall0
-    t_eval = time.perf_counter()
-    metrics, samples, labels = evaluate(f_student, world, families, sigmas_eval, cfg)
-    timings["eval"] = time.perf_counter() - t_eval
-    return {
-        "samples": samples,  # [n, C, H, W], not JSON: the caller draws and drops them
-        "labels": labels,
-        "config": asdict(cfg),
-        "metrics": metrics,
-        "counts": {"rollouts": cfg.steps * b, "teacher_queries": queries},
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "param_change_l2": float((after - before).norm()),
-    }
+    task = LatentStudent(student, world, sched)
+    report = train(cfg, task, client, out, progress=progress, resume=resume)
+    return report, task

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from student.latent.http import HttpLatentTeachers, served_teachers
-from student.latent.models import declared_scheduler, load_student, load_teachers, sigma_grid
+from student.latent.models import declared_scheduler, load_student, load_teachers
 from student.latent.teachers import LatentSetupError, LocalLatentTeachers
-from student.latent.train import LatentConfig, train_latent
+from student.latent.train import latent_config, train_latent
 from student.latent.world import SHAPE, make_world
 from tests.student.latent_helpers import tiny_models
 
@@ -88,23 +88,29 @@ def test_a_cond_id_the_server_does_not_hold_is_resent(models: Path, router: str)
 
 
 @pytest.mark.slow
-def test_flow_opd_over_http_ends_at_the_in_process_student(models: Path, router: str) -> None:
-    cfg = LatentConfig(
-        "flowopd", steps=3, batch=4, rollout_steps=4, eval_per_family=2, eval_steps=2
-    )
-    world = make_world()
+def test_flow_opd_over_http_ends_at_the_in_process_student(
+    models: Path, router: str, tmp_path: Path
+) -> None:
+    """The trainer, streaming each rollout state through the router with its rollouts'
+    conditioning sent once (cond_id), ends at the student the in-process teachers train."""
+    cfg = latent_config(
+        "flowopd", teachers=["a", "b"], steps=3, batch=4, rollout_steps=4, eval_samples=2,
+        eval_steps=2,
+    )  # fmt: skip
+    world, sched = make_world(), declared_scheduler(models)
     teachers = load_teachers(models, ["a", "b"])
-    sched = declared_scheduler(models)
-    grids = sigma_grid(sched, 4), sigma_grid(sched, 2)
     local = load_student(models)
-    train_latent(cfg, local, teachers, world, *grids)
+    train_latent(cfg, local, world, sched, tmp_path / "local", teachers=teachers)
     remote = load_student(models)
-    client = HttpLatentTeachers(router, ["a", "b"], world)
+    client = HttpLatentTeachers(router, ["a", "b"], world, cond_cache=True, anchor=True)
     try:
-        rep = train_latent(cfg, remote, teachers, world, *grids, client=client)
+        rep, _ = train_latent(cfg, remote, world, sched, tmp_path / "http", client)
     finally:
         client.close()
-    assert client.requests == 3 and client.bytes_sent > 3 * 4 * 4 * 256 * 4
+    # one request per queried state of each step (streamed), the conditioning once per step
+    assert rep["counts"]["requests"] == client.requests == 3 * 4
     assert rep["param_change_l2"] > 0
+    refs = {r["name"]: r["digest"] for r in rep["teacher_refs"]}
+    assert refs["a"] == teachers.adapter_digests["a"] and refs["base"] == teachers.digest
     for p, q in zip(local.transformer.parameters(), remote.transformer.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-5)

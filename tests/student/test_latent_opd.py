@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from student.latent.models import declared_scheduler, load_student, load_teachers, sigma_grid
+from services.teacher.backend import TensorSpec
+from student.latent.models import declared_scheduler, load_student, load_teachers
 from student.latent.run import LatentSettings, run_latent
-from student.latent.teachers import LatentSetupError, LocalLatentTeachers, family_routes
-from student.latent.train import LatentConfig, check_setup, train_latent
+from student.latent.teachers import (
+    LatentSetupError,
+    LocalLatentTeachers,
+    TeacherContract,
+    family_routes,
+)
+from student.latent.train import check_setup, latent_config, train_latent
 from student.latent.world import SHAPE, World, make_world
 from tests.student.latent_helpers import tiny_models
 
@@ -85,47 +91,56 @@ def test_guidance_reaches_the_teacher_query(teachers) -> None:
     ],
 )
 def test_a_few_opd_steps_move_the_student(
-    models: Path, teachers, method: str, supervise: str
+    models: Path, teachers, method: str, supervise: str, tmp_path: Path
 ) -> None:
-    cfg = LatentConfig(
-        method=method,
+    cfg = latent_config(
+        method,
         supervise=supervise,
         steps=2,
         batch=4,
         rollout_steps=4,
-        eval_per_family=4,
+        eval_samples=4,
         eval_steps=3,
     )
     student = load_student(models)
     sched = declared_scheduler(models)
-    rep = train_latent(
-        cfg, student, teachers, make_world(), sigma_grid(sched, 4), sigma_grid(sched, 3)
-    )
-    assert math.isfinite(rep["loss_first"]) and math.isfinite(rep["loss_last"])
+    out = tmp_path / "run"
+    rep, task = train_latent(cfg, student, make_world(), sched, out, teachers=teachers)
+    losses = [json.loads(line)["loss"] for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert rep["param_change_l2"] > 0
     per_step = 4 * (1 if method == "danceopd" else 4)  # single query vs all N states
-    assert rep["counts"] == {"rollouts": 8, "teacher_queries": 2 * per_step}
-    assert all(np.isfinite(v) for v in rep["metrics"].values())
-    assert rep["samples"].shape == (16, *SHAPE)
+    assert rep["counts"]["rollouts"] == 8 and rep["counts"]["teacher_queries"] == 2 * per_step
+    assert all(np.isfinite(v) for v in rep["latent_metrics"].values())
+    assert task.samples[0].shape == (16, *SHAPE)
+    refs = {r["name"]: r["digest"] for r in rep["teacher_refs"]}
+    assert refs["a"] == teachers.adapter_digests["a"] != refs["b"]
+    assert ("base" in refs) == (method == "flowopd")
+    # the student is a diffusers directory the teacher service serves
+    from services.teacher.diffusers_backend import load_backend
+
+    saved = load_backend(out / "student")
+    assert saved.time_convention == teachers.time_convention and saved.digest != teachers.digest
 
 
 def test_bad_setups_are_refused_before_step_one(models: Path, teachers) -> None:
     student = load_student(models)
     with pytest.raises(LatentSetupError, match="prompt family 2 has no teacher"):
         family_routes(["a"], [0, 1, 2])
-    world = make_world()
-    ok = LatentConfig("diffusionopd")
-    assert check_setup(ok, student, teachers, world) == [0, 1, 2, 3]
+    world, served = make_world(), TeacherContract.of(teachers)
+    ok = latent_config("diffusionopd", teachers=["a", "b"])
+    assert check_setup(ok, student, served, world) == [0, 1, 2, 3]
     with pytest.raises(LatentSetupError, match="no teacher 'c'"):
-        check_setup(LatentConfig("diffusionopd", teachers=["c"]), student, teachers, world)
-    with pytest.raises(LatentSetupError, match="unknown method"):
-        check_setup(LatentConfig("ppo"), student, teachers, world)
+        check_setup(latent_config("diffusionopd", teachers=["c"]), student, served, world)
     narrow = World(world.prototypes, world.text[..., :8], world.pooled)
     with pytest.raises(LatentSetupError, match=r"encoder_hidden_states is \[4, 8\] per prompt"):
-        check_setup(ok, student, teachers, narrow)
+        check_setup(ok, student, served, narrow)
+    wide = TeacherContract(served.time_convention, TensorSpec("x", (16, -1, -1)), served.conds)
+    with pytest.raises(LatentSetupError, match=r"does not fit the teachers' x \[B, 16, \*, \*\]"):
+        check_setup(ok, student, wide, world)
     student.time_convention = "diffusers-flowmatch:000000000000"
     with pytest.raises(LatentSetupError, match="time convention"):
-        check_setup(ok, student, teachers, world)
+        check_setup(ok, student, served, world)
 
 
 def test_the_command_refuses_bad_input_with_exit_2(tmp_path: Path, capsys) -> None:
@@ -170,28 +185,28 @@ def test_routing_moves_mass_to_the_prompts_family_and_beats_the_average(tmp_path
     """SPEC §5's two claims at latent shapes, on a shortened recipe (about 25 s on 2 cores)."""
     from common.threads import apply_threads
     from student.latent.pretrain import ensure_models
-    from student.latent.rollout import student_field
-    from student.latent.train import evaluate
+    from student.latent.train import LatentStudent
 
     apply_threads(1)
     models = ensure_models(tmp_path / "m", base_steps=300, teacher_steps=250, say=lambda _: None)
     world, teachers = make_world(), load_teachers(models, ["a", "b"])
     sched = declared_scheduler(models)
-    grid, grid_eval = sigma_grid(sched, 6), sigma_grid(sched, 8)
     mass = {}
     for supervise in ("router", "average"):
-        cfg = LatentConfig(
+        cfg = latent_config(
             "diffusionopd",
+            teachers=["a", "b"],
             supervise=supervise,
             steps=60,
             batch=16,
             rollout_steps=6,
-            eval_per_family=32,
+            eval_samples=32,
             eval_steps=8,
         )
-        rep = train_latent(cfg, load_student(models), teachers, world, grid, grid_eval)
-        mass[supervise] = rep["metrics"]["family_mass"]
-    base, _, _ = evaluate(student_field(load_student(models)), world, [0, 1, 2, 3], grid_eval, cfg)
+        out = tmp_path / supervise
+        rep, _ = train_latent(cfg, load_student(models), world, sched, out, teachers=teachers)
+        mass[supervise] = rep["latent_metrics"]["family_mass"]
+    base = LatentStudent(load_student(models), world, sched).evaluate(cfg)
     mass["base"] = base["family_mass"]
     assert mass["router"] > mass["base"] + 0.15, mass
     assert mass["router"] > mass["average"] + 0.1, mass

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import student.students as students_module
 import student.trainer as trainer_module
 from common.checkpoint import CheckpointError, read_model
 from student.clients import (
@@ -367,7 +368,7 @@ def test_sigterm_saves_a_checkpoint_resume_ends_as_uninterrupted(
     if where == "twice, again while saving":
         monkeypatch.setattr(trainer_module, "save_state", _signalling(trainer_module.save_state))
     if where == "during evaluation":
-        monkeypatch.setattr(trainer_module, "evaluate", _signalling(trainer_module.evaluate))
+        monkeypatch.setattr(students_module, "evaluate", _signalling(students_module.evaluate))
     hook = register_optimizer_step_post_hook(
         _signal_at_update(3) if where == "during the update" else lambda *_: None
     )
