@@ -14,7 +14,6 @@ interface only. Two students implement it:
 
 from __future__ import annotations
 
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,24 +48,15 @@ class Prompts:
 
     ``labels [B]`` int64: each rollout's prompt family (label routing sends its states to that
     family's teacher); ``cond[name] [B, ...]``: the conditioning tensors, named as the models'
-    forward names them; ``key``: a fresh id per draw, the ``cond_id`` under which a client
-    sends the conditioning once per rollout (the teachers' cache), never reused for other
-    tensors.
+    forward names them.
     """
 
     labels: torch.Tensor
     cond: dict[str, torch.Tensor]
-    key: str
-
-    @classmethod
-    def of(cls, labels: torch.Tensor, cond: dict[str, torch.Tensor]) -> Prompts:
-        return cls(labels, cond, uuid.uuid4().hex)  # not the torch RNG: runs stay reproducible
 
     def rows(self, rollouts: torch.Tensor) -> Prompts:
         """The prompts of rollouts ``rollouts [M]`` (indices into ``B``, repeats allowed)."""
-        return Prompts(
-            self.labels[rollouts], {k: c[rollouts] for k, c in self.cond.items()}, self.key
-        )
+        return Prompts(self.labels[rollouts], {k: c[rollouts] for k, c in self.cond.items()})
 
 
 class Student(ABC):

