@@ -257,9 +257,8 @@ def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
     from services.teacher.diffusers_backend import DiffusersLoadError  # imports diffusers
     from student.latent.models import declared_scheduler, load_student
     from student.latent.pretrain import ensure_models
-    from student.latent.teachers import LatentSetupError
     from student.latent.train import LATENT_DEFAULTS, LatentStudent, latent_config
-    from student.latent.world import make_world
+    from student.latent.world import make_world, target_families
     from student.methods import METHODS
 
     given = s.model_fields_set
@@ -280,6 +279,7 @@ def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
     check_out(s.model_copy(update={"steps": cfg.steps}))
     world, anchor = make_world(), METHODS[cfg.method].uses_anchor
     try:
+        target_families(teachers)  # a teacher the world has not: before loading anything
         ensure_models(models, say=lambda line: sys.stderr.write(line + "\n"))
         student = load_student(models)
         apply_threads(s.threads or thread_budget(model_params(student.transformer)))
@@ -313,7 +313,7 @@ def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
                 retries=s.retries,
                 max_in_flight=s.max_in_flight,
             )
-    except (LatentSetupError, DiffusersLoadError, TeacherUnavailable) as exc:
+    except (ValueError, DiffusersLoadError, TeacherUnavailable) as exc:  # LatentSetupError too
         raise UsageError(str(exc)) from None
     return _run(s, cfg, task, client)
 

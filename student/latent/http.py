@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common.procs import start_service
+from common.procs import Service, start_service
 from services.teacher.backend import TensorSpec
 from student.client import OPDClient, RetryPolicy, StepCost
 from student.clients import Answer, QueryCost, TeacherClient, TeacherInfo
@@ -213,11 +213,10 @@ class HttpLatentTeachers(TeacherClient):
 
 
 @contextmanager
-def served_teachers(models: Path, threads: int = 1) -> Iterator[str]:
-    """Serve the latent models as the project deploys them and yield the router's URL: one
-    ``opd serve teacher`` process holding the base once with adapters ``a`` and ``b``, and
-    ``opd serve router --policy label`` over them (``base`` as the anchor). Both are stopped
-    on exit."""
+def serve_latent(models: Path, threads: int = 1) -> Iterator[tuple[Service, Service]]:
+    """Serve the latent models as the project deploys them: one ``opd serve teacher`` process
+    holding the base once with adapters ``a`` and ``b``, and ``opd serve router --policy label``
+    over them (``base`` as the anchor). Yields ``(teacher, router)``; both stop on exit."""
     py, repo = sys.executable, str(Path(__file__).resolve().parents[2])
     teacher = start_service(
         [py, "-m", "common.cli", "serve", "teacher", "--model-dir", str(models / BASE_DIR)]
@@ -233,8 +232,15 @@ def served_teachers(models: Path, threads: int = 1) -> Iterator[str]:
             + ["--anchor", f"base={teacher.url}#{BASE_DIR}"],
             cwd=repo,
         )
-        yield router.url
+        yield teacher, router
     finally:
         if router is not None:
             router.stop()
         teacher.stop()
+
+
+@contextmanager
+def served_teachers(models: Path, threads: int = 1) -> Iterator[str]:
+    """:func:`serve_latent`, yielding the router's URL."""
+    with serve_latent(models, threads) as (_, router):
+        yield router.url

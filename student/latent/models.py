@@ -109,11 +109,25 @@ def load_teachers(models: Path, names: list[str]) -> DiffusersBackend:
     """The base (frozen) with the LoRA adapters ``names`` installed, as the teacher server
     holds them: one model, adapter ``NAME`` per teacher, ``None`` = the base itself.
     ``backend.adapter_digests[NAME]`` is the digest the server reports for that adapter."""
+    import logging
+    import warnings
+
     backend = load_backend(Path(models) / BASE_DIR)
-    for name in names:
-        sd, meta, file_sha = read_adapter(teacher_dir(models, name))
-        install(backend, name, sd, meta)
-        backend.adapter_digests[name] = adapter_digest(backend.digest, file_sha)
+    # diffusers reports "missing keys" of a new adapter by `adapter_name in key`: a one-letter
+    # name matches every key of the adapters already loaded (a false alarm listing them all),
+    # and peft warns that a second adapter is a second adapter. Both are expected here.
+    peft_log = logging.getLogger("diffusers.utils.peft_utils")
+    level = peft_log.level
+    peft_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for name in names:
+                sd, meta, file_sha = read_adapter(teacher_dir(models, name))
+                install(backend, name, sd, meta)
+                backend.adapter_digests[name] = adapter_digest(backend.digest, file_sha)
+    finally:
+        peft_log.setLevel(level)
     return backend
 
 
