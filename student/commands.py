@@ -115,6 +115,11 @@ class TrainSettings(BaseSettings):
     guidance_scale: float | None = Field(
         None, description="latent: classifier-free guidance in the teachers' answers (none: off)"
     )
+    prompts: Path | None = Field(
+        None,
+        description="latent: a prompt set (safetensors: encoder_hidden_states [4, L, E], "
+        "pooled_projections [4, P], one prompt per family) in place of the world's own",
+    )
     cond_cache: bool = Field(
         True,
         description="latent, http: each rollout batch's conditioning sent once under a cond_id "
@@ -258,7 +263,7 @@ def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
     from student.latent.models import declared_scheduler, load_student
     from student.latent.pretrain import ensure_models
     from student.latent.train import LATENT_DEFAULTS, LatentStudent, latent_config
-    from student.latent.world import make_world, target_families
+    from student.latent.world import make_world, target_families, with_prompts
     from student.methods import METHODS
 
     given = s.model_fields_set
@@ -280,6 +285,8 @@ def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
     world, anchor = make_world(), METHODS[cfg.method].uses_anchor
     try:
         target_families(teachers)  # a teacher the world has not: before loading anything
+        if s.prompts is not None:
+            world = with_prompts(world, s.prompts)
         ensure_models(models, say=lambda line: sys.stderr.write(line + "\n"))
         student = load_student(models)
         apply_threads(s.threads or thread_budget(model_params(student.transformer)))

@@ -97,13 +97,13 @@ def check_setup(
             f"{t.describe()}"
         )
     prompt = world.cond(torch.tensor(families[:1]))
-    for who, specs in (("student", student.cond_specs()), ("teachers", teachers.conds)):
+    for who, specs in (("student takes", student.cond_specs()), ("teachers take", teachers.conds)):
         for spec in specs:
             got = prompt.get(spec.name)
             if got is None or not spec.fits(tuple(got.shape[1:])):
                 have = "none" if got is None else list(got.shape[1:])
                 raise LatentSetupError(
-                    f"the prompt set's {spec.name} is {have} per prompt; the {who} take "
+                    f"the prompt set's {spec.name} is {have} per prompt; the {who} "
                     f"{spec.describe()}"
                 )
     return families

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,6 +105,37 @@ def make_world(seed: int = WORLD_SEED) -> World:
     text = torch.randn(FAMILIES, TEXT_LEN, TEXT_DIM, generator=g)
     pooled = torch.randn(FAMILIES, POOLED_DIM, generator=g)
     return World(protos, text, pooled)
+
+
+def with_prompts(world: World, path: Path) -> World:
+    """``world`` with the prompt set in ``path`` in place of its own embeddings: a safetensors
+    file of ``encoder_hidden_states [FAMILIES, L, E]`` and ``pooled_projections [FAMILIES, P]``,
+    one prompt per family in family order (what a user's text encoder made of their captions).
+
+    Raises:
+        ValueError: the file is missing or unreadable, lacks a tensor, or has another number of
+            prompts than families; whether the embeddings fit the models is checked by the
+            run's setup (:func:`student.latent.train.check_setup`).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        got = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"--prompts {path}: not a readable safetensors file ({exc})") from None
+    want = {"encoder_hidden_states": 3, "pooled_projections": 2}
+    for name, ndim in want.items():
+        t = got.get(name)
+        if t is None or t.ndim != ndim or len(t) != FAMILIES:
+            have = "missing" if t is None else f"shape {list(t.shape)}"
+            raise ValueError(
+                f"--prompts {path}: {name} must be [{FAMILIES}, ...] with {ndim} dims (one "
+                f"prompt per family), got {have}"
+            )
+    return World(
+        world.prototypes, got["encoder_hidden_states"].float(), got["pooled_projections"].float()
+    )
 
 
 def target_families(teachers: Sequence[str]) -> list[int]:

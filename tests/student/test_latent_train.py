@@ -128,6 +128,19 @@ def test_setups_that_cannot_work_exit_2_before_step_one(
     http = ["--backend", "http", "--router-url", router.url]
     assert main(_args(shifted, out, "danceopd", 2, *http)) == 2
     assert "time convention" in capsys.readouterr().err
+    # a prompt set whose embeddings do not fit the teachers' conditioning (E = 8, not 16)
+    from safetensors.torch import save_file
+
+    narrow = tmp_path / "prompts.safetensors"
+    save_file(
+        {"encoder_hidden_states": torch.zeros(4, 4, 8), "pooled_projections": torch.zeros(4, 8)},
+        str(narrow),
+    )
+    assert main(_args(models, out, "danceopd", 2, "--prompts", str(narrow))) == 2
+    assert "encoder_hidden_states is [4, 8] per prompt" in capsys.readouterr().err
+    save_file({"pooled_projections": torch.zeros(3, 8)}, str(narrow))
+    assert main(_args(models, out, "danceopd", 2, "--prompts", str(narrow))) == 2
+    assert "encoder_hidden_states must be [4, ...]" in capsys.readouterr().err
     # nothing to resume
     assert main(_args(models, out, "danceopd", 2, "--resume")) == 2
     assert "no checkpoint was written yet" in capsys.readouterr().err
