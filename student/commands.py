@@ -199,6 +199,19 @@ def check_out(s: TrainSettings) -> None:
         check_not_shorter(s.out, done, s.steps)
 
 
+def run_fields(s: TrainSettings, teachers: list[str]) -> dict:
+    """The :class:`TrainConfig` fields every world takes from the flags as given."""
+    return {
+        "method": s.method,
+        "teachers": teachers,
+        "supervise": s.supervise,
+        "backend": s.backend,
+        "seed": s.seed,
+        "checkpoint_every": s.checkpoint_every,
+        "trace_steps": s.trace_steps,
+    }
+
+
 def run_train(s: TrainSettings) -> int:
     try:
         teachers = parse_names(s.teachers)
@@ -206,19 +219,8 @@ def run_train(s: TrainSettings) -> int:
         raise UsageError(str(exc)) from None
     if s.world == "latent":
         return run_train_latent(s, teachers)
-    cfg = TrainConfig(
-        method=s.method,
-        teachers=teachers,
-        supervise=s.supervise,
-        backend=s.backend,
-        steps=s.steps,
-        seed=s.seed,
-        batch=s.batch,
-        rollout_steps=s.rollout_steps,
-        lr=s.lr,
-        checkpoint_every=s.checkpoint_every,
-        trace_steps=s.trace_steps,
-    )
+    recipe = {k: getattr(s, k) for k in ("steps", "batch", "rollout_steps", "lr")}
+    cfg = TrainConfig(**run_fields(s, teachers), **recipe)
     student, base_meta = load_named(s.models, BASE_NAME)
     # the student (and, in-process, the teachers) set the budget: the toy net takes one thread
     apply_threads(s.threads or thread_budget(model_params(student)))
@@ -262,24 +264,15 @@ def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
     from services.teacher.diffusers_backend import DiffusersLoadError  # imports diffusers
     from student.latent.models import declared_scheduler, load_student
     from student.latent.pretrain import ensure_models
-    from student.latent.train import LATENT_DEFAULTS, LatentStudent, latent_config
+    from student.latent.train import LatentStudent, latent_config
     from student.latent.world import make_world, target_families, with_prompts
     from student.methods import METHODS
 
     given = s.model_fields_set
     models = s.models if "models" in given else LATENT_MODELS
+    # the latent recipe's defaults (latent_config) where a flag was not given
     recipe = {k: getattr(s, k) for k in ("steps", "batch", "rollout_steps", "lr") if k in given}
-    cfg = latent_config(
-        s.method,
-        teachers=teachers,
-        supervise=s.supervise,
-        backend=s.backend,
-        seed=s.seed,
-        guidance_scale=s.guidance_scale,
-        checkpoint_every=s.checkpoint_every,
-        trace_steps=s.trace_steps,
-        **(recipe | {k: LATENT_DEFAULTS[k] for k in ("steps",) if k not in recipe}),
-    )
+    cfg = latent_config(**run_fields(s, teachers), guidance_scale=s.guidance_scale, **recipe)
     out_dir(s.out)
     check_out(s.model_copy(update={"steps": cfg.steps}))
     world, anchor = make_world(), METHODS[cfg.method].uses_anchor

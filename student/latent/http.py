@@ -124,13 +124,26 @@ class HttpLatentTeachers(TeacherClient):
         copies them; it blocks only while ``max_in_flight`` requests are out)."""
         if prompts is None:
             raise ValueError("latent teachers answer prompted states: give each state's prompts")
-        route, anchor = self._route(prompts.labels), self.anchor is not None
         offset, self._submitted = self._submitted, self._submitted + len(x)
+        sent = self._send(x, t, prompts.labels, prompts.cond, self.anchor is not None)
+        self._inflight += [(fut, None if rows is None else rows + offset) for fut, rows in sent]
+
+    def _send(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        anchor: bool,
+    ) -> list[tuple[concurrent.futures.Future, torch.Tensor | None]]:
+        """Send states ``x [M, ...]`` of prompts ``labels [M]`` (conditioning ``cond``): one
+        request, or with ``cond_cache`` one per family present naming its ``cond_id``. Returns
+        each request's future and the rows of ``x`` it answers (``None``: all, in order)."""
+        route = self._route(labels)
         if not self.cond_cache:
-            fut = self.client.submit(x, t, cond=prompts.cond, labels=route, anchor=anchor)
-            self._inflight.append((fut, None))
-            return
-        for f, idx in self._by_family(prompts.labels):
+            return [(self.client.submit(x, t, cond=cond, labels=route, anchor=anchor), None)]
+        sent = []
+        for f, idx in self._by_family(labels):
             fut = self.client.submit(
                 x[idx],
                 t[idx],
@@ -139,7 +152,8 @@ class HttpLatentTeachers(TeacherClient):
                 labels=None if route is None else route[idx],
                 anchor=anchor,
             )
-            self._inflight.append((fut, idx + offset))
+            sent.append((fut, idx))
+        return sent
 
     @staticmethod
     def _by_family(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -178,28 +192,9 @@ class HttpLatentTeachers(TeacherClient):
         the family's conditioning under ``cond_id`` ``latent-fam<F>`` (one row, sent the first
         time, or again when the server answers that it does not hold the id).
         """
-        route = None
-        if self.supervise != "average":
-            route = torch.tensor([self.routes[int(f)] for f in labels], dtype=torch.int32)
-        if not self.cond_cache:
-            futs = [
-                self.client.submit(x, t, cond=self.world.cond(labels), labels=route, anchor=anchor)
-            ]
-            order = [torch.arange(len(labels))]
-        else:
-            futs, order = [], []
-            for f, idx in self._by_family(labels):
-                order.append(idx)
-                futs.append(
-                    self.client.submit(
-                        x[idx],
-                        t[idx],
-                        cond=self.world.cond(torch.tensor([f])),  # one row: broadcast
-                        cond_id=f"{self.cond_prefix}{f}",
-                        labels=None if route is None else route[idx],
-                        anchor=anchor,
-                    )
-                )
+        sent = self._send(x, t, labels, self.world.cond(labels), anchor)
+        futs = [fut for fut, _ in sent]
+        order = [torch.arange(len(labels)) if rows is None else rows for _, rows in sent]
         replies = self.client.wait(futs)
         where = torch.argsort(torch.cat(order), stable=True)  # back to row order
         v = torch.cat([r.v for r in replies])[where]
