@@ -133,13 +133,15 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
     Step 0 warms connections and allocators and is not counted.
     """
     from student.remote import HttpTeacherClient
-    from student.rollout import rollout
+    from student.students import RingStudent
     from student.trainer import WAIT, streaming_hook, update_step
 
     method = METHODS[method_name]
     n, b, d = s.rollout_steps, s.batch, s.state_dim
     torch.manual_seed(0)
     student = VelocityNet(NetConfig(data_dim=d, width=s.student_width))
+    task = RingStudent(student)  # the trainer's view of it: time grid, rollout, velocity
+    grid = task.grid(n)
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
     client = HttpTeacherClient(url, ["a"], anchor=method.uses_anchor, max_in_flight=s.max_in_flight)
     sums = dict.fromkeys([*PARTS, "query_latency", "teacher_compute"], 0.0)
@@ -149,11 +151,9 @@ def synthetic_run(s: BenchCostSettings, method_name: str, url: str) -> dict[str,
             t0 = time.perf_counter()
             plan = method.plan(n)
             on_state = streaming_hook(client, plan, b)
-            states, _ = rollout(
-                student, torch.randn(b, d), n, method.sde_noise, on_state, final=False
-            )
+            states = task.rollout(task.noise(b), None, grid, method.sde_noise, on_state)
             t1 = time.perf_counter()
-            _, cost, segments = update_step(student, opt, method, client, states, plan, b, n)
+            _, cost, segments = update_step(task, opt, method, client, states, plan, grid)
             t3 = time.perf_counter()
             waited = sum(end - start for name, start, end in segments if name == WAIT)
             if step == 0:
