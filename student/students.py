@@ -7,7 +7,7 @@ interface only. Two students implement it:
 
 - :class:`RingStudent`: the toy world's ``VelocityNet``, states ``[B, 2]``, times
   ``t_i = 1 − i/N``, no conditioning (SPEC §2–§5);
-- :class:`student.latent.student.LatentStudent`: a diffusers transformer, latents
+- :class:`student.latent.train.LatentStudent`: a diffusers transformer, latents
   ``[B, C, H, W]``, the teachers' declared sigma grid, a prompt (conditioning and family
   label) per rollout (docs/latent-world.md).
 """

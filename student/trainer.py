@@ -58,7 +58,7 @@ RUN_DIRS = ("student",)
 
 class TrainConfig(BaseModel):
     """The recipe of one OPD run (SPEC §3 defaults; the latent world's in
-    :func:`student.latent.student.latent_config`)."""
+    :func:`student.latent.train.latent_config`)."""
 
     world: Literal["ring", "latent"] = "ring"
     method: Literal["diffusionopd", "flowopd", "danceopd"]
