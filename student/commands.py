@@ -312,6 +312,7 @@ def run_train_latent(s: TrainSettings, teachers: list[str]) -> int:
                 anchor=anchor,
                 retries=s.retries,
                 max_in_flight=s.max_in_flight,
+                stream_chunk=s.stream_chunk,
             )
     except (ValueError, DiffusersLoadError, TeacherUnavailable) as exc:  # LatentSetupError too
         raise UsageError(str(exc)) from None

@@ -191,6 +191,7 @@ def run_latent_world(s: DemoSettings) -> int:
         seed=s.seed,
         guidance_scale=s.guidance_scale,
         threads=s.threads,
+        stream_chunk=s.stream_chunk,
     )
     return run_latent_demo(ls)
 

@@ -96,7 +96,13 @@ def probe_uncached(
             s, method, names, supervise, steps=PROBE_STEPS, eval_samples=1, eval_steps=2
         )
         client = HttpLatentTeachers(
-            url, names, world, supervise, s.guidance_scale, anchor=METHODS[method].uses_anchor
+            url,
+            names,
+            world,
+            supervise,
+            s.guidance_scale,
+            anchor=METHODS[method].uses_anchor,
+            stream_chunk=s.stream_chunk,
         )
         try:
             train_latent(cfg, load_student(s.models), world, sched, s.out / "probe" / key, client)

@@ -2,10 +2,11 @@
 
 The same interface as :class:`student.latent.teachers.LocalLatentTeachers`, so the trainer runs
 unchanged against served teachers. As the trainer's client (``submit`` / ``collect_parts``) it
-streams: each queried rollout state goes out as soon as it exists, one request per state of
-``B`` rollouts, carrying their times, each row's teacher index (``route``: label routing by the
-prompt's family) and the rollouts' conditioning; with ``cond_cache`` each state goes as one
-request per prompt family present, the family's conditioning sent once per run under a
+streams: queried rollout states go out as soon as ``stream_chunk`` of them exist (the step's
+last one at once), one request per chunk of ``B`` rollouts' states, carrying their times, each
+row's teacher index (``route``: label routing by the prompt's family) and the rollouts'
+conditioning; with ``cond_cache`` each chunk goes as one request per prompt family present, the
+family's conditioning sent once per run under a
 ``cond_id`` (``latent-fam<F>``) and named by id only after that (the teachers' cache): the
 prompt set is finite, so the cache key is the prompt, not the step. ``guidance_scale`` is a request parameter (the
 teachers run the unconditional rows themselves); the anchor answers as ``v_anchor``.
@@ -60,8 +61,13 @@ class HttpLatentTeachers(TeacherClient):
         anchor: bool = False,
         retries: int = 5,
         max_in_flight: int = 8,
+        stream_chunk: int = 12,
     ) -> None:
+        """``stream_chunk``: queried rollout states per request (per family with the cache);
+        12 covers a whole dense rollout of the latent world's 8 steps: on 2 shared cores fewer,
+        larger requests beat finer streaming (docs/latent-world.md, the demo)."""
         self.url, self.names, self.world = url.rstrip("/"), list(names), world
+        self.stream_chunk = max(1, stream_chunk)
         self.cond_cache, self.cond_prefix = cond_cache, "latent-fam"
         self.supervise, self.guidance_scale = supervise, guidance_scale
         policy = "average" if supervise == "average" else None
@@ -97,6 +103,7 @@ class HttpLatentTeachers(TeacherClient):
         #: this step's requests: the future and, when split by family, the step rows it answers
         self._inflight: list[tuple[concurrent.futures.Future, torch.Tensor | None]] = []
         self._submitted = 0  # states submitted this step (the next request's first row)
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor, Prompts]] = []  # the next chunk
 
     def contract(self) -> TeacherContract:
         """The router's declared contract (``GET /v2/models/opd-router``): its teachers' time
@@ -120,12 +127,29 @@ class HttpLatentTeachers(TeacherClient):
     def submit(
         self, x: torch.Tensor, t: torch.Tensor, last: bool = False, prompts: Prompts | None = None
     ) -> None:
-        """Send states ``x [B, C, H, W]`` of the rollouts ``prompts`` now (the public client
+        """Queue states ``x [B, C, H, W]`` of the rollouts ``prompts``; the chunk goes out when
+        it holds ``stream_chunk`` states or this is the step's ``last`` (the public client
         copies them; it blocks only while ``max_in_flight`` requests are out)."""
         if prompts is None:
             raise ValueError("latent teachers answer prompted states: give each state's prompts")
+        self._buffer.append((x, t, prompts))
+        if last or len(self._buffer) >= self.stream_chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        chunk, self._buffer = self._buffer, []
+        x = torch.cat([c[0] for c in chunk])
+        t = torch.cat([c[1] for c in chunk])
+        labels = torch.cat([c[2].labels for c in chunk])
+        cond = (  # the cache sends each family's own conditioning by id instead
+            {}
+            if self.cond_cache
+            else {k: torch.cat([c[2].cond[k] for c in chunk]) for k in chunk[0][2].cond}
+        )
         offset, self._submitted = self._submitted, self._submitted + len(x)
-        sent = self._send(x, t, prompts.labels, prompts.cond, self.anchor is not None)
+        sent = self._send(x, t, labels, cond, self.anchor is not None)
         self._inflight += [(fut, None if rows is None else rows + offset) for fut, rows in sent]
 
     def _send(
@@ -163,6 +187,7 @@ class HttpLatentTeachers(TeacherClient):
     def collect_parts(self) -> Iterator[tuple[list[Answer], QueryCost]]:
         """One group per request, in submit order, each as soon as it is answered; the step's
         cost (every request, resends included) comes with the last group."""
+        self._flush()
         sent, self._inflight, self._submitted = self._inflight, [], 0
         try:
             for k, (fut, rows) in enumerate(sent):

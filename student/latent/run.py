@@ -49,6 +49,12 @@ class LatentSettings(BaseSettings):
         description="http: one request per prompt family, its conditioning sent once under a "
         "cond_id (the teachers' cache), then states only",
     )
+    stream_chunk: int = Field(
+        12,
+        ge=1,
+        description="http: queried rollout states per request (per family with the cache); "
+        "12 covers a whole 8-step rollout, fastest on 2 shared cores (docs/latent-world.md)",
+    )
     force: bool = Field(False, description="pretrain the models again")
     base_steps: int | None = Field(None, ge=1, description="pretraining steps of the base")
     teacher_steps: int | None = Field(None, ge=1, description="LoRA steps of each teacher")
@@ -148,6 +154,7 @@ def latent_table(
                 cfg.guidance_scale,
                 cond_cache=s.cond_cache,
                 anchor=METHODS[cfg.method].uses_anchor,
+                stream_chunk=s.stream_chunk,
             )
         try:  # each row is a run of its own: s.out/runs/KEY (report, steps, student/)
             rep, task = train_latent(

@@ -56,19 +56,21 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["diffusionopd", "flowopd"])
+@pytest.mark.parametrize(("method", "chunk"), [("diffusionopd", 1), ("flowopd", 12)])
 def test_over_http_it_ends_at_the_in_process_student(
-    models: Path, served, tmp_path: Path, method: str
+    models: Path, served, tmp_path: Path, method: str, chunk: int
 ) -> None:
     _, router = served
     local, http = tmp_path / "local", tmp_path / "http"
     assert main(_args(models, local, method, 4)) == 0
-    assert (
-        main(_args(models, http, method, 4, "--backend", "http", "--router-url", router.url)) == 0
-    )
+    more = ["--backend", "http", "--router-url", router.url, "--stream-chunk", str(chunk)]
+    assert main(_args(models, http, method, 4, *more)) == 0
     assert _close(_student(local), _student(http), atol=1e-5)
     want, got = (json.loads((d / "report.json").read_text()) for d in (local, http))
-    assert got["counts"]["requests"] >= 4 * 4 and got["counts"]["bytes_sent"] > 0
+    # per step: one request per prompt family present (1-4) per chunk of the 4 queried states
+    chunks = -(-4 // chunk)
+    assert 4 * chunks <= got["counts"]["requests"] <= 4 * chunks * 4
+    assert got["counts"]["bytes_sent"] > 0
     assert want["counts"]["teacher_queries"] == got["counts"]["teacher_queries"] == 4 * 4 * 4
     # the served LoRA teachers report the digests the in-process ones compute
     assert want["teacher_refs"] == got["teacher_refs"]
