@@ -6,10 +6,10 @@ streams: queried rollout states go out as soon as ``stream_chunk`` of them exist
 last one at once), one request per chunk of ``B`` rollouts' states, carrying their times, each
 row's teacher index (``route``: label routing by the prompt's family) and the rollouts'
 conditioning; with ``cond_cache`` each chunk goes as one request per prompt family present, the
-family's conditioning sent once per run under a
-``cond_id`` (``latent-fam<F>``) and named by id only after that (the teachers' cache): the
-prompt set is finite, so the cache key is the prompt, not the step. ``guidance_scale`` is a request parameter (the
-teachers run the unconditional rows themselves); the anchor answers as ``v_anchor``.
+family's conditioning sent once per run under a ``cond_id`` (``latent-fam<F>``) and named by id
+only after that (the teachers' cache): the prompt set is finite, so the cache key is the
+prompt, not the step. ``guidance_scale`` is a request parameter (the teachers run the
+unconditional rows themselves); the anchor answers as ``v_anchor``.
 ``query`` answers a set of prompted states at once (one request, or one per prompt family with
 ``cond_cache``).
 
@@ -140,13 +140,16 @@ class HttpLatentTeachers(TeacherClient):
         if not self._buffer:
             return
         chunk, self._buffer = self._buffer, []
-        x = torch.cat([c[0] for c in chunk])
-        t = torch.cat([c[1] for c in chunk])
-        labels = torch.cat([c[2].labels for c in chunk])
+
+        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)  # the client copies anyway
+
+        x, t = cat([c[0] for c in chunk]), cat([c[1] for c in chunk])
+        labels = cat([c[2].labels for c in chunk])
         cond = (  # the cache sends each family's own conditioning by id instead
             {}
             if self.cond_cache
-            else {k: torch.cat([c[2].cond[k] for c in chunk]) for k in chunk[0][2].cond}
+            else {k: cat([c[2].cond[k] for c in chunk]) for k in chunk[0][2].cond}
         )
         offset, self._submitted = self._submitted, self._submitted + len(x)
         sent = self._send(x, t, labels, cond, self.anchor is not None)
