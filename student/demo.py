@@ -192,6 +192,7 @@ def run_latent_world(s: DemoSettings) -> int:
         guidance_scale=s.guidance_scale,
         threads=s.threads,
         stream_chunk=s.stream_chunk,
+        progress=s.progress,
     )
     return run_latent_demo(ls)
 

@@ -55,6 +55,7 @@ class LatentSettings(BaseSettings):
         description="http: queried rollout states per request (per family with the cache); "
         "12 covers a whole 8-step rollout, fastest on 2 shared cores (docs/latent-world.md)",
     )
+    progress: bool = Field(True, description="a progress bar per row")
     force: bool = Field(False, description="pretrain the models again")
     base_steps: int | None = Field(None, ge=1, description="pretraining steps of the base")
     teacher_steps: int | None = Field(None, ge=1, description="LoRA steps of each teacher")
@@ -157,8 +158,9 @@ def latent_table(
                 stream_chunk=s.stream_chunk,
             )
         try:  # each row is a run of its own: s.out/runs/KEY (report, steps, student/)
+            student, run_dir = load_student(s.models), s.out / "runs" / key
             rep, task = train_latent(
-                cfg, load_student(s.models), world, sched, s.out / "runs" / key, client, teachers
+                cfg, student, world, sched, run_dir, client, teachers, progress=s.progress
             )
         finally:
             if client is not None:
