@@ -140,16 +140,12 @@ class HttpLatentTeachers(TeacherClient):
         if not self._buffer:
             return
         chunk, self._buffer = self._buffer, []
-
-        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
-            return parts[0] if len(parts) == 1 else torch.cat(parts)  # the client copies anyway
-
-        x, t = cat([c[0] for c in chunk]), cat([c[1] for c in chunk])
-        labels = cat([c[2].labels for c in chunk])
+        x, t = _cat([c[0] for c in chunk]), _cat([c[1] for c in chunk])
+        labels = _cat([c[2].labels for c in chunk])
         cond = (  # the cache sends each family's own conditioning by id instead
             {}
             if self.cond_cache
-            else {k: cat([c[2].cond[k] for c in chunk]) for k in chunk[0][2].cond}
+            else {k: _cat([c[2].cond[k] for c in chunk]) for k in chunk[0][2].cond}
         )
         offset, self._submitted = self._submitted, self._submitted + len(x)
         sent = self._send(x, t, labels, cond, self.anchor is not None)
@@ -235,6 +231,20 @@ class HttpLatentTeachers(TeacherClient):
         self.client.close()
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` along dim 0; a single part as it is (the public client copies what it sends)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def router_command(teacher_url: str, anchor: bool = True) -> list[str]:
+    """``opd serve router --policy label`` over the latent teachers of the one teacher process
+    at ``teacher_url`` (its adapters ``a``, ``b``), with its base as the anchor when ``anchor``."""
+    cmd = [sys.executable, "-m", "common.cli", "serve", "router", "--port", "0"]
+    cmd += ["--policy", "label"]
+    cmd += [a for n in TEACHER_FAMILIES for a in ("--teacher", f"{n}={teacher_url}#{n}")]
+    return cmd + (["--anchor", f"base={teacher_url}#{BASE_DIR}"] if anchor else [])
+
+
 @contextmanager
 def serve_latent(models: Path, threads: int = 1) -> Iterator[tuple[Service, Service]]:
     """Serve the latent models as the project deploys them: one ``opd serve teacher`` process
@@ -249,12 +259,7 @@ def serve_latent(models: Path, threads: int = 1) -> Iterator[tuple[Service, Serv
     )
     router = None
     try:
-        router = start_service(
-            [py, "-m", "common.cli", "serve", "router", "--port", "0", "--policy", "label"]
-            + [a for n in TEACHER_FAMILIES for a in ("--teacher", f"{n}={teacher.url}#{n}")]
-            + ["--anchor", f"base={teacher.url}#{BASE_DIR}"],
-            cwd=repo,
-        )
+        router = start_service(router_command(teacher.url), cwd=repo)
         yield teacher, router
     finally:
         if router is not None:

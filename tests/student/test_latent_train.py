@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from common.cli import main
 from common.procs import start_service
-from student.latent.http import serve_latent
+from student.latent.http import router_command, serve_latent
 from tests.student.latent_helpers import tiny_models
 from tests.trainer_proc import wait_for_lines
 
@@ -149,12 +149,7 @@ def test_setups_that_cannot_work_exit_2_before_step_one(
     assert "no checkpoint was written yet" in capsys.readouterr().err
     # Flow-OPD through a router that has no anchor
     teacher, _ = served
-    no_anchor = start_service(
-        [sys.executable, "-m", "common.cli", "serve", "router", "--port", "0"]
-        + ["--policy", "label", "--teacher", f"a={teacher.url}#a"]
-        + ["--teacher", f"b={teacher.url}#b"],
-        cwd=str(REPO),
-    )
+    no_anchor = start_service(router_command(teacher.url, anchor=False), cwd=str(REPO))
     try:
         bare = ["--backend", "http", "--router-url", no_anchor.url]
         assert main(_args(models, out, "flowopd", 2, *bare)) == 2
